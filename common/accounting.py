@@ -1,0 +1,112 @@
+"""Sparsity, parameter and storage accounting (paper Table 6, Fig. 3 and section 6).
+
+Sparsity is the fraction of mask entries equal to 0. The parameter ratio counts
+everything relative to one backbone of n 32-bit parameters: a plain binary mask adds
+n bits per task, so N tasks give 1 + N/32; per-task extras (heads, task-specific norm
+layers) add 32 bits per parameter.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, Iterable, Mapping, Union
+
+import torch
+import torch.nn as nn
+
+from .masking import masked_modules, task_state_modules
+
+__all__ = ["sparsity", "sparsity_from_masks", "backbone_parameters", "task_extra_parameters",
+           "task_cost", "parameter_ratio", "binary_entropy", "file_bits_per_weight", "plot_sparsity"]
+
+
+def sparsity_from_masks(masks: Mapping[str, torch.Tensor]) -> dict:
+    """Per-layer and total fraction of zero mask entries, from thresholded masks."""
+    layers, zeros, total = {}, 0, 0
+    for name, m in masks.items():
+        z = int((m == 0).sum())
+        layers[name] = z / max(m.numel(), 1)
+        zeros += z
+        total += m.numel()
+    return {"layers": layers, "total": zeros / max(total, 1), "zeros": zeros, "numel": total}
+
+
+@torch.no_grad()
+def sparsity(model: nn.Module) -> dict:
+    """{"layers": {name: fraction of zeros}, "total": fraction, "zeros": int, "numel": int}."""
+    return sparsity_from_masks({name: layer.binary_mask() for name, layer in masked_modules(model)})
+
+
+def backbone_parameters(model: nn.Module) -> int:
+    """n: the shared backbone's parameter count (frozen weights, biases and norm
+    parameters; masks and per-task modules excluded)."""
+    task = {id(p) for _, m in task_state_modules(model) for p in m.parameters(recurse=False)}
+    masks = {id(layer.mask_real) for _, layer in masked_modules(model)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in task and id(p) not in masks)
+
+
+def task_extra_parameters(model: nn.Module) -> int:
+    """Per-task 32-bit parameters: new heads and task-specific norm parameters."""
+    return sum(p.numel() for _, m in task_state_modules(model) for p in m.parameters(recurse=False))
+
+
+def task_cost(model: nn.Module, bits_per_mask_entry: float = None) -> dict:
+    """One task's cost: mask bits (1 or 2 per weight, or the given rate) and extra parameters."""
+    layers = [layer for _, layer in masked_modules(model)]
+    masked = sum(layer.weight.numel() for layer in layers)
+    rate = bits_per_mask_entry if bits_per_mask_entry is not None else (2 if layers and layers[0].ternary else 1)
+    return {"masked_weights": masked, "mask_bits": masked * rate, "extra_params": task_extra_parameters(model)}
+
+
+def parameter_ratio(backbone_params: int, tasks: Iterable[Mapping[str, float]]) -> float:
+    """(32 n + sum over tasks of mask_bits + 32 * extra_params) / 32 n."""
+    if backbone_params <= 0:
+        raise ValueError(f"backbone_params must be positive, got {backbone_params}")
+    bits = 32 * backbone_params
+    for t in tasks:
+        bits += t.get("mask_bits", 0) + 32 * t.get("extra_params", 0)
+    return bits / (32 * backbone_params)
+
+
+def binary_entropy(p: float) -> float:
+    """H(p) in bits: the least storage per mask entry with a zero fraction p."""
+    if p <= 0 or p >= 1:
+        return 0.0
+    return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def file_bits_per_weight(path: Union[str, Path], masked_weights: int) -> float:
+    """Bits on disk per masked weight for a mask file (header and task state included)."""
+    return Path(path).stat().st_size * 8 / masked_weights
+
+
+def plot_sparsity(per_layer: Union[Mapping[str, float], Dict[str, Dict[str, float]]], path, *, title: str = None) -> Path:
+    """Bar chart of the percentage of weights masked out per layer (paper Fig. 3).
+
+    ``per_layer`` maps layer name to zero fraction, or task name to such a mapping
+    (several tasks side by side)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = per_layer if per_layer and isinstance(next(iter(per_layer.values())), Mapping) else {"": per_layer}
+    names = list(next(iter(series.values())).keys())
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+    for i, (label, values) in enumerate(series.items()):
+        xs = [j + i * width for j in range(len(names))]
+        ax.bar(xs, [100 * values.get(n, float("nan")) for n in names], width, label=label or None)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(names))])
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    ax.set_ylabel("weights masked out (%)")
+    ax.set_title(title or "Mask sparsity per layer")
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

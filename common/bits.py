@@ -1,0 +1,51 @@
+"""Bit packing of binary and ternary masks, on any device.
+
+Bit order matches ``numpy.packbits`` (most significant bit first), so packed masks can be
+read back with numpy alone.
+"""
+from __future__ import annotations
+
+import torch
+
+_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Flatten a boolean tensor and pack it into ceil(n / 8) uint8 values."""
+    flat = bits.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = _WEIGHTS.to(flat.device)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` bits as a flat boolean tensor."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"packed bits must be a 1-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}")
+    if packed.numel() * 8 < n or packed.numel() * 8 - n >= 8:
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold exactly {n} bits")
+    weights = _WEIGHTS.to(packed.device)
+    return (packed.unsqueeze(1) & weights).ne(0).reshape(-1)[:n]
+
+
+def pack_mask(mask: torch.Tensor, ternary: bool) -> torch.Tensor:
+    """A binary mask as 1 bit per weight; a ternary one as 2 (non-zero plane, then sign plane)."""
+    if not ternary:
+        return pack_bits(mask > 0)
+    return torch.cat([pack_bits(mask != 0), pack_bits(mask < 0)])
+
+
+def unpack_mask(packed: torch.Tensor, shape, ternary: bool, dtype=torch.float32) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if not ternary:
+        return unpack_bits(packed, n).to(dtype).view(tuple(shape))
+    half = (n + 7) // 8
+    if packed.numel() != 2 * half:
+        raise ValueError(f"ternary mask of {n} weights needs {2 * half} bytes, got {packed.numel()}")
+    nonzero = unpack_bits(packed[:half], n).to(dtype)
+    negative = unpack_bits(packed[half:], n).to(dtype)
+    return (nonzero * (1 - 2 * negative)).view(tuple(shape))

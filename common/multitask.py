@@ -1,0 +1,137 @@
+"""One frozen backbone in memory serving many tasks.
+
+Each task brings its packed masks (1 bit per weight), its task state (head, task-specific
+norm layers) and its name. ``set_task`` unpacks the task's masks into the masked layers and
+points the task modules at that task's own tensors: no backbone weight is reloaded or
+copied, and switching costs one pass over the mask bits.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .bits import pack_mask, unpack_mask
+from .maskfile import _check_compatible, read_mask_file, task_state
+from .masking import masked_modules, set_binary_mask
+
+__all__ = ["MultiTaskModel"]
+
+
+def _owner(model: nn.Module, key: str):
+    module_name, _, leaf = key.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), leaf
+
+
+def _sync_shape_attributes(module: nn.Module) -> None:
+    # A head of another class count replaces the tensors; keep the informational
+    # attributes in step with them.
+    w = getattr(module, "weight", None)
+    if w is None:
+        return
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = w.shape[0], w.shape[1]
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels = w.shape[1] * module.groups if module.transposed else w.shape[0]
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        module.num_features = w.shape[0]
+
+
+class _TaskStore(nn.Module):
+    """A task's packed masks and task tensors, as buffers so they move with .to()."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask_keys: Dict[str, str] = {}
+        self.state_keys: Dict[str, str] = {}
+
+    def add(self, kind: str, key: str, tensor: torch.Tensor) -> None:
+        slot = f"{kind}{len(getattr(self, kind + '_keys'))}"
+        self.register_buffer(slot, tensor)
+        getattr(self, kind + "_keys")[key] = slot
+
+
+class MultiTaskModel(nn.Module):
+    """Wrap a piggybacked backbone; ``add_task`` mask files, ``set_task`` to switch.
+
+    ``add_backbone_task(name)`` registers the backbone's own task (all-ones masks, its own
+    head), e.g. imagenet12 in the Visual Decathlon.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        if not any(True for _ in masked_modules(backbone)):
+            raise ValueError("MultiTaskModel needs a model converted by common.masking.piggyback")
+        self.backbone = backbone
+        self.tasks = nn.ModuleDict()
+        self.metadata: Dict[str, dict] = {}
+        self.current: Optional[str] = None
+        self._layers = dict(masked_modules(backbone))
+        # the backbone's own tensors for every key some task overrides
+        self.base_state = _TaskStore()
+
+    def _new_store(self, name: str) -> _TaskStore:
+        if name in self.tasks:
+            raise ValueError(f"task {name!r} is already loaded")
+        store = _TaskStore()
+        self.tasks[name] = store
+        return store
+
+    def add_task(self, name: str, path, *, check_fingerprint: bool = True) -> dict:
+        """Load a task's mask file (masks, head, norm state); return its metadata."""
+        masks, state, meta = read_mask_file(path)
+        _check_compatible(self.backbone, path, meta, check_fingerprint)
+        own = task_state(self.backbone)
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise ValueError(f"{path}: task tensors {unknown} have no matching module in the backbone")
+        store = self._new_store(name)
+        for layer_name, layer in self._layers.items():
+            store.add("mask", layer_name, pack_mask(masks[layer_name], layer.ternary).to(layer.weight.device))
+        for key, t in state.items():
+            if key not in self.base_state.state_keys:
+                self.base_state.add("state", key, own[key].detach())
+            store.add("state", key, t.to(own[key].device))
+        self.metadata[name] = meta
+        return meta
+
+    def add_backbone_task(self, name: str) -> None:
+        """The backbone's own task: every mask entry 1 and the backbone's own task state."""
+        store = self._new_store(name)
+        for layer_name, layer in self._layers.items():
+            ones = torch.ones_like(layer.weight, dtype=torch.float32)
+            store.add("mask", layer_name, pack_mask(ones, layer.ternary))
+        self.metadata[name] = {"task": name, "backbone_task": True}
+
+    @torch.no_grad()
+    def set_task(self, name: str) -> None:
+        if name not in self.tasks:
+            raise KeyError(f"unknown task {name!r}; loaded tasks: {sorted(self.tasks)}")
+        store = self.tasks[name]
+        for layer_name, slot in store.mask_keys.items():
+            layer = self._layers[layer_name]
+            set_binary_mask(layer, unpack_mask(getattr(store, slot), layer.weight.shape, layer.ternary,
+                                               dtype=layer.mask_real.dtype))
+        tensors = {key: getattr(self.base_state, slot) for key, slot in self.base_state.state_keys.items()}
+        tensors.update({key: getattr(store, slot) for key, slot in store.state_keys.items()})
+        for key, t in tensors.items():
+            module, leaf = _owner(self.backbone, key)
+            if leaf in module._parameters:
+                module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+            else:
+                module._buffers[leaf] = t
+            _sync_shape_attributes(module)
+        self.current = name
+
+    def _apply(self, fn, *args, **kwargs):
+        # moved buffers are new tensors: point the task modules at them again
+        out = super()._apply(fn, *args, **kwargs)
+        if self.current is not None:
+            self.set_task(self.current)
+        return out
+
+    def forward(self, *args, **kwargs):
+        if self.current is None:
+            raise RuntimeError(f"call set_task(name) first; loaded tasks: {sorted(self.tasks)}")
+        return self.backbone(*args, **kwargs)

@@ -1,0 +1,150 @@
+"""The mask file: round trip, size, safety, refusal of another backbone; the multi-task wrapper;
+accounting."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common.accounting import (binary_entropy, parameter_ratio, plot_sparsity, sparsity,
+                               task_cost)
+from common.maskfile import MaskFileError, load_masks, read_mask_metadata, save_masks
+from common.masking import MultiTaskModel, masked_modules, piggyback
+
+
+def backbone(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def task_model(base, num_classes, seed, train_bn=False, ternary=False):
+    model = copy.deepcopy(base)
+    model[8] = nn.Linear(32, num_classes)
+    piggyback(model, skip=("8",), train_bn=train_bn, ternary=ternary)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in masked_modules(model):
+            layer.mask_real.copy_(torch.rand(layer.weight.shape, generator=g) * 0.03 - 0.01)
+        for p in model[8].parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        if train_bn:
+            model[1].running_mean.copy_(torch.randn(16, generator=g))
+            model[1].weight.copy_(torch.rand(16, generator=g) + 0.5)
+    return model.eval()
+
+
+def masks_of(model):
+    return {n: m.binary_mask() for n, m in masked_modules(model)}
+
+
+@pytest.mark.parametrize("ternary,compress", [(False, False), (True, False), (False, True), (True, True)])
+def test_round_trip(tmp_path, ternary, compress):
+    if compress:
+        pytest.importorskip("common.entropy")
+    base = backbone()
+    trained = task_model(base, 4, seed=1, train_bn=True, ternary=ternary)
+    path = save_masks(trained, tmp_path / "task.safetensors", task="svhn", arch="tiny", compress=compress)
+    fresh = task_model(base, 4, seed=99, train_bn=True, ternary=ternary)
+    meta = load_masks(fresh, path)
+    assert meta["task"] == "svhn" and meta["arch"] == "tiny" and meta["ternary"] == ternary
+    for name, m in masks_of(trained).items():
+        assert torch.equal(masks_of(fresh)[name], m)
+    assert torch.equal(fresh[8].weight, trained[8].weight)
+    assert torch.equal(fresh[1].running_mean, trained[1].running_mean)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), trained(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["task.safetensors"]  # no temporary file left
+
+
+def test_file_is_about_one_bit_per_masked_weight_and_no_pickle(tmp_path):
+    torch.manual_seed(0)
+    model = piggyback(nn.Sequential(nn.Conv2d(64, 128, 3), nn.Conv2d(128, 128, 3), nn.Linear(128, 1000)))
+    with torch.no_grad():
+        for _, layer in masked_modules(model):
+            layer.mask_real.uniform_(-0.01, 0.02)
+    path = save_masks(model, tmp_path / "m.safetensors", task="t")
+    n = task_cost(model)["masked_weights"]
+    assert n == 64 * 128 * 9 + 128 * 128 * 9 + 128 * 1000
+    assert path.stat().st_size * 8 / n <= 1.05
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    json.loads(raw[8:8 + header_len])  # safetensors: a JSON header and raw bytes, nothing to unpickle
+
+
+def test_refuses_other_backbone_and_other_shapes(tmp_path):
+    trained = task_model(backbone(0), 4, seed=1)
+    path = save_masks(trained, tmp_path / "t.safetensors", task="a")
+    with pytest.raises(MaskFileError, match="another backbone"):
+        load_masks(task_model(backbone(1), 4, seed=2), path)
+    other = piggyback(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(8, 2)))
+    with pytest.raises(MaskFileError, match="does not fit"):
+        load_masks(other, path)
+    with pytest.raises(MaskFileError, match="shape"):
+        load_masks(task_model(backbone(0), 7, seed=2), path)  # head of another class count
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        read_mask_metadata(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 40)
+    with pytest.raises(MaskFileError, match="junk.safetensors"):
+        read_mask_metadata(junk)
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(MaskFileError, match="not a piggyback mask file"):
+        read_mask_metadata(tmp_path / "other.safetensors")
+    model = task_model(backbone(), 3, seed=0)
+    with pytest.raises(TypeError, match="JSON"):
+        save_masks(model, tmp_path / "x.safetensors", when=object())
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_multitask_switches_without_copying_backbone(tmp_path):
+    base = backbone()
+    a = task_model(base, 4, seed=1)
+    b = task_model(base, 7, seed=2, train_bn=True)
+    save_masks(a, tmp_path / "a.safetensors", task="a")
+    save_masks(b, tmp_path / "b.safetensors", task="b")
+    shared = piggyback(copy.deepcopy(base), skip=("8",), train_bn=True).eval()
+    mt = MultiTaskModel(shared)
+    mt.add_task("a", tmp_path / "a.safetensors")
+    mt.add_task("b", tmp_path / "b.safetensors")
+    mt.add_backbone_task("source")
+    ptrs = {n: m.weight.data_ptr() for n, m in masked_modules(shared)}
+    x = torch.randn(3, 3, 8, 8)
+    plain = base.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            mt.set_task("a")
+            assert torch.equal(mt(x), a(x))
+            mt.set_task("b")
+            assert torch.equal(mt(x), b(x))
+            mt.set_task("source")
+            assert torch.equal(mt(x), plain(x))
+    assert ptrs == {n: m.weight.data_ptr() for n, m in masked_modules(shared)}
+    with pytest.raises(KeyError, match="loaded tasks"):
+        mt.set_task("c")
+    mt.to(torch.float64)
+    mt.set_task("b")
+    with torch.no_grad():
+        torch.testing.assert_close(mt(x.double()), b.double()(x.double()))
+
+
+def test_sparsity_and_parameter_ratio(tmp_path):
+    model = piggyback(nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 2)))
+    with torch.no_grad():
+        model[0].mask_real[:2] = 0.0    # 8 of 20 off
+        model[1].mask_real[0, :] = 0.0  # 5 of 10 off
+    s = sparsity(model)
+    assert s["layers"] == {"0": 0.4, "1": 0.5} and s["total"] == pytest.approx(13 / 30)
+    assert parameter_ratio(1000, [{"mask_bits": 1000}] * 9) == pytest.approx(1.28125)
+    assert parameter_ratio(1000, [{"mask_bits": 1000, "extra_params": 10}]) == pytest.approx(1 + 1 / 32 + 10 / 1000)
+    assert binary_entropy(0.5) == 1.0 and binary_entropy(0.0) == 0.0
+    png = plot_sparsity({"svhn": s["layers"], "dtd": {"0": 0.1, "1": 0.2}}, tmp_path / "fig" / "sparsity.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

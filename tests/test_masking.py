@@ -1,0 +1,217 @@
+"""Masked layers and the converter: eq. 4-7, frozen backbone, folding, conversion of real models."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.masking import (MaskedConv2d, MaskedLayer, MaskedLinear, binarize, fold_masks,
+                            mask_parameters, masked_modules, piggyback, set_binary_mask,
+                            task_parameters)
+
+
+def small_cnn(num_classes=5):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, num_classes))
+
+
+def test_binarize_threshold_is_inclusive_and_ternary_uses_two_cutoffs():
+    mr = torch.tensor([-0.02, -0.005, -0.004, 0.0, 0.0049, 0.005, 0.02])
+    assert binarize(mr, 0.005).tolist() == [0, 0, 0, 0, 0, 1, 1]
+    assert binarize(mr, 0.005, ternary=True).tolist() == [-1, -1, 0, 0, 0, 1, 1]
+
+
+def test_linear_mask_gradient_is_eq7():
+    torch.manual_seed(1)
+    layer = piggyback(nn.Sequential(nn.Linear(6, 4)))[0]
+    assert isinstance(layer, MaskedLinear)
+    with torch.no_grad():
+        layer.mask_real.uniform_(-0.01, 0.02)  # some entries below threshold: gradient still flows
+    x = torch.randn(3, 6)
+    dy = torch.randn(3, 4)  # dE/dy
+    (layer(x) * dy).sum().backward()
+    expected = (dy.t() @ x) * layer.weight  # eq. 7: (dy x^T) * W, summed over the batch
+    torch.testing.assert_close(layer.mask_real.grad, expected)
+    assert layer.weight.grad is None and layer.bias.grad is None
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
+def test_conv_mask_gradient_is_eq7(stride, padding):
+    torch.manual_seed(2)
+    layer = piggyback(nn.Sequential(nn.Conv2d(3, 5, 3, stride=stride, padding=padding)))[0]
+    assert isinstance(layer, MaskedConv2d)
+    with torch.no_grad():
+        layer.mask_real.uniform_(-0.01, 0.02)
+    x = torch.randn(2, 3, 7, 7)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    # by hand: dE/dW_eff = sum over batch and positions of dy * unfolded input patches
+    cols = F.unfold(x, 3, padding=padding, stride=stride)            # (B, C*k*k, L)
+    grad_w = torch.einsum("bol,bkl->ok", dy.flatten(2), cols).view_as(layer.weight)
+    torch.testing.assert_close(layer.mask_real.grad, grad_w * layer.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_threshold_switches_exactly_the_right_weights_off():
+    torch.manual_seed(3)
+    layer = piggyback(nn.Sequential(nn.Linear(10, 7)))[0]
+    values = torch.tensor([-1.0, 0.0, 0.004999, 0.005, 0.006, 1.0])
+    with torch.no_grad():
+        layer.mask_real.copy_(values[torch.randint(0, 6, layer.weight.shape)])
+    keep = layer.mask_real >= 0.005
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight * keep, layer.bias), rtol=0, atol=0)
+    assert torch.equal(layer.binary_mask().bool(), keep)
+
+
+def test_all_ones_mask_reproduces_backbone_exactly():
+    plain = small_cnn().eval()
+    masked = piggyback(copy.deepcopy(plain)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(plain(x), masked(x))
+    assert torch.equal(plain(x), masked(x))  # with autograd on too
+
+
+def test_backbone_bit_identical_after_training_with_frozen_bn():
+    model = piggyback(small_cnn(), skip=("12",))  # final Linear is the task's new head
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("mask_real")}
+    opt = torch.optim.Adam([{"params": mask_parameters(model), "lr": 1e-3},
+                            {"params": task_parameters(model), "lr": 1e-2, "weight_decay": 1e-4}])
+    model.train()
+    assert not model[1].training and not model[4].training  # frozen BN stays in eval mode
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(torch.randn(8, 3, 12, 12)), torch.randint(0, 5, (8,)))
+        loss.backward()
+        for p in mask_parameters(model) + task_parameters(model):
+            assert p.grad is not None  # every trainable parameter got a gradient
+        opt.step()
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert sorted(changed) == ["12.bias", "12.weight"]  # only the head; every weight/bias/BN stat identical
+    assert any((m.mask_real != 0.01).any() for _, m in masked_modules(model))
+
+
+def test_train_bn_makes_batchnorm_task_state():
+    model = piggyback(small_cnn(), train_bn=True, skip=("12",))
+    bn = model[1]
+    assert bn.weight.requires_grad and bn.weight in [p for p in task_parameters(model)]
+    model.train()
+    assert bn.training
+    mean_before = bn.running_mean.clone()
+    model(torch.randn(4, 3, 12, 12)).sum().backward()
+    assert not torch.equal(mean_before, bn.running_mean)
+    assert bn.weight.grad is not None
+    assert model[0].weight.grad is None
+
+
+def test_fold_masks_gives_plain_model_with_same_outputs():
+    model = piggyback(small_cnn(), skip=("12",))
+    with torch.no_grad():
+        for _, layer in masked_modules(model):
+            layer.mask_real.uniform_(-0.01, 0.02)
+    model.eval()
+    folded = fold_masks(model)
+    assert not any(isinstance(m, MaskedLayer) for m in folded.modules())
+    assert {type(m) for m in folded.modules() if isinstance(m, (nn.Conv2d, nn.Linear))} == {nn.Conv2d, nn.Linear}
+    assert type(folded[1]) is nn.BatchNorm2d
+    assert "mask_real" not in str(list(folded.state_dict()))
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=0, atol=0)
+    # the masked model is untouched
+    assert isinstance(model[0], MaskedConv2d) and model[0].mask_real.shape == model[0].weight.shape
+
+
+def test_mask_inits_and_bad_arguments():
+    m = piggyback(nn.Sequential(nn.Linear(100, 100)), mask_init="constant")[0]
+    assert torch.all(m.mask_real == 1e-2)
+    m = piggyback(nn.Sequential(nn.Linear(100, 100)), mask_init="uniform")[0]
+    on = m.binary_mask().mean().item()
+    assert 0.4 < on < 0.6  # centred on the threshold: about half switched off
+    m = piggyback(nn.Sequential(nn.Linear(100, 100)), mask_init="weight", mask_scale=0.02)[0]
+    assert m.mask_real.mean().item() == pytest.approx(0.02, rel=1e-4)
+    ratio = m.mask_real / m.weight.abs()
+    assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-4)
+    with pytest.raises(ValueError, match="mask_init"):
+        piggyback(nn.Sequential(nn.Linear(2, 2)), mask_init="gaussian")
+    with pytest.raises(KeyError, match="nothere"):
+        piggyback(nn.Sequential(nn.Linear(2, 2)), skip=("nothere",))
+    already = piggyback(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="already"):
+        piggyback(already)
+
+
+def test_ternary_masks_and_set_binary_mask():
+    layer = piggyback(nn.Sequential(nn.Linear(5, 3)), ternary=True)[0]
+    target = torch.randint(-1, 2, layer.weight.shape).float()
+    set_binary_mask(layer, target)
+    assert torch.equal(layer.binary_mask(), target)
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight * target, layer.bias))
+
+
+def test_state_moves_with_to_and_appears_in_state_dict():
+    model = piggyback(small_cnn(), skip=("12",))
+    keys = model.state_dict().keys()
+    assert "0.mask_real" in keys and "0.weight" in keys
+    model.to(torch.float64)
+    assert model[0].mask_real.dtype == torch.float64 and model[0].weight.dtype == torch.float64
+    assert model(torch.randn(1, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_torchvision_vgg16_conversion():
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16(weights=None)
+    model.classifier[6] = nn.Linear(4096, 10)
+    piggyback(model, skip=("classifier.6",))
+    names = [n for n, _ in masked_modules(model)]
+    assert len(names) == 15 and "classifier.0" in names and "features.28" in names
+    assert all(not p.requires_grad for n, p in model.named_parameters()
+               if not n.endswith("mask_real") and not n.startswith("classifier.6"))
+    out = model(torch.randn(1, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (1, 10) and model.features[0].mask_real.grad is not None
+
+
+def test_timm_resnet_conversion_and_depthwise():
+    import timm
+    torch.manual_seed(0)
+    for name, head in (("resnet18", "fc"), ("mobilenetv3_small_050", "classifier")):
+        plain = timm.create_model(name, pretrained=False, num_classes=7).eval()
+        model = piggyback(copy.deepcopy(plain), skip=(head,)).eval()
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+        convs = [m for _, m in masked_modules(model) if isinstance(m, nn.Conv2d)]
+        assert any(m.groups > 1 for m in convs) or name == "resnet18"
+        model.train()
+        model(x).sum().backward()
+        assert all(m.mask_real.grad is not None for _, m in masked_modules(model))
+
+
+def test_conv_subclass_with_its_own_forward():
+    from timm.layers import Conv2dSame
+    torch.manual_seed(0)
+    plain = nn.Sequential(Conv2dSame(3, 4, 3, stride=2)).eval()
+    model = piggyback(copy.deepcopy(plain))
+    layer = model[0]
+    assert isinstance(layer, MaskedLayer) and isinstance(layer, Conv2dSame)
+    x = torch.randn(1, 3, 9, 9)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    with torch.no_grad():
+        layer.mask_real[0] = -1.0
+    y = model(x)
+    assert torch.all(y[:, 0] == plain[0].bias[0])  # first filter switched off entirely
+    y.sum().backward()
+    assert layer.mask_real.grad is not None and "weight" in layer._parameters
+    folded = fold_masks(model)
+    assert type(folded[0]) is Conv2dSame
+    torch.testing.assert_close(folded(x), y.detach())
