@@ -1,0 +1,63 @@
+"""Mixed precision and memory-format switches.
+
+bf16 autocast needs no loss scaling (it has float32's exponent range), so one context
+manager covers training and evaluation. Both switches are off on the CPU by default:
+CPU runs are the reference for bit-exact resume tests.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, TypeVar, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["autocast", "default_amp", "default_channels_last", "maybe_channels_last"]
+
+DeviceLike = Union[str, torch.device]
+T = TypeVar("T", nn.Module, torch.Tensor)
+
+
+def _device(device: DeviceLike) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def autocast(device: DeviceLike, enabled: bool,
+             dtype: torch.dtype = torch.bfloat16) -> ContextManager:
+    """``torch.autocast`` for ``device`` when ``enabled``, else a context that does nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    dev = _device(device)
+    if dtype == torch.float16 and dev.type == "cpu":
+        raise ValueError("float16 autocast is not supported on the CPU; use bfloat16")
+    return torch.autocast(device_type=dev.type, dtype=dtype)
+
+
+def default_amp(device: DeviceLike) -> bool:
+    """True where bf16 autocast helps: a CUDA device that supports bf16."""
+    dev = _device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(dev.index if dev.index is not None else torch.cuda.current_device()):
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def default_channels_last(device: DeviceLike) -> bool:
+    """True on CUDA, where cuDNN's NHWC convolutions are faster with tensor cores."""
+    return _device(device).type == "cuda"
+
+
+def maybe_channels_last(obj: T, enabled: bool) -> T:
+    """Convert a module or a 4-D tensor to channels_last when ``enabled``.
+
+    Modules are converted in place (and returned); tensors that are not 4-D are
+    returned unchanged, since the format only exists for NCHW data.
+    """
+    if not enabled:
+        return obj
+    if isinstance(obj, nn.Module):
+        return obj.to(memory_format=torch.channels_last)
+    if isinstance(obj, torch.Tensor):
+        return obj.contiguous(memory_format=torch.channels_last) if obj.dim() == 4 else obj
+    raise TypeError(f"maybe_channels_last expects an nn.Module or a tensor, "
+                    f"got {type(obj).__name__}")

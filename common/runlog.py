@@ -1,0 +1,319 @@
+"""Run folders, atomic file writes, progress logging and the non-finite-loss guard.
+
+A run folder holds ``config.json`` (the resolved configuration plus git commit, torch
+version and command line), ``log.jsonl`` (one JSON object per epoch) and whatever JSON
+results a pipeline writes. Only the main process writes; on other ranks every writing
+method is a no-op, so training loops call them unconditionally.
+
+JSON written here is strict: NaN/inf become ``null`` (e.g. the IoU of a class absent
+from the evaluation set), tensors and numpy scalars become numbers.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
+
+import torch
+
+__all__ = [
+    "atomic_write_bytes", "atomic_write_json", "to_jsonable", "git_commit", "RunDir",
+    "SmoothedValue", "MetricLogger", "check_finite",
+]
+
+PathLike = Union[str, os.PathLike]
+
+# Read once: os.umask can only be queried by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder + ``os.replace``.
+
+    Readers see either the old file or the complete new one, never a partial write; the
+    temporary file is removed if anything fails.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def to_jsonable(obj: Any) -> Any:
+    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, (torch.device, torch.dtype, os.PathLike)):
+        return str(obj)
+    if hasattr(obj, "item") and hasattr(obj, "dtype"):  # numpy scalar / 0-d array
+        return to_jsonable(obj.tolist() if hasattr(obj, "tolist") else obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot write a {type(obj).__name__} ({obj!r}) as JSON")
+
+
+def atomic_write_json(path: PathLike, obj: Any, indent: Optional[int] = 2) -> Path:
+    """Write ``obj`` as strict JSON (NaN/inf -> null) to ``path`` atomically."""
+    text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False, sort_keys=False)
+    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def git_commit() -> Optional[str]:
+    """Commit hash of the checkout holding this code (``+dirty`` if modified), or None."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10)
+        if sha.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = sha.stdout.strip()
+    if status.returncode == 0 and status.stdout.strip():
+        commit += "+dirty"
+    return commit or None
+
+
+class RunDir:
+    """The output folder of one run; writes only when ``is_main``."""
+
+    CONFIG = "config.json"
+    LOG = "log.jsonl"
+    _META_KEYS = ("git_commit", "torch_version", "command_line")
+
+    def __init__(self, path: PathLike, is_main: bool = True):
+        self.path = Path(path)
+        self.is_main = is_main
+        if is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def file(self, name: str) -> Path:
+        """Path of ``name`` inside the run folder."""
+        return self.path / name
+
+    def write_config(self, config: Any) -> Path:
+        """Write ``config`` (a dict or argparse Namespace) plus provenance to config.json."""
+        if not isinstance(config, dict):
+            config = vars(config)
+        clash = [k for k in self._META_KEYS if k in config]
+        if clash:
+            raise ValueError(f"config keys {clash} are reserved for run provenance in "
+                             f"{self.file(self.CONFIG)}")
+        if self.is_main:
+            record = dict(config)
+            record["git_commit"] = git_commit()
+            record["torch_version"] = torch.__version__
+            record["command_line"] = [sys.executable] + sys.argv
+            atomic_write_json(self.file(self.CONFIG), record)
+        return self.file(self.CONFIG)
+
+    def read_config(self) -> Dict[str, Any]:
+        """The dict stored by :meth:`write_config` (provenance keys included)."""
+        return self.read_json(self.CONFIG)
+
+    def read_json(self, name: str) -> Any:
+        path = self.file(name)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        """Write ``obj`` to ``name`` in the run folder atomically (strict JSON)."""
+        if self.is_main:
+            atomic_write_json(self.file(name), obj)
+        return self.file(name)
+
+    def log_epoch(self, record: Dict[str, Any]) -> None:
+        """Append ``record`` as one JSON line to log.jsonl (flushed and fsynced)."""
+        if not self.is_main:
+            return
+        line = json.dumps(to_jsonable(record), allow_nan=False)
+        with open(self.file(self.LOG), "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_log(self) -> List[Dict[str, Any]]:
+        """All records of log.jsonl (empty when it does not exist yet)."""
+        path = self.file(self.LOG)
+        if not path.exists():
+            return []
+        records = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} line {lineno} is not valid JSON: {exc}") from exc
+        return records
+
+    def trim_log(self, before_epoch: int, key: str = "epoch") -> None:
+        """Keep only records with ``record[key] < before_epoch``.
+
+        A resumed run calls this with the epoch it restarts at, so epochs that were
+        logged after the last checkpoint are not logged twice.
+        """
+        if not self.is_main or not self.file(self.LOG).exists():
+            return
+        kept = [r for r in self.read_log() if r.get(key, -1) < before_epoch]
+        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept)
+        atomic_write_bytes(self.file(self.LOG), text.encode("utf-8"))
+
+
+class SmoothedValue:
+    """A series of values: window median/average for display, global average to report."""
+
+    def __init__(self, window_size: int = 20, fmt: str = "{median:.4f} ({global_avg:.4f})"):
+        self.window: deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.window.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize(self) -> None:
+        """Sum count and total over processes (the window stays local)."""
+        from common.distributed import all_reduce_sum
+        t = torch.tensor([self.count, self.total], dtype=torch.float64)
+        all_reduce_sum(t)
+        self.count, self.total = int(t[0].item()), float(t[1].item())
+
+    @property
+    def median(self) -> float:
+        return float(torch.tensor(list(self.window)).median().item()) if self.window else math.nan
+
+    @property
+    def avg(self) -> float:
+        return sum(self.window) / len(self.window) if self.window else math.nan
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+    @property
+    def value(self) -> float:
+        return self.window[-1] if self.window else math.nan
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               value=self.value)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"MetricLogger.update expects scalars, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        return float(value.item())
+    return float(value)
+
+
+class MetricLogger:
+    """Named :class:`SmoothedValue` meters and a progress line with ETA."""
+
+    def __init__(self, delimiter: str = "  ", is_main: bool = True,
+                 print_fn: Callable[[str], None] = print, window_size: int = 20):
+        self.meters: Dict[str, SmoothedValue] = defaultdict(lambda: SmoothedValue(window_size))
+        self.delimiter = delimiter
+        self.is_main = is_main
+        self.print_fn = print_fn
+
+    def update(self, n: int = 1, **values: Any) -> None:
+        """Add one value per meter, weighted by ``n`` (e.g. the batch size) in the average."""
+        for name, value in values.items():
+            self.meters[name].update(_number(value), n)
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def synchronize(self) -> None:
+        """Reduce every meter's global average over processes (call on every rank)."""
+        for name in sorted(self.meters):
+            self.meters[name].synchronize()
+
+    def global_averages(self) -> Dict[str, float]:
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "") -> Iterator:
+        """Yield from ``iterable``, printing a progress line every ``print_freq`` steps."""
+        if print_freq < 1:
+            raise ValueError(f"print_freq must be >= 1, got {print_freq}")
+        try:
+            total: Optional[int] = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        width = len(str(total)) if total else 1
+        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        start = end = time.time()
+        i = 0
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            last = total is not None and i == total - 1
+            if self.is_main and (i % print_freq == 0 or last):
+                parts = [header, f"[{i:>{width}}/{total if total is not None else '?'}]"]
+                if total is not None:
+                    eta = iter_time.global_avg * (total - i - 1)
+                    parts.append(f"eta: {datetime.timedelta(seconds=int(eta))}")
+                parts += [str(self), f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+                self.print_fn(self.delimiter.join(p for p in parts if p))
+            end = time.time()
+        if self.is_main:
+            elapsed = time.time() - start
+            steps = i + 1 if total is None else total
+            self.print_fn(f"{header} total time: {datetime.timedelta(seconds=int(elapsed))} "
+                          f"({elapsed / max(steps, 1):.4f} s / it)".strip())
+
+
+def check_finite(loss: Any, step: int, epoch: Optional[int] = None) -> float:
+    """Return ``loss`` as a float, or raise FloatingPointError naming where it went bad."""
+    value = _number(loss)
+    if not math.isfinite(value):
+        where = f"at epoch {epoch} step {step}" if epoch is not None else f"at step {step}"
+        raise FloatingPointError(f"non-finite loss {value} {where}; stopping the run "
+                                 f"(lower the learning rate or check the data)")
+    return value
