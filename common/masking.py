@@ -26,6 +26,7 @@ __all__ = [
     "MaskedLayer", "MaskedConv2d", "MaskedLinear", "binarize", "piggyback", "masked_modules",
     "mask_parameters", "task_parameters", "task_state_modules", "fold_masks",
     "backbone_fingerprint", "is_piggybacked", "set_binary_mask", "MASK_INITS", "NORM_TYPES",
+    "MultiTaskModel",
 ]
 
 # Normalisation layers whose affine parameters (and running statistics) are per-task
@@ -313,6 +314,10 @@ def backbone_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-from .multitask import MultiTaskModel  # noqa: E402  (re-exported; it builds on this module)
-
-__all__.append("MultiTaskModel")
+def __getattr__(name):
+    # MultiTaskModel lives in common.multitask, which builds on this module and on
+    # common.maskfile; importing it lazily keeps the import graph acyclic.
+    if name == "MultiTaskModel":
+        from .multitask import MultiTaskModel
+        return MultiTaskModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,234 @@
+"""Visual Decathlon data: annotation reading, image decoding, decoded-image cache, loaders.
+
+The data root is the unpacked ``decathlon-1.0`` folder; ``annotations/<task>_<split>.json``
+are COCO-style files (read with pycocotools) whose ``file_name`` is relative to the root.
+A sample's class is ``category_id - P - 1`` (never derived from the category name: names
+sort as strings).  The stripped test split has no labels; its targets are -1 and its image
+ids are kept for the submission file.
+
+Augmentation randomness is drawn from a generator seeded by ``(seed, epoch, index)``, so
+samples do not depend on worker count, process count or on where a run was resumed.
+Augmentation itself lives in :mod:`decathlon.transforms`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Union
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from common.distributed import DistInfo, make_sampler
+from common.seed import epoch_generator, reseed_loader, worker_init_fn
+from decathlon.cache import DecodedCache
+from decathlon.tasks import TaskSpec, get_task
+from decathlon.transforms import build_transforms
+
+__all__ = ["DecathlonDataset", "SPLITS", "annotation_path", "load_image", "build_loader",
+           "set_loader_epoch", "build_transforms"]
+
+# split name -> annotation file suffixes it is made of
+SPLITS = {"train": ("train",), "val": ("val",), "train+val": ("train", "val"),
+          "test": ("test_stripped",)}
+
+
+def annotation_path(root: Union[str, Path], task: str, part: str) -> Path:
+    return Path(root) / "annotations" / f"{task}_{part}.json"
+
+
+def load_image(path: Union[str, Path], what: str = "") -> np.ndarray:
+    """Decode an image file to an RGB uint8 array of shape (H, W, 3); grayscale files are
+    replicated to three channels.  ``what`` names the image in error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} {what}does not exist")
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"image file {path} {what}could not be decoded (not a readable image)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+@dataclass
+class _Part:
+    """The images of one annotation file.  Stored as numpy arrays: loader workers then
+    share the pages instead of copying them as Python reference counts change (which
+    matters at ImageNet's 1.2 M images)."""
+
+    ann_file: Path
+    image_ids: np.ndarray
+    file_names: np.ndarray  # utf-8 bytes, relative to the data root
+    shapes: np.ndarray  # (N, 2): height, width from the JSON
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def file_name(self, j: int) -> str:
+        return self.file_names[j].decode("utf-8")
+
+
+def _read_part(root: Path, spec: TaskSpec, part: str) -> _Part:
+    from pycocotools.coco import COCO
+
+    path = annotation_path(root, spec.name, part)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"annotation file {path} not found (expected {spec.name}_{part}.json under "
+            f"{root / 'annotations'}; the data root must be the decathlon-1.0 folder)")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
+            coco = COCO(str(path))
+    except (ValueError, AssertionError, TypeError, KeyError) as exc:
+        # JSON syntax errors, a non-object top level, records without the COCO keys
+        raise ValueError(f"annotation file {path} is not a COCO-style JSON object: "
+                         f"{type(exc).__name__}: {exc}") from None
+    data = coco.dataset
+    if "images" not in data:
+        raise ValueError(f"annotation file {path} has no 'images' list")
+    for cat in data.get("categories", []):
+        _class_index(spec, cat.get("id"), path, f"category {cat.get('name')!r}")
+    labelled = part != "test_stripped"
+    ids, names, shapes, targets = [], [], [], []
+    for im in data["images"]:
+        try:
+            image_id, name = int(im["id"]), str(im["file_name"])
+            shape = (int(im["height"]), int(im["width"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"annotation file {path}: image record {im!r} lacks an integer "
+                             f"id/width/height or a file_name") from None
+        target = -1
+        if labelled:
+            anns = coco.imgToAnns.get(image_id, [])
+            if len(anns) != 1:
+                raise ValueError(f"annotation file {path}: image id {image_id} has {len(anns)} "
+                                 f"annotations, expected exactly one")
+            target = _class_index(spec, anns[0].get("category_id"), path, f"image id {image_id}")
+        ids.append(image_id)
+        names.append(name.encode("utf-8"))
+        shapes.append(shape)
+        targets.append(target)
+    if labelled and not ids:
+        raise ValueError(f"annotation file {path} lists no images")
+    return _Part(path, np.array(ids, dtype=np.int64), np.array(names, dtype=np.bytes_),
+                 np.array(shapes, dtype=np.int64).reshape(-1, 2), np.array(targets, dtype=np.int64))
+
+
+def _class_index(spec: TaskSpec, category_id, path: Path, where: str) -> int:
+    try:
+        return spec.class_index(int(category_id))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"annotation file {path}: {where} has category_id {category_id!r}, outside task "
+            f"{spec.name!r} (expected {spec.prefix + 1}..{spec.prefix + spec.num_classes})") from None
+
+
+class DecathlonDataset(Dataset):
+    """One split (``train``, ``val``, ``train+val`` or ``test``) of one task.
+
+    ``image_ids`` and ``targets`` (class indices, -1 for the stripped test split) follow
+    the order of the annotation files.  ``transform`` receives an RGB uint8 (H, W, 3)
+    array (and an ``rng`` keyword when it declares ``uses_rng``); without one, samples
+    are uint8 (3, H, W) tensors.  ``cache_dir`` enables the decoded-image cache.
+    """
+
+    def __init__(self, root: Union[str, Path], task: str, split: str, transform=None,
+                 cache_dir: Union[None, str, Path] = None, seed: int = 0):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data root {self.root} is not a folder (expected the "
+                                    f"decathlon-1.0 folder holding annotations/ and data/)")
+        self.spec = get_task(task)
+        self.task, self.split = task, split
+        self.transform = transform
+        self.seed, self.epoch = int(seed), 0
+        self.parts = [_read_part(self.root, self.spec, p) for p in SPLITS[split]]
+        self._starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.caches: Optional[List[DecodedCache]] = None
+        if cache_dir is not None:
+            self.caches = [DecodedCache(Path(cache_dir), f"{task}_{p.ann_file.stem}",
+                                        p.file_names, p.shapes) for p in self.parts]
+
+    @property
+    def image_ids(self) -> List[int]:
+        """Image ids in order (the submission needs them for the test split)."""
+        return [int(i) for p in self.parts for i in p.image_ids]
+
+    @property
+    def targets(self) -> List[int]:
+        """Class indices in order (-1 for the stripped test split)."""
+        return [int(t) for p in self.parts for t in p.targets]
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _decode(self, part: _Part, j: int) -> np.ndarray:
+        return load_image(self.root / part.file_name(j),
+                          f"(image id {part.image_ids[j]} of {part.ann_file.name}) ")
+
+    def _locate(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        k = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return k, index - int(self._starts[k])
+
+    def load(self, index: int) -> np.ndarray:
+        """The decoded RGB image at ``index`` (from the cache when one is enabled)."""
+        k, j = self._locate(index)
+        part = self.parts[k]
+        if self.caches is None:
+            return self._decode(part, j)
+        return self.caches[k].get(j, lambda: self._decode(part, j))
+
+    def __getitem__(self, index: int):
+        img = self.load(index)
+        k, j = self._locate(index)
+        target = int(self.parts[k].targets[j])
+        if self.transform is None:
+            return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), target
+        if getattr(self.transform, "uses_rng", False):
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            return self.transform(img, rng=rng), target
+        return self.transform(img), target
+
+
+def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int = 4,
+                 dist_info: Optional[DistInfo] = None, seed: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """A DataLoader whose order and worker seeds depend on ``(seed, epoch, rank)`` only
+    (call :func:`set_loader_epoch` before each epoch); distributed runs shard it."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rank = dist_info.rank if dist_info is not None else 0
+    sampler = make_sampler(dataset, dist_info, shuffle=train, seed=seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=pin_memory, drop_last=False,
+                        generator=epoch_generator(seed, 0, rank), worker_init_fn=worker_init_fn,
+                        persistent_workers=False)  # workers must see set_epoch's value
+    loader.seed_and_rank = (int(seed), rank)
+    return loader
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Prepare ``loader`` for ``epoch``: sampler order, worker seeds (for transforms that
+    use the global generators) and the dataset's per-sample augmentation seed."""
+    seed, rank = getattr(loader, "seed_and_rank", (0, 0))
+    if loader.generator is not None:
+        reseed_loader(loader, seed, epoch, rank)
+    elif hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)

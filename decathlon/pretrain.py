@@ -1,0 +1,143 @@
+"""``python -m decathlon.pretrain``: train the shared backbone on imagenet12 (64 x 64).
+
+The paper's ImageNet-trained WRN-28-4 cannot be downloaded, so this trains one from the
+decathlon's own ImageNet split.  The run folder gets ``config.json``, ``log.jsonl``,
+``checkpoint.pt`` (resumable: run the same command again), ``metrics.json`` and
+``backbone.pt``, the file ``decathlon.train --backbone`` takes (weights, architecture and
+validation top-1).  Multi-GPU: ``torchrun --nproc_per_node N -m decathlon.pretrain ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+from typing import Any, Dict
+
+import torch.nn as nn
+
+from common.amp import maybe_channels_last
+from common.cli import add_common_args
+from common.distributed import DistInfo, cleanup, init_distributed, wrap_ddp
+from common.runlog import RunDir
+from common.seed import seed_everything
+from decathlon.engine import FitState, fit
+from decathlon.methods import OPTIMIZERS, make_optimizer, replace_head
+from decathlon.models import create_model, model_names, open_backbone, save_backbone
+from decathlon.tasks import SOURCE_TASK, TASK_NAMES, get_task
+from decathlon.train import (DATA_ROOT_ENV, DEFAULT_DATA_ROOT, add_data_args, check_data_args,
+                             file_sha256, make_loaders, make_precision, make_schedulers,
+                             override_help)
+
+__all__ = ["get_args_parser", "check_args", "build_model", "pretrain", "main"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m decathlon.pretrain",
+        description="Train a decathlon backbone on imagenet12 and write OUT/backbone.pt "
+                    "for decathlon.train --backbone.")
+    add_common_args(p, data_root_env=DATA_ROOT_ENV, default_data_root=DEFAULT_DATA_ROOT,
+                    default_epochs=40, default_batch_size=256, default_arch="wrn28_4",
+                    default_out="runs/pretrain")
+    override_help(p, {"backbone": "start from these weights instead of random ones: a "
+                                  "decathlon.pretrain backbone.pt, or an external WRN state "
+                                  "dict imported by key mapping (default: random init)",
+                      "arch": "network to train (default: wrn28_4; with --backbone, the "
+                              "file's architecture)"})
+    p.set_defaults(arch=None)
+    p.add_argument("--task", default=SOURCE_TASK, choices=TASK_NAMES, metavar="TASK",
+                   help=f"task to train the backbone on (default: {SOURCE_TASK})")
+    p.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
+                   help="optimiser (sgd has momentum 0.9) (default: sgd)")
+    p.add_argument("--lr", type=float, default=0.1, help="base learning rate (default: 0.1)")
+    p.add_argument("--weight-decay", type=float, default=5e-4,
+                   help="weight decay (default: 5e-4)")
+    p.add_argument("--lr-steps", type=int, nargs="*", default=None, metavar="EPOCH",
+                   help="epochs after which the learning rate is multiplied by --lr-gamma "
+                        "(default: at 50%% and 75%% of --epochs)")
+    p.add_argument("--lr-gamma", type=float, default=0.1,
+                   help="learning-rate decay factor (default: 0.1)")
+    add_data_args(p)
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    if args.arch is not None and args.arch not in model_names():
+        p.error(f"--arch {args.arch!r} is unknown; valid: {', '.join(model_names())}")
+    check_data_args(p, args)
+    if args.lr_steps is None:
+        args.lr_steps = sorted({max(1, args.epochs // 2), max(1, args.epochs * 3 // 4)})
+    return args
+
+
+_SETTINGS = ("task", "arch", "backbone_sha256", "seed", "batch_size", "world_size", "optimizer",
+             "lr", "weight_decay", "lr_steps", "lr_gamma", "resize", "crop", "hflip",
+             "amp_used", "channels_last_used")
+
+
+def build_model(args, num_classes: int, log) -> nn.Module:
+    """Random ``--arch`` weights, or ``--backbone`` (e.g. imported weights to adapt to
+    64 x 64 inputs) with a classifier of ``num_classes``; sets ``args.arch``."""
+    if not args.backbone:
+        args.arch = args.arch or "wrn28_4"
+        return create_model(args.arch, num_classes)
+    model, meta = open_backbone(args.backbone, args.arch, log=log)
+    args.arch = meta["arch"]
+    return model if model.fc.out_features == num_classes else replace_head(model, num_classes)
+
+
+def pretrain(args: argparse.Namespace, dist: DistInfo) -> Dict[str, Any]:
+    """Train (or resume) the backbone into ``args.out``; returns its metrics."""
+    log = partial(print, flush=True) if dist.is_main else (lambda *_: None)
+    run = RunDir(args.out, dist.is_main)
+    seed_everything(args.seed, dist.rank)
+    spec = get_task(args.task)
+    prec = make_precision(args, dist)
+    model = build_model(args, spec.num_classes, log)
+    model = maybe_channels_last(model.to(prec.device), prec.channels_last)
+    optimizers = [make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)]
+    state = FitState(model, wrap_ddp(model, dist), optimizers, make_schedulers(optimizers, args))
+    train_loader, val_loader = make_loaders(args, args.task, "train", dist)
+    config = dict(vars(args), world_size=dist.world_size, amp_used=prec.amp,
+                  channels_last_used=prec.channels_last,
+                  backbone_sha256=file_sha256(args.backbone) if args.backbone else None,
+                  train_images=len(train_loader.dataset), val_images=len(val_loader.dataset))
+    settings = dict({k: config[k] for k in _SETTINGS}, scale=list(args.scale))
+    log(f"pretraining {args.arch} on {args.task}: {len(train_loader.dataset)} train / "
+        f"{len(val_loader.dataset)} val images, device {prec.device}")
+    t0 = time.time()
+    last = fit(run, state, train_loader, val_loader, epochs=args.epochs, prec=prec, dist=dist,
+               settings=settings, config=config, print_freq=args.print_freq,
+               header=f"[{args.task}] ", log=log)
+    metrics = {"task": args.task, "arch": args.arch, "num_classes": spec.num_classes,
+               "epochs": args.epochs, "val_top1": last["val_top1"],
+               "val_count": last["val_count"], "train_top1": last["train_top1"],
+               "train_loss": last["train_loss"], "time_s": time.time() - t0}
+    if dist.is_main:
+        save_backbone(run.file("backbone.pt"), model, args.arch, task=args.task,
+                      epochs=args.epochs, val_top1=last["val_top1"], seed=args.seed,
+                      resize=args.resize, crop=args.crop)
+    run.write_json("metrics.json", metrics)
+    log(f"backbone written to {run.file('backbone.pt')} (val top-1 {last['val_top1']:.2f}%)")
+    return metrics
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    dist = init_distributed(args.device)
+    try:
+        return pretrain(args, dist)
+    finally:
+        cleanup()
+
+
+def cli(argv=None) -> None:
+    parser = get_args_parser()
+    args = check_args(parser, parser.parse_args(argv))
+    try:
+        main(args)
+    except (FloatingPointError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"{parser.prog}: error: {exc}") from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,316 @@
+"""``python -m decathlon.train``: learn one decathlon task (or all nine) on a frozen backbone.
+
+For each task the run folder ``OUT/<task>/`` receives ``config.json``, ``log.jsonl`` (one
+line per epoch), ``checkpoint.pt`` (rewritten after every epoch; the same command resumes
+from it), then ``masks.safetensors`` (piggyback: bit-packed masks, new classifier, task
+BN) or ``weights.safetensors`` (baselines), and ``metrics.json``.  The backbone file is
+only read.  Multi-GPU: ``torchrun --nproc_per_node N -m decathlon.train ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from common.accounting import sparsity
+from common.amp import default_amp, default_channels_last, maybe_channels_last
+from common.cli import add_common_args
+from common.distributed import DistInfo, barrier, cleanup, init_distributed, wrap_ddp
+from common.maskfile import save_masks
+from common.runlog import RunDir, atomic_write_json
+from common.seed import seed_everything
+from decathlon.data import DecathlonDataset, build_loader, build_transforms
+from decathlon.engine import FitState, Precision, fit
+from decathlon.methods import METHODS, OPTIMIZERS, get_method, make_optimizer, replace_head
+from decathlon.models import create_model, model_names, open_backbone, save_weights
+from decathlon.tasks import MASK_TASKS, TASK_NAMES, get_task
+
+__all__ = ["get_args_parser", "main", "run_task", "make_loaders", "make_precision",
+           "make_schedulers", "file_sha256", "DATA_ROOT_ENV", "DEFAULT_DATA_ROOT"]
+
+DATA_ROOT_ENV = "DECATHLON_ROOT"
+DEFAULT_DATA_ROOT = "data/decathlon-1.0"
+_SWITCH = ("auto", "on", "off")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Augmentation, cache and runtime flags shared with decathlon.pretrain."""
+    g = p.add_argument_group("data and runtime")
+    g.add_argument("--resize", type=int, default=72,
+                   help="the whole image is resized to a square of this many px (default: 72)")
+    g.add_argument("--crop", type=int, default=64,
+                   help="crop size fed to the network: random at train, centre at eval (default: 64)")
+    g.add_argument("--hflip", choices=_SWITCH, default="auto",
+                   help="random horizontal flips at train time; auto = per task (off for "
+                        "gtsrb, omniglot, svhn) (default: auto)")
+    g.add_argument("--scale", type=float, nargs=2, default=(1.0, 1.0), metavar=("LO", "HI"),
+                   help="random rescale of the whole image by a factor in [LO, HI] before "
+                        "cropping (default: 1 1, i.e. off)")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="keep decoded images in uint8 memory-mapped files here, so epochs "
+                        "after the first decode no JPEG (default: off)")
+    g.add_argument("--amp", choices=_SWITCH, default="auto",
+                   help="bf16 autocast; auto = on for CUDA devices with bf16 (default: auto)")
+    g.add_argument("--channels-last", choices=_SWITCH, default="auto",
+                   help="channels_last memory format; auto = on for CUDA (default: auto)")
+    g.add_argument("--print-freq", type=int, default=50,
+                   help="steps between progress lines (default: 50)")
+
+
+SEED_HELP = ("random seed of initialisation, data order and augmentation; augmentation is "
+             "drawn per sample from (seed, epoch, index), so it does not depend on the number "
+             "of processes or workers (default: 0)")
+
+
+def override_help(p: argparse.ArgumentParser, helps: Dict[str, str]) -> None:
+    """Replace the help of shared flags whose meaning this command makes precise."""
+    helps = dict(helps, seed=SEED_HELP)
+    for action in p._actions:
+        action.help = helps.get(action.dest, action.help)
+
+
+def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse inconsistent values of the flags added by :func:`add_data_args`."""
+    if args.crop > args.resize:
+        p.error(f"--crop {args.crop} must not exceed --resize {args.resize}")
+    if not 0 < args.scale[0] <= args.scale[1]:
+        p.error(f"--scale {args.scale[0]} {args.scale[1]}: need 0 < LO <= HI")
+    if args.print_freq < 1:
+        p.error("--print-freq must be >= 1")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m decathlon.train",
+        description="Train a piggyback mask (or a baseline) for Visual Decathlon tasks on a "
+                    "frozen backbone from decathlon.pretrain.")
+    add_common_args(p, data_root_env=DATA_ROOT_ENV, default_data_root=DEFAULT_DATA_ROOT,
+                    default_epochs=60, default_batch_size=32, default_arch="wrn28_4",
+                    default_out="runs/decathlon")
+    # The architecture comes from the backbone file; --arch only checks it (or picks the
+    # network for --method scratch and for external weights).
+    p.set_defaults(arch=None)
+    helps = {"arch": f"network of --method scratch and of external --backbone weights; for a "
+                     f"decathlon.pretrain backbone it is read from the file and --arch, if "
+                     f"given, must agree ({', '.join(model_names())}; default: wrn28_4)",
+             "backbone": "backbone file from python -m decathlon.pretrain, or an external WRN "
+                         "state dict (imported by key mapping); required except for "
+                         "--method scratch; only read, never modified",
+             "out": "output folder; each task's run folder is OUT/<task> (config.json, "
+                    "log.jsonl, checkpoint.pt, mask or weights file, metrics.json) "
+                    "(default: runs/decathlon)"}
+    override_help(p, helps)
+    p.add_argument("--task", required=True, choices=list(TASK_NAMES) + ["all"], metavar="TASK",
+                   help=f"task to learn, or 'all' for the nine non-ImageNet tasks in turn; "
+                        f"one of: {', '.join(TASK_NAMES)}, all")
+    p.add_argument("--method", default="piggyback", choices=list(METHODS),
+                   help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+                   + " (default: piggyback)")
+    p.add_argument("--trainval", action="store_true",
+                   help="train on train+val (for final models; val top-1 is then not held out)")
+    m = p.add_argument_group("masks")
+    m.add_argument("--threshold", type=float, default=5e-3,
+                   help="binarizer threshold tau of eq. 4 (default: 5e-3)")
+    m.add_argument("--mask-init", default="constant", choices=["constant", "uniform", "weight"],
+                   help="initialisation of the real-valued masks (default: constant)")
+    m.add_argument("--mask-scale", type=float, default=1e-2,
+                   help="initial real-valued mask value (default: 1e-2)")
+    m.add_argument("--ternary", action="store_true",
+                   help="ternary masks {-1, 0, 1} (cut-offs at +-threshold) instead of binary")
+    m.add_argument("--train-bn", action="store_true",
+                   help="train task-specific BN layers (saved with the mask); piggyback and "
+                        "feature only")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),
+                   help="optimiser of the masks / backbone weights (default: per method: "
+                        + ", ".join(f"{k} {v.optimizer}" for k, v in METHODS.items()
+                                    if k != "feature") + ")")
+    o.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the masks / backbone weights (default: per method: "
+                        + ", ".join(f"{k} {v.lr:g}" for k, v in METHODS.items()
+                                    if k != "feature") + ")")
+    o.add_argument("--weight-decay", type=float, default=None,
+                   help="weight decay of the masks / backbone weights (default: per method)")
+    o.add_argument("--head-optimizer", default="adam", choices=list(OPTIMIZERS),
+                   help="optimiser of the new classifier and task BN (default: adam)")
+    o.add_argument("--head-lr", type=float, default=1e-3,
+                   help="learning rate of the new classifier and task BN (default: 1e-3)")
+    o.add_argument("--head-weight-decay", type=float, default=0.0,
+                   help="weight decay of the new classifier and task BN (default: 0)")
+    o.add_argument("--lr-steps", type=int, nargs="*", default=[45], metavar="EPOCH",
+                   help="epochs after which every learning rate is multiplied by --lr-gamma "
+                        "(default: 45)")
+    o.add_argument("--lr-gamma", type=float, default=0.1,
+                   help="learning-rate decay factor (default: 0.1)")
+    add_data_args(p)
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    method = get_method(args.method)
+    if args.ternary and method.name != "piggyback":
+        p.error("--ternary needs --method piggyback")
+    if args.train_bn and method.name in ("finetune", "scratch"):
+        p.error(f"--train-bn: BN layers already train with --method {method.name}")
+    if method.needs_backbone and not args.backbone:
+        p.error(f"--method {method.name} needs --backbone (a file from python -m decathlon.pretrain "
+                f"or an external WRN state dict)")
+    if not method.needs_backbone and args.backbone:
+        p.error("--method scratch starts from random weights; drop --backbone")
+    if method.name == "feature" and (args.lr is not None or args.optimizer or args.weight_decay is not None):
+        p.error("--method feature trains only the classifier: use --head-lr/--head-optimizer")
+    if args.arch is not None and args.arch not in model_names():
+        p.error(f"--arch {args.arch!r} is unknown; valid: {', '.join(model_names())}")
+    check_data_args(p, args)
+    args.optimizer = args.optimizer or method.optimizer
+    args.lr = method.lr if args.lr is None else args.lr
+    args.weight_decay = method.weight_decay if args.weight_decay is None else args.weight_decay
+    return args
+
+
+def _switch(value: str, auto: bool) -> bool:
+    return auto if value == "auto" else value == "on"
+
+
+def make_precision(args, dist: DistInfo) -> Precision:
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 64x64 inputs: autotuning pays off
+    return Precision(dist.device, _switch(args.amp, default_amp(dist.device)),
+                     _switch(args.channels_last, default_channels_last(dist.device)))
+
+
+def make_loaders(args, task: str, train_split: str, dist: DistInfo):
+    """Train and val loaders of ``task``; rank 0 builds first so that it alone creates
+    the decoded-image cache files."""
+    hflip = None if args.hflip == "auto" else args.hflip == "on"
+    tf = dict(resize=args.resize, crop=args.crop)
+
+    def build():
+        tr = DecathlonDataset(args.data_root, task, train_split, cache_dir=args.cache_dir,
+                              seed=args.seed, transform=build_transforms(
+                                  task, True, hflip=hflip, scale=tuple(args.scale), **tf))
+        va = DecathlonDataset(args.data_root, task, "val", cache_dir=args.cache_dir,
+                              transform=build_transforms(task, False, **tf))
+        return tr, va
+
+    if not dist.is_main:
+        barrier()
+    train_set, val_set = build()
+    if dist.is_main:
+        barrier()
+    pin = dist.device.type == "cuda"
+    common = dict(batch_size=args.batch_size, workers=args.workers, dist_info=dist,
+                  seed=args.seed, pin_memory=pin)
+    return build_loader(train_set, train=True, **common), build_loader(val_set, train=False, **common)
+
+
+def make_schedulers(optimizers, args) -> List[Any]:
+    return [torch.optim.lr_scheduler.MultiStepLR(o, milestones=sorted(args.lr_steps), gamma=args.lr_gamma)
+            for o in optimizers]
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _build_model(args, task: str, log) -> Tuple[nn.Module, str, dict]:
+    spec = get_task(task)
+    if args.backbone:
+        model, meta = open_backbone(args.backbone, args.arch, log=log)
+        arch = meta["arch"]
+    else:
+        arch = args.arch or "wrn28_4"
+        model, meta = create_model(arch, spec.num_classes), {"arch": arch, "source": "random"}
+    return replace_head(model, spec.num_classes), arch, meta
+
+
+def run_task(args, task: str, dist: DistInfo) -> Dict[str, Any]:
+    """Train (or resume) one task into ``OUT/<task>`` and return its metrics."""
+    log = partial(print, flush=True) if dist.is_main else (lambda *_: None)
+    run = RunDir(Path(args.out) / task, dist.is_main)
+    method = get_method(args.method)
+    seed_everything(args.seed, dist.rank)
+    model, arch, backbone_meta = _build_model(args, task, log)
+    prepared = method.prepare(model, args)
+    prec = make_precision(args, dist)
+    model = maybe_channels_last(model.to(prec.device), prec.channels_last)
+    optimizers = [make_optimizer(args.head_optimizer, prepared.head, args.head_lr, args.head_weight_decay)]
+    if prepared.main:
+        optimizers.insert(0, make_optimizer(args.optimizer, prepared.main, args.lr, args.weight_decay))
+    state = FitState(model, wrap_ddp(model, dist), optimizers, make_schedulers(optimizers, args),
+                     prepared.frozen_modules)
+    train_loader, val_loader = make_loaders(args, task, "train+val" if args.trainval else "train", dist)
+    backbone_sha = file_sha256(args.backbone) if args.backbone else None
+    config = {k: v for k, v in vars(args).items() if k != "task"}
+    config.update(task=task, arch=arch, world_size=dist.world_size, backbone_sha256=backbone_sha,
+                  amp_used=prec.amp, channels_last_used=prec.channels_last,
+                  train_images=len(train_loader.dataset), val_images=len(val_loader.dataset))
+    # Everything that changes the result must match when resuming.
+    settings = {k: config[k] for k in (
+        "task", "method", "arch", "seed", "batch_size", "world_size", "trainval", "threshold",
+        "mask_init", "mask_scale", "ternary", "train_bn", "optimizer", "lr", "weight_decay",
+        "head_optimizer", "head_lr", "head_weight_decay", "lr_steps", "lr_gamma", "resize",
+        "crop", "hflip", "scale", "backbone_sha256", "amp_used", "channels_last_used")}
+    settings["scale"] = list(settings["scale"])
+    log(f"[{task}] {method.name} on {arch} ({backbone_meta.get('source', args.backbone)}), "
+        f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
+        f"{sum(p.numel() for p in prepared.main + prepared.head)} trainable values, device {prec.device}")
+    t0 = time.time()
+    last = fit(run, state, train_loader, val_loader, epochs=args.epochs, prec=prec, dist=dist,
+               settings=settings, config=config, print_freq=args.print_freq, header=f"[{task}] ", log=log)
+    meta = dict(task=task, arch=arch, method=method.name, num_classes=get_task(task).num_classes,
+                epochs=args.epochs, trainval=args.trainval, val_top1=last["val_top1"],
+                train_bn=args.train_bn, backbone=str(args.backbone) if args.backbone else None,
+                backbone_sha256=backbone_sha)
+    metrics = dict(meta, val_is_held_out=not args.trainval, val_count=last["val_count"],
+                   train_top1=last["train_top1"], train_loss=last["train_loss"],
+                   step_time_s=last["step_time_s"], time_s=time.time() - t0)
+    if dist.is_main:
+        if method.uses_masks:
+            save_masks(model, run.file("masks.safetensors"), **meta)
+            metrics.update(sparsity=sparsity(model)["total"], result_file="masks.safetensors")
+        else:
+            save_weights(run.file("weights.safetensors"), model, **meta)
+            metrics.update(sparsity=None, result_file="weights.safetensors",
+                           note=f"--method {method.name} trains no mask: full weights saved")
+    run.write_json("metrics.json", metrics)
+    log(f"[{task}] done: val top-1 {metrics['val_top1']:.2f}%"
+        + (f", mask sparsity {metrics['sparsity']:.4f}" if metrics.get("sparsity") is not None else "")
+        + f"; results in {run.path}")
+    return metrics
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    dist = init_distributed(args.device)
+    try:
+        tasks = list(MASK_TASKS) if args.task == "all" else [args.task]
+        results = {task: run_task(args, task, dist) for task in tasks}
+        if len(tasks) > 1 and dist.is_main:
+            atomic_write_json(Path(args.out) / "summary.json", results)
+        return results
+    finally:
+        cleanup()
+
+
+def cli(argv=None) -> None:
+    parser = get_args_parser()
+    args = check_args(parser, parser.parse_args(argv))
+    try:
+        main(args)
+    except (FloatingPointError, FileNotFoundError, ValueError) as exc:
+        # Bad input and diverged runs end with one clear line, not a traceback.
+        raise SystemExit(f"{parser.prog}: error: {exc}") from None
+
+
+if __name__ == "__main__":
+    cli()
