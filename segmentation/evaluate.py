@@ -1,0 +1,175 @@
+"""Evaluate a saved segmentation run: ``python -m segmentation.evaluate RUN_DIR``.
+
+Rebuilds the run's FCN from its config.json (same architecture, backbone source and
+input convention), loads its masks.safetensors or model.safetensors, and computes the
+FCN metrics on the run's evaluation set (or ``--split``'s). Results go to
+``RUN_DIR/evaluation.json`` (``--output`` to change), with the storage report.
+``--pictures N`` writes, for the first N images, a palette PNG of the prediction
+(VOC colours, class ids as indices) and an overview PNG: input | ground truth |
+prediction. Runs under torchrun as well; the confusion matrix is reduced across processes.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from common.amp import default_amp
+from common.cli import DEVICE_CHOICES_HELP, default_workers, resolve_device
+from common.distributed import cleanup, init_distributed, make_sampler
+from common.maskfile import MaskFileError
+from common.runlog import RunDir, atomic_write_json
+
+from .data import NUM_CLASSES, SPLITS, DataError, SegmentationDataset, build_split, class_names, pad_collate
+from .engine import evaluate, predict, summarize
+from .palette import save_label_png, save_overview
+from .report import format_metrics, format_storage, storage_report
+from .runs import WeightsFileError, build_model, load_task_weights
+from .weights import BackboneWeightsError, resolve_backbone
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m segmentation.evaluate",
+                                     description="Evaluate a saved FCN-32s segmentation run", add_help=add_help)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by segmentation.train")
+    parser.add_argument("--data-root", default=None, metavar="DIR", help="dataset folder (default: the run's)")
+    parser.add_argument("--split", choices=sorted(SPLITS), default=None, help="evaluation split (default: the run's)")
+    parser.add_argument("--val-list", default=None, metavar="FILE",
+                        help="ids to evaluate instead of seg11valid (--split sbd; default: the run's)")
+    parser.add_argument("--backbone", default=None, metavar="PATH",
+                        help="backbone weights file if it moved since training (default: the run's)")
+    parser.add_argument("--caffe-weights", default=None, metavar="PATH",
+                        help="Caffe-converted weights file if it moved since training (default: the run's)")
+    parser.add_argument("--weights", default=None, metavar="FILE",
+                        help="mask or model file to load (default: the one in RUN_DIR)")
+    parser.add_argument("--output", default=None, metavar="FILE",
+                        help="where to write the metrics (default: RUN_DIR/evaluation.json)")
+    parser.add_argument("--pictures", type=int, default=0, metavar="N",
+                        help="write prediction pictures for the first N evaluation images (default: 0)")
+    parser.add_argument("--pictures-dir", default=None, metavar="DIR",
+                        help="folder for the pictures (default: RUN_DIR/pictures)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES_HELP} (default: auto)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help=f"DataLoader workers (default: {default_workers()})")
+    parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                        help="bf16 autocast; auto = on for CUDA devices with bf16 (default: auto)")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    if args.backbone and args.caffe_weights:
+        parser.error("--backbone and --caffe-weights exclude each other")
+    if args.pictures < 0:
+        parser.error(f"--pictures must be >= 0, got {args.pictures}")
+    if args.pictures_dir and not args.pictures:
+        parser.error("--pictures-dir needs --pictures N")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    try:
+        resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        parser.error(f"--device: {e}")
+    return args
+
+
+class RunMismatch(ValueError):
+    """Flags that do not fit the run being evaluated."""
+
+
+def _source_for(config: dict, args):
+    """The backbone source of the run, with a moved file's new path if given."""
+    kind = config["backbone_kind"]
+    if kind == "random":
+        if args.backbone or args.caffe_weights:
+            raise RunMismatch("the run was trained from a random backbone; --backbone/--caffe-weights do not apply")
+        return resolve_backbone(config["arch"], random_init=True)
+    if kind == "caffe":
+        if args.backbone:
+            raise RunMismatch("the run used Caffe-converted weights: pass --caffe-weights, not --backbone")
+        return resolve_backbone(config["arch"], caffe_weights=args.caffe_weights or config["backbone_path"])
+    if args.caffe_weights:
+        raise RunMismatch("the run used torchvision-layout weights: pass --backbone, not --caffe-weights")
+    return resolve_backbone(config["arch"], backbone=args.backbone or config["backbone_path"])
+
+
+@torch.no_grad()
+def save_pictures(model, dataset: SegmentationDataset, count: int, out_dir: Path,
+                  device: torch.device, amp: bool = False) -> int:
+    """Prediction PNG and overview PNG for the first ``count`` images; returns how many."""
+    model.eval()
+    n = min(count, len(dataset))
+    for index in range(n):
+        image, label = dataset.load(index)
+        x = dataset.convention.to_tensor(image).unsqueeze(0).to(device)
+        prediction = predict(model, x, amp=amp)[0].cpu().numpy().astype("uint8")
+        image_id = dataset.ids[index]
+        save_label_png(prediction, out_dir / f"{image_id}_prediction.png")
+        save_overview(image, prediction, out_dir / f"{image_id}_overview.png", target=label)
+    return n
+
+
+def main(args: argparse.Namespace) -> dict:
+    run = RunDir(args.run_dir, is_main=False)
+    if not run.file(RunDir.CONFIG).is_file():
+        raise RunMismatch(f"{run.file(RunDir.CONFIG)} does not exist: RUN_DIR must be a folder written by "
+                        f"python -m segmentation.train")
+    config = run.read_config()
+    dist_info = init_distributed(args.device)
+    try:
+        return _evaluate_run(args, run, config, dist_info)
+    finally:
+        cleanup()
+
+
+def _evaluate_run(args, run: RunDir, config: dict, dist_info) -> dict:
+    device = dist_info.device
+    amp = default_amp(device) if args.amp == "auto" else args.amp == "on"
+    source = _source_for(config, args)
+    mask_options = {k: config[k] for k in ("threshold", "mask_init", "mask_scale")
+                    if config["method"] == "piggyback" and config.get(k) is not None}
+    model = build_model(config["arch"], config["method"], source, seed=config["seed"],
+                        learn_upsample=config["learn_upsample"], num_classes=config.get("num_classes", NUM_CLASSES),
+                        mask_options=mask_options)
+    load_task_weights(model, run.path, config["method"], args.weights)
+    model.to(device)
+
+    split = args.split or config["split"]
+    val_list = args.val_list or (config.get("val_list") if split == "sbd" else None)
+    dataset = build_split(split, "val", args.data_root or config["data_root"], source.convention, val_list)
+    loader = DataLoader(dataset, batch_size=1, sampler=make_sampler(dataset, dist_info, False, 0),
+                        num_workers=args.workers, collate_fn=pad_collate)
+    metrics = evaluate(model, loader, device, model.num_classes, amp=amp, is_main=dist_info.is_main)
+    names = class_names()
+    storage = storage_report(model)
+    result = {"run": str(run.path), "split": split, "method": config["method"], "arch": config["arch"],
+              "eval_images": len(dataset), **summarize(metrics, names), "storage": storage}
+    if getattr(dataset, "listed", None) is not None:
+        result["eval_listed"] = dataset.listed
+    if dist_info.is_main:
+        output = Path(args.output) if args.output else run.file("evaluation.json")
+        atomic_write_json(output, result)
+        print(format_metrics(result, names))
+        print(format_storage(storage))
+        if args.pictures:
+            folder = Path(args.pictures_dir) if args.pictures_dir else run.file("pictures")
+            n = save_pictures(model, dataset, args.pictures, folder, device, amp)
+            result["pictures"] = str(folder)
+            print(f"wrote {n} prediction pictures to {folder}")
+        print(f"metrics written to {output}")
+    return result
+
+
+def cli(argv: Optional[list] = None) -> None:
+    parser = get_args_parser()
+    args = check_args(parser, parser.parse_args(argv))
+    try:
+        main(args)
+    except (DataError, RunMismatch, BackboneWeightsError, MaskFileError, WeightsFileError, FileNotFoundError) as exc:
+        raise SystemExit(f"{parser.prog}: error: {exc}") from None
+
+
+if __name__ == "__main__":
+    cli()
