@@ -16,8 +16,6 @@ task, arch, ...). Files are written to a temporary file and renamed into place.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -28,13 +26,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .bits import pack_bits, pack_mask, unpack_bits, unpack_mask
+from .runlog import atomic_write_bytes
 from .masking import (MaskedLayer, backbone_fingerprint, masked_modules, set_binary_mask,
                       task_state_modules)
 
 FORMAT = "piggyback-masks"
 FORMAT_VERSION = 1
 __all__ = ["save_masks", "load_masks", "read_mask_metadata", "read_mask_file", "task_state",
-           "MaskFileError", "FORMAT_VERSION"]
+           "MaskFileError", "FORMAT_VERSION", "safetensors_metadata"]
 
 
 class MaskFileError(ValueError):
@@ -50,21 +49,6 @@ def task_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
             if t is not None:
                 state[prefix + key] = t.detach()
     return state
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_masks(model: torch.nn.Module, path, *, compress: bool = False, **metadata) -> Path:
@@ -107,18 +91,25 @@ def save_masks(model: torch.nn.Module, path, *, compress: bool = False, **metada
         "layers": json.dumps(info),
         "user": user,
     }
-    _atomic_write(path, st_save(tensors, metadata=header))
+    atomic_write_bytes(path, st_save(tensors, metadata=header))
     return path
 
 
-def _header(path: Path) -> Dict[str, str]:
+def safetensors_metadata(path, what: str = "safetensors") -> Dict[str, str]:
+    """The string metadata of a safetensors file, without reading its tensors; a clear
+    error naming the file when it is missing or not safetensors."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"mask file {path} does not exist")
+        raise FileNotFoundError(f"{what} file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise MaskFileError(f"{path} is not a readable safetensors mask file: {e}") from None
+        raise MaskFileError(f"{path} is not a readable {what} file: {e}") from None
+
+
+def _header(path: Path) -> Dict[str, str]:
+    header = safetensors_metadata(path, "mask")
     if header.get("format") != FORMAT:
         raise MaskFileError(f"{path} is not a piggyback mask file (format={header.get('format')!r}, expected {FORMAT!r})")
     if header.get("format_version") != str(FORMAT_VERSION):

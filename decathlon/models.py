@@ -26,11 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from common.maskfile import safetensors_metadata
 from common.runlog import atomic_write_bytes
 
 __all__ = ["WideResNet", "MODELS", "register_model", "create_model", "model_names",
@@ -281,13 +281,7 @@ def load_weights(path, map_location="cpu") -> Tuple[nn.Module, dict]:
     """The model written by :func:`save_weights` (its metadata must name arch and
     num_classes) and that metadata."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
+    header = safetensors_metadata(path, "weights")
     if header.get("format") != WEIGHTS_FORMAT:
         raise ValueError(f"{path} is not a decathlon weights file (format="
                          f"{header.get('format')!r}, expected {WEIGHTS_FORMAT!r})")
