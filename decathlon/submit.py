@@ -1,0 +1,397 @@
+"""``python -m decathlon.submit``: one ``results.json`` for all ten tasks, and its summary.
+
+The backbone is loaded once. Each of the nine mask tasks brings ``RUNS/<task>/masks.safetensors``
+(from ``decathlon.train``), switched into one multi-task model (``--mode multitask``) or
+folded into a plain copy of the backbone (``--mode fold``); imagenet12 is predicted by the
+backbone with its own classifier. Every image of ``<task>_test_stripped.json`` is
+predicted, the submission is validated (:func:`decathlon.score.validate_results`) and
+only then ``OUT/results.json``, ``results.zip``, ``summary.json`` and ``summary.md`` are
+written, each atomically.
+
+The summary's ``score`` is the decathlon score of the test labels when ``--labels`` covers
+every task, otherwise the estimate from validation top-1; ``val_score`` and
+``test_score`` are both kept. Storage and #par come from :mod:`decathlon.accounting`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from common.cli import add_common_args, resolve_device
+from common.maskfile import load_masks, read_mask_metadata
+from common.masking import fold_masks, piggyback
+from common.multitask import MultiTaskModel
+from common.runlog import atomic_write_bytes, atomic_write_json
+from decathlon.accounting import decathlon_accounting, mask_file_cost
+from decathlon.data import DecathlonDataset, annotation_path, build_loader, build_transforms
+from decathlon.engine import Precision, predict
+from decathlon.methods import replace_head
+from decathlon.models import open_backbone
+from decathlon.score import (SubmissionError, TaskTestSet, decathlon_score, load_test_labels,
+                             score_results, validate_results)
+from decathlon.tasks import MASK_TASKS, SOURCE_TASK, TASK_NAMES, get_task
+from decathlon.train import DATA_ROOT_ENV, DEFAULT_DATA_ROOT
+
+__all__ = ["get_args_parser", "main", "TaskRun", "find_runs", "predict_tasks", "build_summary",
+           "format_summary", "write_submission", "task_test_set", "select_tasks", "MODES"]
+
+MASK_FILE = "masks.safetensors"
+
+
+@dataclass
+class TaskRun:
+    """One trained task found under ``--runs``."""
+    task: str
+    mask_path: Path
+    meta: dict
+    metrics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SubmissionError(f"{path} is not valid JSON: {exc}") from None
+
+
+def find_runs(runs_dir, tasks=MASK_TASKS) -> Tuple[Dict[str, TaskRun], List[str]]:
+    """The task runs under ``runs_dir`` (``<task>/masks.safetensors``) and the tasks lacking one."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise SubmissionError(f"--runs {runs_dir} is not a folder (expected the --out of "
+                              f"python -m decathlon.train, holding <task>/{MASK_FILE})")
+    found, missing = {}, []
+    for task in tasks:
+        path = runs_dir / task / MASK_FILE
+        if not path.is_file():
+            missing.append(task)
+            continue
+        meta = read_mask_metadata(path)
+        if meta.get("task", task) != task:
+            raise SubmissionError(f"{path} holds masks of task {meta['task']!r}, not {task!r}")
+        found[task] = TaskRun(task, path, meta, _read_json(runs_dir / task / "metrics.json"),
+                              _read_json(runs_dir / task / "config.json"))
+    return found, missing
+
+
+def task_test_set(dataset: DecathlonDataset) -> TaskTestSet:
+    """What a submission must cover for a task's test split: its image ids, and the
+    task's category ids P+1 .. P+C (the data loader has checked the file's categories)."""
+    spec = dataset.spec
+    return TaskTestSet(spec.name, frozenset(dataset.image_ids),
+                       frozenset(range(spec.prefix + 1, spec.prefix + spec.num_classes + 1)))
+
+
+# ------------------------------------------------------------------------- models
+
+
+def _task_model(backbone: nn.Module, run: TaskRun) -> nn.Module:
+    """A plain copy of the backbone with the task's masks folded in and its head."""
+    model = replace_head(copy.deepcopy(backbone), int(run.meta.get("num_classes",
+                                                                   get_task(run.task).num_classes)))
+    piggyback(model, threshold=run.meta["threshold"], ternary=run.meta["ternary"],
+              train_bn=bool(run.meta.get("train_bn", False)), skip=("fc",))
+    load_masks(model, run.mask_path)
+    return fold_masks(model).eval()
+
+
+class _Folded:
+    """--mode fold: one plain network per task with its masks folded in, built on demand."""
+
+    def __init__(self, backbone: nn.Module, runs: Dict[str, TaskRun], device: torch.device):
+        self.backbone, self.runs, self.device = backbone.to(device), runs, device
+
+    def model_for(self, task: str) -> nn.Module:
+        if task == SOURCE_TASK:
+            return self.backbone
+        return _task_model(self.backbone, self.runs[task]).to(self.device)
+
+
+class _Switched:
+    """--mode multitask: one piggybacked backbone in memory, each task's masks and head
+    switched in by ``MultiTaskModel.set_task``."""
+
+    def __init__(self, backbone: nn.Module, runs: Dict[str, TaskRun], device: torch.device):
+        kinds = {bool(r.meta["ternary"]) for r in runs.values()}
+        if len(kinds) > 1:
+            raise SubmissionError("--mode multitask needs every task's masks of one kind, but the runs "
+                                  "mix binary and ternary masks; use --mode fold")
+        ternary = kinds.pop() if kinds else False
+        # Task-specific BN is per-task state: tasks without it get the backbone's own BN back.
+        train_bn = any(bool(r.meta.get("train_bn", False)) for r in runs.values())
+        threshold = next(iter(runs.values())).meta["threshold"] if runs else 5e-3
+        base = piggyback(copy.deepcopy(backbone), threshold=threshold, ternary=ternary,
+                         train_bn=train_bn, skip=("fc",))
+        self.model = MultiTaskModel(base)
+        self.model.add_backbone_task(SOURCE_TASK)
+        for task, run in runs.items():
+            self.model.add_task(task, run.mask_path)
+        self.model.to(device).eval()
+
+    def model_for(self, task: str) -> nn.Module:
+        self.model.set_task(task)
+        return self.model
+
+
+MODES = {"multitask": _Switched, "fold": _Folded}
+
+
+def _image_size(run: Optional[TaskRun], backbone_meta: dict) -> Tuple[int, int]:
+    # Test images go through the evaluation transform the task was trained with.
+    source = run.config if run is not None else backbone_meta
+    return int(source.get("resize", 72)), int(source.get("crop", 64))
+
+
+def predict_tasks(predictor, tasks: List[str], runs: Dict[str, TaskRun], backbone_meta: dict,
+                  args, prec: Precision, log=print
+                  ) -> Tuple[List[Tuple[int, int]], Dict[str, TaskTestSet]]:
+    """Predict every test image of ``tasks``: (image_id, category_id) pairs and test sets."""
+    pairs, test_sets = [], {}
+    for task in tasks:
+        spec = get_task(task)
+        resize, crop = _image_size(runs.get(task), backbone_meta)
+        dataset = DecathlonDataset(args.data_root, task, "test",
+                                   transform=build_transforms(task, False, resize=resize, crop=crop))
+        loader = build_loader(dataset, batch_size=args.batch_size, train=False, workers=args.workers)
+        classes = predict(predictor.model_for(task), loader, prec=prec).tolist()
+        pairs += [(i, spec.category_id(c)) for i, c in zip(dataset.image_ids, classes)]
+        test_sets[task] = task_test_set(dataset)
+        log(f"[{task}] predicted {len(classes)} test images")
+    return pairs, test_sets
+
+
+# ------------------------------------------------------------------------- summary
+
+
+def build_summary(*, runs: Dict[str, TaskRun], missing: List[str],
+                  test_sets: Dict[str, TaskTestSet], num_predictions: int, backbone_params: int,
+                  backbone_meta: dict, backbone_path: Path, test_scores: Optional[dict],
+                  mode: str) -> dict:
+    """summary.json: score, parameter ratio, bytes on disk and per-task figures."""
+    costs = {task: mask_file_cost(run.mask_path) for task, run in runs.items()}
+    accounting = decathlon_accounting(backbone_params, costs,
+                                      backbone_file_bytes=backbone_path.stat().st_size)
+    # validation top-1 as trained (mask metadata, else metrics.json); imagenet12's from
+    # the backbone file
+    found = {t: r.meta.get("val_top1", r.metrics.get("val_top1")) for t, r in runs.items()}
+    if SOURCE_TASK not in missing:
+        found[SOURCE_TASK] = backbone_meta.get("val_top1")
+    val_top1 = {t: float(v) for t, v in found.items() if v is not None}
+    val = decathlon_score(val_top1)
+    # the test score is the score only when labels cover all ten tasks
+    test_complete = test_scores is not None and not test_scores["unscored_tasks"]
+    tasks = {}
+    for task in TASK_NAMES:
+        entry = {"status": "submitted" if task in test_sets and task not in missing else "missing",
+                 "test_images": len(test_sets[task].image_ids) if task in test_sets else 0,
+                 "val_top1": val_top1.get(task), "val_points": val["points"][task]}
+        if test_scores is not None and task in test_scores["top1"]:
+            entry.update(test_top1=test_scores["top1"][task], test_points=test_scores["points"][task])
+        if task in costs:
+            c = costs[task]
+            entry.update(mask_file=str(runs[task].mask_path), sparsity=c["sparsity"],
+                         mask_bits=c["mask_bits"], mask_bytes=(c["mask_bits"] + 7) // 8,
+                         extra_params=c["extra_params"], head_params=c["head_params"],
+                         norm_params=c["norm_params"], other_params=c["other_params"],
+                         file_bytes=c["file_bytes"])
+        elif task == SOURCE_TASK:
+            entry.update(note="backbone's own classifier")
+        tasks[task] = entry
+    return {
+        "score": test_scores["score"] if test_complete else val["score"],
+        "score_source": "test labels" if test_complete else "validation top-1 (estimate)",
+        "val_score": val["score"],
+        "test_score": test_scores["score"] if test_scores is not None else None,
+        "test_unscored_tasks": test_scores["unscored_tasks"] if test_scores is not None else None,
+        "parameter_ratio": accounting["parameter_ratio"],
+        "parameter_ratio_masks_only": accounting["parameter_ratio_masks_only"],
+        "bytes": accounting["bytes"],
+        "missing_tasks": sorted(missing),
+        "missing_tasks_score": "0 points each" if missing else None,
+        "num_predictions": num_predictions,
+        "mode": mode,
+        "backbone": {"path": str(backbone_path), "arch": backbone_meta.get("arch"),
+                     "params": backbone_params, "val_top1": backbone_meta.get("val_top1")},
+        "accounting": accounting,
+        "tasks": tasks,
+    }
+
+
+def _fmt(value, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def format_summary(summary: dict) -> str:
+    """summary.md: the headline figures and one table row per task."""
+    b = summary["bytes"]
+    lines = [
+        "# Visual Decathlon submission",
+        "",
+        f"- score: **{summary['score']:.1f}** / 10000 (from {summary['score_source']}); "
+        f"validation estimate {summary['val_score']:.1f}; test "
+        + ("not scored" if summary["test_score"] is None else
+           f"{summary['test_score']:.1f} (unscored: {', '.join(summary['test_unscored_tasks']) or 'none'})"),
+        f"- parameter ratio (#par): **{summary['parameter_ratio']:.4f}** "
+        f"(masks alone {summary['parameter_ratio_masks_only']:.4f}; "
+        f"backbone {summary['backbone']['params']:,} parameters)",
+        f"- bytes on disk: backbone {_fmt(b['backbone_file'], ',')}, task files "
+        f"{_fmt(b['task_files'], ',')}, total {_fmt(b['total_files'], ',')} "
+        f"(bit-exact: {b['total_ideal']:,})",
+    ]
+    if summary["missing_tasks"]:
+        lines.append(f"- not submitted, scoring 0: {', '.join(summary['missing_tasks'])}")
+    lines += ["", "| task | status | test images | val top-1 | val points | test top-1 | "
+              "test points | sparsity | mask bytes | extra params | of which head | of which BN | "
+              "file bytes |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for task, t in summary["tasks"].items():
+        lines.append(" | ".join([
+            f"| {task}", t["status"], str(t["test_images"]), _fmt(t["val_top1"], ".2f"),
+            _fmt(t["val_points"], ".1f"), _fmt(t.get("test_top1"), ".2f"),
+            _fmt(t.get("test_points"), ".1f"), _fmt(t.get("sparsity"), ".4f"),
+            _fmt(t.get("mask_bytes"), ","), _fmt(t.get("extra_params"), ","),
+            _fmt(t.get("head_params"), ","), _fmt(t.get("norm_params"), ","),
+            _fmt(t.get("file_bytes"), ",")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_submission(out, pairs: List[Tuple[int, int]], summary: dict) -> Dict[str, Path]:
+    """Write results.json, results.zip, summary.json and summary.md into ``out`` atomically."""
+    out = Path(out)
+    results = json.dumps([{"image_id": i, "category_id": c} for i, c in pairs]).encode()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("results.json", results)
+    return {
+        "results": atomic_write_bytes(out / "results.json", results),
+        "zip": atomic_write_bytes(out / "results.zip", buffer.getvalue()),
+        "summary": atomic_write_json(out / "summary.json", summary),
+        "summary_md": atomic_write_bytes(out / "summary.md", format_summary(summary).encode()),
+    }
+
+
+# ------------------------------------------------------------------------- command line
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m decathlon.submit",
+        description="Predict the test images of all ten decathlon tasks with one backbone and "
+                    "nine mask files; write results.json, results.zip and a summary.")
+    add_common_args(p, data_root_env=DATA_ROOT_ENV, default_data_root=DEFAULT_DATA_ROOT,
+                    default_epochs=1, default_batch_size=256, default_arch="wrn28_4",
+                    default_out="submissions/latest")
+    # Nothing is trained here: --epochs and --seed have no meaning and are refused; --arch
+    # only checks the backbone file's architecture.
+    p.set_defaults(epochs=None, seed=None, arch=None)
+    helps = {
+        "epochs": argparse.SUPPRESS, "seed": argparse.SUPPRESS,
+        "arch": "check that the backbone file holds this architecture (default: no check)",
+        "backbone": "the backbone file the masks were trained on (default: the one the runs' "
+                    "mask files name)",
+        "out": "folder for results.json, results.zip, summary.json and summary.md "
+               "(default: submissions/latest)",
+    }
+    for action in p._actions:
+        action.help = helps.get(action.dest, action.help)
+    p.add_argument("--runs", required=True, metavar="DIR",
+                   help=f"the --out folder of decathlon.train, holding <task>/{MASK_FILE}")
+    p.add_argument("--mode", choices=list(MODES), default="multitask",
+                   help="multitask: one backbone in memory, masks switched per task; fold: one "
+                        "plain network per task with its masks folded in (default: multitask)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="submit even when tasks have no run or no test data; they get no "
+                        "predictions and score 0 (listed in the summary)")
+    p.add_argument("--labels", default=None, metavar="DIR",
+                   help="also score the submission against labelled <task>_test.json files here")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    if args.epochs is not None or args.seed is not None:
+        p.error("--epochs and --seed do not apply: decathlon.submit trains nothing")
+    if args.labels is not None and not Path(args.labels).is_dir():
+        p.error(f"--labels {args.labels} is not a folder")
+    return args
+
+
+def _backbone_path(args, runs: Dict[str, TaskRun]) -> Path:
+    """--backbone, else the one backbone file every run was trained on."""
+    if args.backbone:
+        return Path(args.backbone)
+    named = sorted({str(r.meta["backbone"]) for r in runs.values() if r.meta.get("backbone")})
+    if len(named) == 1 and Path(named[0]).is_file():
+        return Path(named[0])
+    raise SubmissionError("pass --backbone FILE: the runs do not name one existing backbone "
+                          f"file (they name {named or 'none'})")
+
+
+def select_tasks(args) -> Tuple[Dict[str, TaskRun], List[str], List[str]]:
+    """(runs to submit, missing tasks, tasks to predict); missing tasks (no run, or no
+    test annotations) are refused unless --allow-missing."""
+    runs, no_run = find_runs(args.runs)
+    baselines = [t for t in no_run if (Path(args.runs) / t / "weights.safetensors").is_file()]
+    no_data = [t for t in TASK_NAMES if t not in no_run
+               and not annotation_path(args.data_root, t, "test_stripped").is_file()]
+    if (no_run or no_data) and not args.allow_missing:
+        raise SubmissionError(
+            "cannot submit all ten tasks: "
+            + (f"no {MASK_FILE} under {args.runs} for {', '.join(no_run)}; " if no_run else "")
+            + (f"({', '.join(baselines)} hold weights.safetensors of a baseline method, which "
+               "this command does not submit); " if baselines else "")
+            + (f"no test annotations under {args.data_root} for {', '.join(no_data)}; " if no_data else "")
+            + "train them, or pass --allow-missing to submit without them (they score 0)")
+    missing = [t for t in TASK_NAMES if t in no_run or t in no_data]
+    tasks = [t for t in TASK_NAMES if t not in missing]
+    return {t: r for t, r in runs.items() if t in tasks}, missing, tasks
+
+
+def main(args: argparse.Namespace, log=print) -> dict:
+    runs, missing, tasks = select_tasks(args)
+    backbone_path = _backbone_path(args, runs)
+    backbone, backbone_meta = open_backbone(backbone_path, args.arch, log=log)
+    prec = Precision(resolve_device(args.device))
+    predictor = MODES[args.mode](backbone.eval(), runs, prec.device)
+    pairs, test_sets = predict_tasks(predictor, tasks, runs, backbone_meta, args, prec, log=log)
+    for task in missing:  # an allowed-missing task with test data must be wholly absent
+        if annotation_path(args.data_root, task, "test_stripped").is_file():
+            test_sets[task] = task_test_set(DecathlonDataset(args.data_root, task, "test"))
+    validate_results(pairs, test_sets.values(), allow_missing_tasks=missing)
+    test_scores = score_results(pairs, load_test_labels(args.labels)) if args.labels else None
+    summary = build_summary(
+        runs=runs, missing=missing, test_sets=test_sets, num_predictions=len(pairs),
+        backbone_params=sum(p.numel() for p in backbone.parameters()), backbone_meta=backbone_meta,
+        backbone_path=backbone_path, test_scores=test_scores, mode=args.mode)
+    paths = write_submission(args.out, pairs, summary)
+    log(format_summary(summary))
+    log(f"wrote {paths['results']} ({len(pairs)} predictions), {paths['zip']}, "
+        f"{paths['summary']}, {paths['summary_md']}")
+    return summary
+
+
+def cli(argv=None) -> int:
+    parser = get_args_parser()
+    args = check_args(parser, parser.parse_args(argv))
+    try:
+        main(args)
+    except (SubmissionError, FileNotFoundError, ValueError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,220 @@
+"""decathlon.submit and decathlon.accounting: predictions of every test image, validation,
+the written files, the summary's score and parameter ratio, missing tasks."""
+import copy
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.accounting import sparsity, task_cost
+from common.maskfile import save_masks
+from common.masking import masked_modules, piggyback
+from decathlon.accounting import decathlon_accounting, mask_file_cost
+from decathlon.data import DecathlonDataset, build_transforms
+from decathlon.methods import replace_head
+from decathlon.models import create_model, save_backbone
+from decathlon.score import load_results, load_test_labels, score_results
+from decathlon.submit import check_args, get_args_parser, main
+from decathlon.synthetic import make_synthetic_decathlon
+from decathlon.tasks import MASK_TASKS, TASK_NAMES, get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "wrn10_1"
+# One intra-op thread: the tiny network gains nothing from more, and they contend badly
+# when other processes share the cores.
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _task_model(backbone, task, seed, train_bn=False):
+    model = replace_head(copy.deepcopy(backbone), get_task(task).num_classes)
+    piggyback(model, skip=("fc",), train_bn=train_bn)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in masked_modules(model):  # about 30% of weights masked out
+            layer.mask_real.copy_(torch.rand(layer.weight.shape, generator=g) * 0.014)
+        for p in model.fc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        if train_bn:  # task-specific BN that differs from the backbone's
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.add_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                    m.weight.mul_(1.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A toy decathlon tree with labels, a backbone file and nine mask runs."""
+    base = tmp_path_factory.mktemp("submit")
+    data, labels, runs = base / "data", base / "labels", base / "runs"
+    make_synthetic_decathlon(data, num_classes=2, train_per_class=1, val_per_class=1,
+                             test_per_class=3, labels_dir=labels)
+    torch.manual_seed(0)
+    backbone = create_model(ARCH, 1000).eval()
+    backbone_path = base / "backbone.pt"
+    save_backbone(backbone_path, backbone, ARCH, val_top1=12.5)
+    models = {}
+    for k, task in enumerate(MASK_TASKS):
+        train_bn = task == "dtd"  # one run with task-specific BN among plain ones
+        model = _task_model(backbone, task, seed=k, train_bn=train_bn)
+        save_masks(model, runs / task / "masks.safetensors", task=task, arch=ARCH,
+                   num_classes=get_task(task).num_classes, val_top1=10.0 + 5 * k, train_bn=train_bn,
+                   backbone=str(backbone_path))
+        (runs / task / "metrics.json").write_text(json.dumps({"val_top1": 10.0 + 5 * k}))
+        models[task] = model
+    return {"data": data, "labels": labels, "runs": runs, "backbone": backbone,
+            "backbone_path": backbone_path, "models": models, "base": base}
+
+
+def _argv(s, out, *extra):
+    return ["--runs", str(s["runs"]), "--data-root", str(s["data"]), "--out", str(out),
+            "--workers", "0", "--device", "cpu", *extra]
+
+
+def _run_main(argv):
+    parser = get_args_parser()
+    return main(check_args(parser, parser.parse_args(argv)), log=lambda *a: None)
+
+
+@torch.no_grad()
+def _expected(model, data, task):
+    ds = DecathlonDataset(data, task, "test", transform=build_transforms(task, False))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    spec = get_task(task)
+    return {i: spec.category_id(int(c)) for i, c in zip(ds.image_ids, model(x).argmax(1))}
+
+
+def test_cli_end_to_end(setup, tmp_path):
+    out = tmp_path / "sub"
+    proc = subprocess.run([sys.executable, "-m", "decathlon.submit", *_argv(setup, out),
+                           "--labels", str(setup["labels"])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD_ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "parameter ratio" in proc.stdout
+    pairs = load_results(out / "results.json")
+    with zipfile.ZipFile(out / "results.zip") as zf:
+        assert zf.namelist() == ["results.json"]
+        assert zf.read("results.json") == (out / "results.json").read_bytes()
+    # every test image of every task once; predictions are the masked models' argmax
+    predicted = dict(pairs)
+    assert len(predicted) == len(pairs) == 10 * 2 * 3
+    assert {p // 10_000_000 for p in predicted} == set(range(1, 11))
+    for task in ("svhn", "daimlerpedcls", "dtd"):
+        expected = _expected(setup["models"][task], setup["data"], task)
+        assert {i: predicted[i] for i in expected} == expected
+    imagenet = _expected(setup["backbone"], setup["data"], "imagenet12")
+    assert {i: predicted[i] for i in imagenet} == imagenet
+
+    summary = json.loads((out / "summary.json").read_text())
+    test = score_results(pairs, load_test_labels(str(setup["labels"])))
+    assert summary["score_source"] == "test labels"
+    assert summary["score"] == pytest.approx(test["score"])
+    assert summary["val_score"] != summary["score"] or test["score"] == 0
+    assert summary["missing_tasks"] == []
+    for task in MASK_TASKS:
+        entry = summary["tasks"][task]
+        assert entry["status"] == "submitted" and entry["test_images"] == 6
+        assert entry["test_top1"] == pytest.approx(test["top1"][task])
+        assert entry["sparsity"] == pytest.approx(sparsity(setup["models"][task])["total"])
+        assert entry["file_bytes"] == (setup["runs"] / task / "masks.safetensors").stat().st_size
+    assert summary["tasks"]["imagenet12"]["val_top1"] == 12.5
+    # #par from counts taken on the models themselves
+    n = sum(p.numel() for p in setup["backbone"].parameters())
+    costs = [task_cost(setup["models"][t]) for t in MASK_TASKS]
+    expected_ratio = 1 + sum(c["mask_bits"] + 32 * c["extra_params"] for c in costs) / (32 * n)
+    assert summary["parameter_ratio"] == pytest.approx(expected_ratio)
+    assert summary["bytes"]["total_files"] == setup["backbone_path"].stat().st_size + sum(
+        (setup["runs"] / t / "masks.safetensors").stat().st_size for t in MASK_TASKS)
+    md = (out / "summary.md").read_text()
+    assert all(f"| {t} |" in md for t in TASK_NAMES)
+
+
+def test_fold_and_multitask_modes_agree(setup, tmp_path):
+    _run_main(_argv(setup, tmp_path / "a", "--mode", "multitask", "--backbone",
+                    str(setup["backbone_path"])))
+    summary = _run_main(_argv(setup, tmp_path / "b", "--mode", "fold"))
+    assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
+    # without --labels the score is the validation estimate
+    assert summary["score_source"].startswith("validation") and summary["test_score"] is None
+
+
+def test_missing_task_refused_unless_allowed(setup, tmp_path):
+    runs = tmp_path / "runs"
+    for task in MASK_TASKS:
+        if task not in ("gtsrb", "ucf101"):
+            (runs / task).mkdir(parents=True)
+            for f in ("masks.safetensors", "metrics.json"):
+                (runs / task / f).write_bytes((setup["runs"] / task / f).read_bytes())
+    argv = ["--runs", str(runs), "--data-root", str(setup["data"]), "--out", str(tmp_path / "o"),
+            "--workers", "0", "--device", "cpu", "--backbone", str(setup["backbone_path"])]
+    proc = subprocess.run([sys.executable, "-m", "decathlon.submit", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=ONE_THREAD_ENV)
+    assert proc.returncode == 2 and "gtsrb, ucf101" in proc.stderr and "--allow-missing" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+    summary = _run_main(argv + ["--allow-missing", "--labels", str(setup["labels"])])
+    assert summary["missing_tasks"] == ["gtsrb", "ucf101"]
+    assert summary["tasks"]["gtsrb"]["status"] == "missing"
+    assert summary["tasks"]["gtsrb"]["test_points"] == 0.0
+    ids = {i for i, _ in load_results(tmp_path / "o" / "results.json")}
+    assert not any(i // 10_000_000 == get_task("gtsrb").prefix // 10_000_000 for i in ids)
+    assert len(ids) == 8 * 6
+    assert summary["accounting"]["num_tasks_with_masks"] == 7
+
+
+def test_wrong_task_file_and_stray_flags_refused(setup, tmp_path):
+    runs = tmp_path / "runs"
+    for task in MASK_TASKS:  # svhn's folder holds dtd's masks
+        src = "dtd" if task == "svhn" else task
+        (runs / task).mkdir(parents=True)
+        (runs / task / "masks.safetensors").write_bytes((setup["runs"] / src / "masks.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="svhn"):
+        _run_main(_argv(setup, tmp_path / "o") + ["--runs", str(runs)])
+    with pytest.raises(SystemExit):
+        _run_main(_argv(setup, tmp_path / "o", "--epochs", "3"))
+    with pytest.raises(ValueError, match="wrn16_1"):  # --arch checks the backbone file's
+        _run_main(_argv(setup, tmp_path / "o", "--arch", "wrn16_1"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_mask_file_cost_matches_model_counts(setup, tmp_path, train_bn):
+    model = _task_model(setup["backbone"], "cifar100", seed=3, train_bn=train_bn)
+    path = save_masks(model, tmp_path / "m.safetensors", task="cifar100")
+    cost = mask_file_cost(path)
+    reference = task_cost(model)
+    assert cost["mask_bits"] == cost["masked_weights"] == reference["mask_bits"]
+    assert cost["extra_params"] == reference["extra_params"]
+    assert cost["head_params"] == model.fc.weight.numel() + model.fc.bias.numel()
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert cost["norm_params"] == (sum(2 * m.num_features for m in bn) if train_bn else 0)
+    assert cost["other_params"] == 0
+    assert cost["statistic_values"] == (sum(2 * m.num_features for m in bn) if train_bn else 0)
+    assert cost["sparsity"] == pytest.approx(sparsity(model)["total"])
+    assert cost["file_bytes"] == path.stat().st_size
+
+
+def test_plain_nine_masks_give_paper_ratio():
+    n = 5_846_480
+    plain = decathlon_accounting(n, {t: {"mask_bits": n, "extra_params": 0} for t in MASK_TASKS})
+    assert plain["parameter_ratio"] == pytest.approx(41 / 32) and round(plain["parameter_ratio"], 2) == 1.28
+    assert plain["bytes"]["total_ideal"] == 4 * n + 9 * ((n + 7) // 8)
+    with_heads = decathlon_accounting(n, {t: {"mask_bits": n, "extra_params": 257 * 10}
+                                          for t in MASK_TASKS})
+    assert with_heads["parameter_ratio"] == pytest.approx(41 / 32 + 9 * 2570 / n)
+    assert with_heads["parameter_ratio_masks_only"] == pytest.approx(41 / 32)
+    with pytest.raises(ValueError):
+        decathlon_accounting(0, {})
