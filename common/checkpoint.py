@@ -32,7 +32,7 @@ _VERSION_KEY = "format_version"
 PathLike = Union[str, os.PathLike]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or of another format version."""
 
 

@@ -7,12 +7,14 @@ and friends mean the same thing everywhere.
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import re
 
 import torch
 
-__all__ = ["add_common_args", "resolve_device", "default_workers", "DEVICE_CHOICES_HELP"]
+__all__ = ["add_common_args", "resolve_device", "default_workers", "run_cli", "USER_ERRORS",
+           "DEVICE_CHOICES_HELP"]
 
 DEVICE_CHOICES_HELP = "auto|cpu|cuda|cuda:N"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -104,3 +106,36 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise RuntimeError(f"device {name!r} was requested but only "
                            f"{torch.cuda.device_count()} CUDA device(s) are visible")
     return dev
+
+
+# Errors that mean bad input or a run that cannot go on (missing or malformed files,
+# conflicting settings, a diverged loss): reported as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+def run_cli(parser: argparse.ArgumentParser, main, argv=None, check_args=None) -> int:
+    """Parse ``argv``, validate with ``check_args(parser, args)`` and run ``main(args)``.
+
+    Bad input ends with ``PROG: error: MESSAGE`` on stderr and exit status 2, as
+    argparse does for bad flags."""
+    args = parser.parse_args(argv)
+    if check_args is not None:
+        args = check_args(parser, args)
+    try:
+        main(args)
+    except USER_ERRORS as exc:
+        message = f"{parser.prog}: error: {exc}"
+        print(message, file=sys.stderr)
+        raise UsageExit(message) from None
+    return 0
+
+
+class UsageExit(SystemExit):
+    """Exit status 2 whose str() is the message that was printed (handy in tests)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -25,7 +25,7 @@ from typing import List
 
 import torch
 
-from common.cli import resolve_device
+from common.cli import resolve_device, run_cli
 from decathlon import pretrain, submit, train
 from decathlon.synthetic import make_synthetic_decathlon
 from decathlon.tasks import MASK_TASKS, SOURCE_TASK
@@ -142,15 +142,7 @@ def main(args: argparse.Namespace, log=print) -> dict:
 
 
 def cli(argv=None) -> int:
-    parser = get_args_parser()
-    args = check_args(parser, parser.parse_args(argv))
-    try:
-        main(args)
-    except (FileNotFoundError, ValueError) as exc:
-        # e.g. rerunning into a DIR whose checkpoints were made with other settings
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(get_args_parser(), main, argv, check_args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ validation top-1).  Multi-GPU: ``torchrun --nproc_per_node N -m decathlon.pretra
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import time
 from functools import partial
@@ -16,7 +18,7 @@ from typing import Any, Dict
 import torch.nn as nn
 
 from common.amp import maybe_channels_last
-from common.cli import add_common_args
+from common.cli import add_common_args, run_cli
 from common.distributed import DistInfo, cleanup, init_distributed, wrap_ddp
 from common.runlog import RunDir
 from common.seed import seed_everything
@@ -130,14 +132,9 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         cleanup()
 
 
-def cli(argv=None) -> None:
-    parser = get_args_parser()
-    args = check_args(parser, parser.parse_args(argv))
-    try:
-        main(args)
-    except (FloatingPointError, FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"{parser.prog}: error: {exc}") from None
+def cli(argv=None) -> int:
+    return run_cli(get_args_parser(), main, argv, check_args)
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

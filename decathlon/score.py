@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from common.cli import run_cli
+
 # Top-1 test accuracy (percent) of the challenge's Finetune baseline, in the challenge's
 # task order. Emax_d = 2 x its error, so the baseline scores exactly 250 per task.
 FINETUNE_TOP1 = {
@@ -282,19 +284,16 @@ def main(args: argparse.Namespace) -> dict:
     return result
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     if args.results is not None and args.labels is None:
         parser.error("--results needs --labels DIR (labelled <task>_test.json files)")
     if args.accuracies is not None and args.labels is not None:
         parser.error("--labels is only used with --results")
-    try:
-        main(args)
-    except SubmissionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return args
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run_cli(get_args_parser(), main, argv, check_args)
 
 
 if __name__ == "__main__":

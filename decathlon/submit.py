@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from common.cli import add_common_args, resolve_device
+from common.cli import add_common_args, resolve_device, run_cli
 from common.maskfile import load_masks, read_mask_metadata
 from common.masking import fold_masks, piggyback
 from common.multitask import MultiTaskModel
@@ -383,14 +383,7 @@ def main(args: argparse.Namespace, log=print) -> dict:
 
 
 def cli(argv=None) -> int:
-    parser = get_args_parser()
-    args = check_args(parser, parser.parse_args(argv))
-    try:
-        main(args)
-    except (SubmissionError, FileNotFoundError, ValueError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(get_args_parser(), main, argv, check_args)
 
 
 if __name__ == "__main__":

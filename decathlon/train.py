@@ -8,6 +8,8 @@ only read.  Multi-GPU: ``torchrun --nproc_per_node N -m decathlon.train ...``.
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import hashlib
 import time
@@ -20,7 +22,7 @@ import torch.nn as nn
 
 from common.accounting import sparsity
 from common.amp import default_amp, default_channels_last, maybe_channels_last
-from common.cli import add_common_args
+from common.cli import add_common_args, run_cli
 from common.distributed import DistInfo, barrier, cleanup, init_distributed, wrap_ddp
 from common.maskfile import save_masks
 from common.runlog import RunDir, atomic_write_json
@@ -302,15 +304,9 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         cleanup()
 
 
-def cli(argv=None) -> None:
-    parser = get_args_parser()
-    args = check_args(parser, parser.parse_args(argv))
-    try:
-        main(args)
-    except (FloatingPointError, FileNotFoundError, ValueError) as exc:
-        # Bad input and diverged runs end with one clear line, not a traceback.
-        raise SystemExit(f"{parser.prog}: error: {exc}") from None
+def cli(argv=None) -> int:
+    return run_cli(get_args_parser(), main, argv, check_args)
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

@@ -8,6 +8,8 @@ stage runs; with synthetic data and a random backbone they say nothing about the
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import io
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import List
 
 import torch
 
-from common.cli import DEVICE_CHOICES_HELP
+from common.cli import DEVICE_CHOICES_HELP, run_cli
 from common.runlog import RunDir, atomic_write_bytes, atomic_write_json
 
 from . import evaluate as evaluate_cli
@@ -108,10 +110,9 @@ def main(args: argparse.Namespace) -> dict:
     return result
 
 
-def cli(argv=None) -> None:
-    parser = get_args_parser()
-    main(check_args(parser, parser.parse_args(argv)))
+def cli(argv=None) -> int:
+    return run_cli(get_args_parser(), main, argv, check_args)
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

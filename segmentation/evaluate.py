@@ -10,25 +10,25 @@ prediction. Runs under torchrun as well; the confusion matrix is reduced across 
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from common.amp import default_amp
-from common.cli import DEVICE_CHOICES_HELP, default_workers, resolve_device
+from common.cli import DEVICE_CHOICES_HELP, default_workers, resolve_device, run_cli
 from common.distributed import cleanup, init_distributed, make_sampler
-from common.maskfile import MaskFileError
 from common.runlog import RunDir, atomic_write_json
 
-from .data import NUM_CLASSES, SPLITS, DataError, SegmentationDataset, build_split, class_names, pad_collate
+from .data import NUM_CLASSES, SPLITS, SegmentationDataset, build_split, class_names, pad_collate
 from .engine import evaluate, predict, summarize
 from .palette import save_label_png, save_overview
 from .report import format_metrics, format_storage, storage_report
-from .runs import WeightsFileError, build_model, load_task_weights
-from .weights import BackboneWeightsError, resolve_backbone
+from .runs import build_model, load_task_weights
+from .weights import resolve_backbone
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -162,14 +162,9 @@ def _evaluate_run(args, run: RunDir, config: dict, dist_info) -> dict:
     return result
 
 
-def cli(argv: Optional[list] = None) -> None:
-    parser = get_args_parser()
-    args = check_args(parser, parser.parse_args(argv))
-    try:
-        main(args)
-    except (DataError, RunMismatch, BackboneWeightsError, MaskFileError, WeightsFileError, FileNotFoundError) as exc:
-        raise SystemExit(f"{parser.prog}: error: {exc}") from None
+def cli(argv=None) -> int:
+    return run_cli(get_args_parser(), main, argv, check_args)
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

@@ -14,6 +14,8 @@ on the evaluation set plus a storage report). Multi-GPU:
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import datetime
 import time
@@ -25,20 +27,19 @@ from torch.utils.data import DataLoader
 
 from common.accounting import sparsity
 from common.amp import default_amp
-from common.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from common.cli import add_common_args
+from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common.cli import add_common_args, run_cli
 from common.distributed import barrier, cleanup, init_distributed, make_sampler, wrap_ddp
-from common.maskfile import MaskFileError
 from common.masking import MASK_INITS, backbone_fingerprint, is_piggybacked, mask_parameters, task_parameters
 from common.runlog import RunDir
 from common.seed import epoch_generator, reseed_loader, seed_everything, worker_init_fn
 
-from .data import NUM_CLASSES, SPLITS, DataError, build_split, class_names, pad_collate
+from .data import NUM_CLASSES, SPLITS, build_split, class_names, pad_collate
 from .engine import evaluate, summarize, train_one_epoch
 from .model import ARCHS, NEW_LAYERS
 from .report import format_metrics, format_storage, storage_report
 from .runs import METHODS, build_model, load_trainable_state, save_task_weights, trainable_state
-from .weights import BackboneWeightsError, resolve_backbone
+from .weights import resolve_backbone
 
 __all__ = ["get_args_parser", "check_args", "main", "cli", "build_optimizers", "make_loaders",
            "OPTIMIZERS", "METHOD_DEFAULTS", "RunError"]
@@ -65,7 +66,7 @@ RESUME_SETTINGS = ("arch", "method", "split", "val_list", "learn_upsample", "bac
 MASK_FLAGS = {"threshold": 5e-3, "mask_init": "constant", "mask_scale": 1e-2}
 
 
-class RunError(RuntimeError):
+class RunError(ValueError):
     """A run folder that cannot be resumed as asked."""
 
 
@@ -292,15 +293,9 @@ def _finish(run: RunDir, model, config: dict, metrics: dict, val_set) -> dict:
     return result
 
 
-def cli(argv=None) -> None:
-    parser = get_args_parser()
-    args = check_args(parser, parser.parse_args(argv))
-    try:
-        main(args)
-    except (DataError, BackboneWeightsError, RunError, CheckpointError, MaskFileError, FloatingPointError) as exc:
-        # Bad input and diverged runs end with one clear message, not a traceback.
-        raise SystemExit(f"{parser.prog}: error: {exc}") from None
+def cli(argv=None) -> int:
+    return run_cli(get_args_parser(), main, argv, check_args)
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())
