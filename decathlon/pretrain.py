@@ -8,9 +8,8 @@ validation top-1).  Multi-GPU: ``torchrun --nproc_per_node N -m decathlon.pretra
 """
 from __future__ import annotations
 
-import sys
-
 import argparse
+import sys
 import time
 from functools import partial
 from typing import Any, Dict

@@ -8,10 +8,9 @@ only read.  Multi-GPU: ``torchrun --nproc_per_node N -m decathlon.train ...``.
 """
 from __future__ import annotations
 
-import sys
-
 import argparse
 import hashlib
+import sys
 import time
 from functools import partial
 from pathlib import Path

@@ -8,10 +8,9 @@ stage runs; with synthetic data and a random backbone they say nothing about the
 """
 from __future__ import annotations
 
-import sys
-
 import argparse
 import io
+import sys
 from pathlib import Path
 from typing import List
 

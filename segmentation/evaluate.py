@@ -10,9 +10,8 @@ prediction. Runs under torchrun as well; the confusion matrix is reduced across 
 """
 from __future__ import annotations
 
-import sys
-
 import argparse
+import sys
 from pathlib import Path
 
 import torch

@@ -14,10 +14,9 @@ on the evaluation set plus a storage report). Multi-GPU:
 """
 from __future__ import annotations
 
-import sys
-
 import argparse
 import datetime
+import sys
 import time
 from pathlib import Path
 from typing import Dict
