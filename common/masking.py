@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "MaskedLayer", "MaskedConv2d", "MaskedLinear", "binarize", "piggyback", "masked_modules",
+    "MaskedLayer", "MaskedConv2d", "MaskedLinear", "binarize", "apply_mask", "piggyback", "masked_modules",
     "mask_parameters", "task_parameters", "task_state_modules", "fold_masks",
     "backbone_fingerprint", "is_piggybacked", "set_binary_mask", "MASK_INITS", "NORM_TYPES",
     "MultiTaskModel",
@@ -49,26 +49,42 @@ def binarize(mask_real: torch.Tensor, threshold: float, ternary: bool = False) -
     return on.to(mask_real.dtype) - (mask_real <= -threshold).to(mask_real.dtype)
 
 
-class _MaskedWeight(torch.autograd.Function):
-    """weight * binarize(mask_real) with the straight-through gradient of eq. 5-7.
+def apply_mask(weight: torch.Tensor, mask_real: torch.Tensor, threshold: float, ternary: bool = False,
+               out: torch.Tensor = None) -> torch.Tensor:
+    """weight * m with m from eq. 4, in one pass (written into ``out`` when given)."""
+    if ternary:
+        return torch.mul(weight, binarize(mask_real, threshold, True).to(weight.dtype), out=out)
+    return torch.where(mask_real >= threshold, weight, weight.new_zeros(()), out=out)
 
-    Only the frozen weight is saved for backward; the binary mask is never stored, so
-    a piggyback step keeps no more activation memory than a finetuning step.
+
+class _StraightThrough(torch.autograd.Function):
+    """Hands the masked weight on unchanged and routes its gradient to mask_real (eq. 5-7).
+
+    The masked weight is computed outside, without autograd, often into a buffer reused
+    across steps; only the frozen weight is saved for backward, never the mask.
     """
 
     @staticmethod
-    def forward(ctx, weight, mask_real, threshold, ternary):
+    def forward(ctx, masked, weight, mask_real, layer, owns_buffer):
         ctx.save_for_backward(weight)
-        return weight * binarize(mask_real, threshold, ternary).to(weight.dtype)
+        ctx.layer, ctx.owns_buffer = layer, owns_buffer
+        return masked.view_as(masked)
 
     @staticmethod
     def backward(ctx, grad_output):
         (weight,) = ctx.saved_tensors
-        grad_mask = None
-        if ctx.needs_input_grad[1]:
-            # eq. 7: dE/dm = (dE/d(W*m)) * W, passed unchanged to mask_real
+        if ctx.owns_buffer:
+            ctx.layer._buffer_busy = False  # the graph that read the buffer is done with it
+        if not ctx.needs_input_grad[2]:
+            return None, None, None, None, None
+        # eq. 7: dE/dm = dE/d(W*m) * W, passed unchanged to mask_real. The incoming
+        # gradient is the convolution's fresh weight gradient with no other reader, so
+        # the product is formed in place unless a higher-order graph is being built.
+        if torch.is_grad_enabled() or not grad_output.is_contiguous():
             grad_mask = grad_output * weight
-        return None, grad_mask, None, None
+        else:
+            grad_mask = grad_output.mul_(weight)
+        return None, None, grad_mask, None, None
 
 
 class MaskedLayer(nn.Module):
@@ -78,11 +94,32 @@ class MaskedLayer(nn.Module):
     ternary: bool
     mask_scale: float
     _plain_class: type
+    _buffer_busy: bool = False
 
     def masked_weight(self) -> torch.Tensor:
-        if self.mask_real.requires_grad and torch.is_grad_enabled():
-            return _MaskedWeight.apply(self.weight, self.mask_real, self.threshold, self.ternary)
-        return self.weight * self.binary_mask().to(self.weight.dtype)
+        """weight * m, differentiable with respect to mask_real when it trains."""
+        if not (self.mask_real.requires_grad and torch.is_grad_enabled()):
+            return apply_mask(self.weight, self.mask_real, self.threshold, self.ternary)
+        # Training writes weight * m into a buffer kept across steps: a fresh weight-sized
+        # tensor every step costs more than the product itself on large layers (VGG's
+        # fc6). While a graph that read the buffer awaits its backward, a new forward
+        # gets a fresh tensor instead; autograd's version check guards the rest.
+        buf = self.__dict__.get("_masked_buffer")
+        owns = not self._buffer_busy
+        if owns and (buf is None or buf.shape != self.weight.shape or buf.dtype != self.weight.dtype
+                     or buf.device != self.weight.device):
+            buf = torch.empty_like(self.weight, memory_format=torch.contiguous_format)
+            self.__dict__["_masked_buffer"] = buf
+        with torch.no_grad():
+            masked = apply_mask(self.weight, self.mask_real, self.threshold, self.ternary, out=buf if owns else None)
+        self._buffer_busy = owns or self._buffer_busy
+        return _StraightThrough.apply(masked, self.weight, self.mask_real, self, owns)
+
+    def train(self, mode: bool = True):
+        # A graph dropped without backward (e.g. a forward for logging) would otherwise
+        # keep the buffer marked busy for good.
+        self._buffer_busy = False
+        return super().train(mode)
 
     @torch.no_grad()
     def binary_mask(self) -> torch.Tensor:
@@ -93,9 +130,10 @@ class MaskedLayer(nn.Module):
         # Generic path for conv/linear subclasses with their own forward (e.g. timm's
         # same-padding conv): present the masked weight under the name `weight` while
         # the original forward runs.
+        masked = self.masked_weight()
         frozen = self._parameters.pop("weight")
         try:
-            self.__dict__["weight"] = _MaskedWeight.apply(frozen, self.mask_real, self.threshold, self.ternary)
+            self.__dict__["weight"] = masked
             return self._plain_class.forward(self, *args, **kwargs)
         finally:
             del self.__dict__["weight"]
@@ -275,14 +313,16 @@ def fold_masks(model: nn.Module) -> nn.Module:
     memo = {}
     for _, layer in masked_modules(model):
         with torch.no_grad():
-            folded = layer.weight * layer.binary_mask().to(layer.weight.dtype)
+            folded = apply_mask(layer.weight, layer.mask_real, layer.threshold, layer.ternary)
         memo[id(layer.weight)] = nn.Parameter(folded)
         memo[id(layer.mask_real)] = None
+        if "_masked_buffer" in layer.__dict__:
+            memo[id(layer.__dict__["_masked_buffer"])] = None
     plain = copy.deepcopy(model, memo)
     for module in plain.modules():
         if isinstance(module, MaskedLayer):
             del module._parameters["mask_real"]
-            for attr in ("threshold", "ternary", "mask_scale"):
+            for attr in ("threshold", "ternary", "mask_scale", "_masked_buffer", "_buffer_busy"):
                 module.__dict__.pop(attr, None)
             module.__class__ = module._plain_class
         elif isinstance(module, _FrozenNorm):

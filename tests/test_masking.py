@@ -215,3 +215,45 @@ def test_conv_subclass_with_its_own_forward():
     folded = fold_masks(model)
     assert type(folded[0]) is Conv2dSame
     torch.testing.assert_close(folded(x), y.detach())
+
+
+def _reference_mask_grad(layer, x, dy):
+    """eq. 7 computed without the masked layer's own machinery."""
+    w = layer.weight.detach()
+    m = (layer.mask_real.detach() >= layer.threshold).float().requires_grad_(True)
+    (F.conv2d(x, w * m, layer.bias, padding=1) * dy).sum().backward()
+    return m.grad
+
+
+def test_reused_masked_weight_buffer_gives_correct_gradients_across_steps():
+    torch.manual_seed(4)
+    layer = piggyback(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)))[0]
+    opt = torch.optim.Adam([layer.mask_real], lr=1e-2)
+    for _ in range(3):  # the buffer is rewritten every step after the mask changed
+        x, dy = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6)
+        opt.zero_grad()
+        expected = _reference_mask_grad(layer, x, dy)
+        (layer(x) * dy).sum().backward()
+        torch.testing.assert_close(layer.mask_real.grad, expected)
+        opt.step()
+    assert (layer.binary_mask() == 0).any()  # masks really changed on the way
+
+
+def test_several_forwards_before_one_backward():
+    torch.manual_seed(5)
+    layer = piggyback(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)))[0]
+    with torch.no_grad():
+        layer.mask_real.uniform_(-0.01, 0.02)
+    x1, x2 = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    d1, d2 = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    y1 = layer(x1)          # reads the shared buffer
+    y2 = layer(x2)          # the buffer is still needed by y1's graph: a fresh tensor
+    ((y1 * d1).sum() + (y2 * d2).sum()).backward()
+    expected = _reference_mask_grad(layer, x1, d1) + _reference_mask_grad(layer, x2, d2)
+    torch.testing.assert_close(layer.mask_real.grad, expected)
+    # a forward whose graph is dropped, then a normal step after train(): still exact
+    layer(x1)
+    layer.train()
+    layer.mask_real.grad = None
+    (layer(x2) * d2).sum().backward()
+    torch.testing.assert_close(layer.mask_real.grad, _reference_mask_grad(layer, x2, d2))
