@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .bits import pack_mask, unpack_mask
 from .maskfile import _check_compatible, read_mask_file, task_state
-from .masking import masked_modules, set_binary_mask
+from .masking import backbone_fingerprint, masked_modules, set_binary_mask
 
 __all__ = ["MultiTaskModel"]
 
@@ -36,6 +36,18 @@ def _sync_shape_attributes(module: nn.Module) -> None:
         module.out_channels = w.shape[1] * module.groups if module.transposed else w.shape[0]
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         module.num_features = w.shape[0]
+
+
+def _from_model(model: nn.Module):
+    """(masks, task state, metadata) of a trained piggybacked model, as a mask file holds them."""
+    layers = dict(masked_modules(model))
+    if not layers:
+        raise ValueError("add_task needs a mask file or a model converted by common.masking.piggyback")
+    first = next(iter(layers.values()))
+    meta = {"layers": {n: {"shape": list(m.weight.shape)} for n, m in layers.items()},
+            "ternary": first.ternary, "threshold": first.threshold,
+            "fingerprint": backbone_fingerprint(model)}
+    return {n: m.binary_mask() for n, m in layers.items()}, task_state(model), meta
 
 
 class _TaskStore(nn.Module):
@@ -78,21 +90,27 @@ class MultiTaskModel(nn.Module):
         self.tasks[name] = store
         return store
 
-    def add_task(self, name: str, path, *, check_fingerprint: bool = True) -> dict:
-        """Load a task's mask file (masks, head, norm state); return its metadata."""
-        masks, state, meta = read_mask_file(path)
-        _check_compatible(self.backbone, path, meta, check_fingerprint)
+    def add_task(self, name: str, source, *, check_fingerprint: bool = True) -> dict:
+        """Add a task from a mask file (path) or from a trained piggybacked model over the
+        same backbone (its masks, head and norm state are copied); return its metadata."""
+        if isinstance(source, nn.Module):
+            masks, state, meta = _from_model(source)
+            origin = f"model for task {name!r}"
+        else:
+            masks, state, meta = read_mask_file(source)
+            origin = source
+        _check_compatible(self.backbone, origin, meta, check_fingerprint)
         own = task_state(self.backbone)
         unknown = sorted(set(state) - set(own))
         if unknown:
-            raise ValueError(f"{path}: task tensors {unknown} have no matching module in the backbone")
+            raise ValueError(f"{origin}: task tensors {unknown} have no matching module in the backbone")
         store = self._new_store(name)
         for layer_name, layer in self._layers.items():
             store.add("mask", layer_name, pack_mask(masks[layer_name], layer.ternary).to(layer.weight.device))
         for key, t in state.items():
             if key not in self.base_state.state_keys:
                 self.base_state.add("state", key, own[key].detach())
-            store.add("state", key, t.to(own[key].device))
+            store.add("state", key, t.detach().clone().to(own[key].device))
         self.metadata[name] = meta
         return meta
 

@@ -130,6 +130,13 @@ def test_multitask_switches_without_copying_backbone(tmp_path):
     assert ptrs == {n: m.weight.data_ptr() for n, m in masked_modules(shared)}
     with pytest.raises(KeyError, match="loaded tasks"):
         mt.set_task("c")
+    # a task can also come straight from a trained model over the same backbone
+    mt.add_task("a-model", a)
+    mt.set_task("a-model")
+    with torch.no_grad():
+        assert torch.equal(mt(x), a(x))
+    with pytest.raises(MaskFileError, match="another backbone"):
+        mt.add_task("foreign", task_model(backbone(seed=5), 4, seed=1))
     mt.to(torch.float64)
     mt.set_task("b")
     with torch.no_grad():
