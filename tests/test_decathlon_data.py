@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import require_real_labels
 from decathlon.data import DecathlonDataset, build_loader, load_image, set_loader_epoch
 from decathlon.synthetic import make_synthetic_decathlon
 from decathlon.tasks import MASK_TASKS, TASK_NAMES, TASKS, get_task, task_of_id
 from decathlon.transforms import build_transforms
 
-REAL_LABELS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "decathlon" / "labels_test"
 TASKS_USED = ("dtd", "omniglot", "daimlerpedcls", "svhn")
 
 
@@ -54,10 +54,9 @@ def _templates(text: str) -> set:
     return {re.sub(r"\d+", "N", line) for line in text.split("\n")}
 
 
-@pytest.mark.skipif(not (REAL_LABELS / "dtd_test.json").exists(), reason="shared labels not present")
 def test_generated_labels_match_real_file_layout(tree):
     root, labels, _ = tree
-    real = (REAL_LABELS / "dtd_test.json").read_text()
+    real = require_real_labels("dtd_test.json").read_text()
     mine = (labels / "dtd_test.json").read_text()
     assert _templates(mine) == _templates(real)
     r, m = json.loads(real), json.loads(mine)
@@ -231,10 +230,9 @@ def test_cache_serves_a_wrongly_sized_image_uncached(tree, tmp_path):
     assert ds[0][0].shape == (3, 72, 72) and ds.caches[0].filled() == 1
 
 
-@pytest.mark.skipif(not (REAL_LABELS / "vgg-flowers_test.json").exists(), reason="shared labels not present")
 def test_loader_reads_the_real_published_files(tmp_path):
     (tmp_path / "annotations").mkdir()
-    real = REAL_LABELS / "vgg-flowers_test.json"
+    real = require_real_labels("vgg-flowers_test.json")
     for part in ("train", "test_stripped"):  # as a labelled split and as the stripped one
         (tmp_path / "annotations" / f"vgg-flowers_{part}.json").write_bytes(real.read_bytes())
     data = json.loads(real.read_text())

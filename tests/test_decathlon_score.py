@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_real_labels
 from decathlon.score import (EMAX, SCORED_TASKS, SubmissionError, TaskTestSet, decathlon_score,
                              load_test_labels, parse_results, score_results, task_points,
                              validate_results)
 
 ROOT = Path(__file__).resolve().parents[1]
-LABELS_DIR = ROOT.parent / "shared" / "data" / "decathlon" / "labels_test"
 
 ORDER = ("imagenet12", "aircraft", "cifar100", "daimlerpedcls", "dtd", "gtsrb",
          "vgg-flowers", "omniglot", "svhn", "ucf101")
@@ -40,7 +40,7 @@ def _points(task, top1):
 
 @pytest.fixture(scope="module")
 def labels():
-    return load_test_labels(str(LABELS_DIR))
+    return load_test_labels(str(require_real_labels().parent))
 
 
 def test_emax_matches_published_constants():
@@ -193,7 +193,7 @@ def test_cli_accuracies_and_results(tmp_path, labels):
 
     results = tmp_path / "results.json"
     results.write_text(json.dumps(_submission(labels, lambda t, i, c: c)))
-    proc = _run("--results", str(results), "--labels", str(LABELS_DIR))
+    proc = _run("--results", str(results), "--labels", str(require_real_labels().parent))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["score"] == pytest.approx(3000.0)

@@ -1,0 +1,20 @@
+"""Shared test helpers: where the project's shared reference material lives."""
+import os
+from pathlib import Path
+
+import pytest
+
+# The published labelled test annotations of three decathlon tasks, kept beside the
+# checkout in ../shared (they are not part of the repository).
+REAL_LABELS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "decathlon" / "labels_test"
+
+
+def require_real_labels(name: str = "dtd_test.json") -> Path:
+    """The real labelled file ``name``: skipped where ../shared is absent, a failure in CI."""
+    path = REAL_LABELS_DIR / name
+    if not path.is_file():
+        message = f"real decathlon labels not found at {path}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
