@@ -13,8 +13,10 @@ the coder that gets there:
 * In a block, the rarer symbol splits the stream into runs of the common symbol whose
   lengths are geometric for an independent source; a Golomb code with the parameter m
   that minimises the exact coded size is optimal among prefix codes for that law. Its
-  worst excess over H(p) is about 0.041 bit/weight (near p = 0.38); a block is stored
-  raw (bit-packed) when that is smaller.
+  worst excess over H(p) is about 0.041 bit/weight (near p = 0.38). Zeros that cluster
+  (whole kernels or filters switched off) carry far less information than H(p); for
+  them the lengths of the alternating runs of both symbols are Golomb-coded instead.
+  Each block takes the smallest of these two codings and raw bit packing.
 * Every Golomb codeword ``unary(n // m) + truncated_binary(n % m)`` is split over three
   separate streams (unary parts, the first k-1 remainder bits of every codeword, the
   extra remainder bit of the "long" codewords) so that encoding and decoding are a
@@ -22,8 +24,10 @@ the coder that gets there:
 
 Layout (little-endian): header ``magic "PBEM", version u8, block_log2 u8, n u64,
 crc32 u32`` (crc over everything after the header), then per block a mode byte:
-0 = raw packed bits; 1/2 = Golomb with 0/1 as the rare symbol followed by
-``m u32, codewords u32, unary_bits u32, extra_bits u32`` and the three packed streams.
+0 = raw packed bits; 1/2 = runs between rare symbols 0/1 as one Golomb sequence; 3 = the
+block's first symbol (u8), then the alternating run lengths minus one as two Golomb
+sequences (runs of the first symbol, runs of the other). A Golomb sequence is
+``m u32, codewords u32, unary_bits u32, extra_bits u32`` and its three packed streams.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ VERSION = 1
 DEFAULT_BLOCK_LOG2 = 23  # 8 Mi bits per block: ~64 MB of int64 temporaries at most
 _HEADER = struct.Struct("<4sBBQI")
 _GOLOMB = struct.Struct("<IIII")
-MODE_RAW, MODE_RARE_ZERO, MODE_RARE_ONE = 0, 1, 2
+MODE_RAW, MODE_RARE_ZERO, MODE_RARE_ONE, MODE_RUNS = 0, 1, 2, 3
 
 
 class MaskCodingError(ValueError):
@@ -82,9 +86,10 @@ def _golomb_shape(m: int) -> tuple[int, int]:
 def _golomb_bits(runs: np.ndarray, m: int) -> int:
     """Exact size in bits of the Golomb code of ``runs`` with parameter m."""
     k, u = _golomb_shape(m)
-    # unary (q ones + a terminating zero) + (k-1) bits each + one more bit when r >= u;
-    # for m = 1 (k = 0, u = 0) the last two terms cancel to 0.
-    return int((runs // m).sum()) + runs.size * k - runs.size + int(np.count_nonzero(runs % m >= u))
+    # unary parts (q ones + a terminating zero), k-1 remainder bits each and one more when
+    # r >= u; for m = 1 (k = 0, u = 0) the remainder terms cancel: n*(k-1) + n = 0.
+    n = runs.size
+    return int((runs // m).sum()) + n + n * (k - 1) + int(np.count_nonzero(runs % m >= u))
 
 
 def _best_m(runs: np.ndarray) -> tuple[int, int]:
@@ -92,6 +97,8 @@ def _best_m(runs: np.ndarray) -> tuple[int, int]:
 
     Candidates surround the optimum for a geometric law with the runs' mean; the exact
     sizes decide, so a non-geometric block still gets the best of them."""
+    if runs.size == 0:
+        return 1, 0
     mean = float(runs.mean())
     m0 = 1
     if mean > 0.0:
@@ -104,7 +111,7 @@ def _best_m(runs: np.ndarray) -> tuple[int, int]:
 
 
 def _pack(bits: np.ndarray) -> bytes:
-    return np.packbits(bits).tobytes()
+    return np.packbits(bits).tobytes()  # b"" for no bits
 
 
 def _nbytes(nbits: int) -> int:
@@ -112,46 +119,59 @@ def _nbytes(nbits: int) -> int:
 
 
 # --------------------------------------------------------------------------- encode
-def _encode_block(block: np.ndarray) -> bytes:
-    size = block.size
-    n_ones = int(np.count_nonzero(block))
-    rare = 2 * n_ones < size  # the rarer symbol marks the ends of the runs
-    pos = np.flatnonzero(block) if rare else np.flatnonzero(~block)
-    # a virtual rare symbol just past the end closes the last run; the decoder drops it
-    ends = np.append(pos, size).astype(np.int64)
-    runs = np.diff(ends, prepend=-1) - 1
-    m, nbits = _best_m(runs)
-    raw = bytes([MODE_RAW]) + _pack(block)
-    if 1 + _GOLOMB.size + _nbytes(nbits) + 2 >= len(raw):  # +2: padding of three streams
-        return raw
-
+def _golomb_encode(values: np.ndarray, m: int) -> bytes:
+    """Golomb code of the non-negative ``values``: four header fields, then the packed
+    unary, leading-remainder and extra-bit streams."""
     k, u = _golomb_shape(m)
-    quot, rem = np.divmod(runs, m)
-    unary = np.ones(int(quot.sum()) + runs.size, dtype=bool)
+    quot, rem = np.divmod(values, m)
+    unary = np.ones(int(quot.sum()) + values.size, dtype=bool)
     unary[np.cumsum(quot + 1) - 1] = False
-    streams = [_pack(unary)]
-    extra = np.zeros(0, dtype=bool)
+    head_stream, extra = b"", np.zeros(0, dtype=bool)
     if m > 1:
         long = rem >= u
         value = np.where(long, rem + u, rem)  # truncated binary: long codes are r + u in k bits
-        head = np.where(long, value >> 1, value)  # first k-1 bits; >= u exactly when long
         if k > 1:
+            head = np.where(long, value >> 1, value)  # the first k-1 bits; >= u exactly when long
             shifts = np.arange(k - 2, -1, -1, dtype=np.int64)
-            streams.append(_pack(((head[:, None] >> shifts) & 1).astype(bool).ravel()))
-        else:
-            streams.append(b"")
+            head_stream = _pack(((head[:, None] >> shifts) & 1).astype(bool).ravel())
         extra = (value[long] & 1).astype(bool)
-        streams.append(_pack(extra))
-    mode = MODE_RARE_ONE if rare else MODE_RARE_ZERO
-    fields = _GOLOMB.pack(m, runs.size, unary.size, extra.size)
-    return bytes([mode]) + fields + b"".join(streams)
+    return _GOLOMB.pack(m, values.size, unary.size, extra.size) + _pack(unary) + head_stream + _pack(extra)
+
+
+def _encode_block(block: np.ndarray) -> bytes:
+    """The smallest of three codings of one block: raw bits, Golomb-coded runs of the
+    common symbol between rare ones (independent bits), or Golomb-coded lengths of the
+    alternating runs of both symbols (masks whose zeros cluster, e.g. whole filters)."""
+    size = block.size
+    rare = 2 * int(np.count_nonzero(block)) < size  # True: 1 is the rarer symbol
+    pos = np.flatnonzero(block) if rare else np.flatnonzero(~block)
+    # a virtual rare symbol just past the end closes the last run; the decoder drops it
+    runs = np.diff(np.append(pos, size).astype(np.int64), prepend=-1) - 1
+    m_runs, bits_runs = _best_m(runs)
+    edges = np.flatnonzero(block[1:] != block[:-1]) + 1
+    lengths = np.diff(np.concatenate(([0], edges, [size])).astype(np.int64)) - 1
+    first, second = lengths[0::2], lengths[1::2]  # runs of block[0], then of the other symbol
+    (m_first, bits_first), (m_second, bits_second) = _best_m(first), _best_m(second)
+    sizes = {  # bytes, padding of every stream included at its worst
+        MODE_RAW: _nbytes(size),
+        MODE_RARE_ONE: _GOLOMB.size + _nbytes(bits_runs) + 2,
+        MODE_RUNS: 1 + 2 * _GOLOMB.size + _nbytes(bits_first) + _nbytes(bits_second) + 4,
+    }
+    mode = min(sizes, key=sizes.get)
+    if mode == MODE_RAW:
+        return bytes([MODE_RAW]) + _pack(block)
+    if mode == MODE_RARE_ONE:
+        return bytes([MODE_RARE_ONE if rare else MODE_RARE_ZERO]) + _golomb_encode(runs, m_runs)
+    return (bytes([MODE_RUNS, int(block[0])]) + _golomb_encode(first, m_first)
+            + _golomb_encode(second, m_second))
 
 
 def encode_mask(bits: np.ndarray, *, block_log2: int = DEFAULT_BLOCK_LOG2) -> bytes:
     """Losslessly code a boolean mask (any shape, flattened in C order) to bytes.
 
     The size is within about 0.041 bit per weight of ``n * H(p)`` for an independent
-    mask with zero fraction p, plus 18 header bytes and ~20 bytes per block."""
+    mask with zero fraction p, plus 18 header bytes and ~20 bytes per block; masks whose
+    zeros come in runs (whole kernels or filters) code far below H(p)."""
     if not 3 <= int(block_log2) <= 31:
         raise ValueError(f"encode_mask: block_log2 must be in [3, 31], got {block_log2}")
     flat = _as_bool_vector(bits)
@@ -180,50 +200,70 @@ class _Reader:
         return np.unpackbits(raw, count=nbits).view(bool)
 
 
-def _decode_block(reader: _Reader, size: int, index: int) -> np.ndarray:
-    mode = reader.take(1, f"block {index} mode")[0]
-    if mode == MODE_RAW:
-        return reader.bits(size, f"raw block {index}").copy()
-    if mode not in (MODE_RARE_ZERO, MODE_RARE_ONE):
-        raise MaskCodingError(f"corrupt mask stream: block {index} has unknown mode {mode}")
-    m, count, unary_bits, extra_bits = _GOLOMB.unpack(reader.take(_GOLOMB.size, f"block {index} header"))
-    if m < 1 or count < 1 or count > size + 1 or unary_bits < count:
-        raise MaskCodingError(f"corrupt mask stream: block {index} header is inconsistent "
+def _golomb_decode(reader: _Reader, size: int, what: str) -> np.ndarray:
+    """One Golomb-coded sequence of at most ``size + 1`` values, each at most ``size``."""
+    m, count, unary_bits, extra_bits = _GOLOMB.unpack(reader.take(_GOLOMB.size, f"{what} header"))
+    if m < 1 or count > size + 1 or unary_bits < count or (count == 0 and unary_bits + extra_bits):
+        raise MaskCodingError(f"corrupt mask stream: {what} header is inconsistent "
                               f"(m={m}, codewords={count}, unary bits={unary_bits}, block size={size})")
-    unary = reader.bits(unary_bits, f"block {index} unary stream")
+    unary = reader.bits(unary_bits, f"{what} unary stream")
     stops = np.flatnonzero(~unary)
-    if stops.size != count or stops[-1] != unary_bits - 1:
-        raise MaskCodingError(f"corrupt mask stream: block {index} unary stream holds "
+    if stops.size != count or (count and stops[-1] != unary_bits - 1):
+        raise MaskCodingError(f"corrupt mask stream: {what} unary stream holds "
                               f"{stops.size} codewords, header says {count}")
     quotients = np.diff(stops, prepend=-1) - 1
-    if int(quotients.max()) > size // m:  # also keeps the products below from overflowing
-        raise MaskCodingError(f"corrupt mask stream: block {index} holds a run longer than its {size} bits")
-    runs = quotients * m
-    if m > 1:
-        k, u = _golomb_shape(m)
-        if k > 1:
-            head_bits = reader.bits(count * (k - 1), f"block {index} remainder stream")
-            weights = np.left_shift(1, np.arange(k - 2, -1, -1, dtype=np.int64))
-            head = head_bits.reshape(count, k - 1).astype(np.int64) @ weights
-        else:  # m = 2: no leading remainder bits, every codeword is long
-            head = np.zeros(count, dtype=np.int64)
-        long = head >= u
-        if int(np.count_nonzero(long)) != extra_bits:
-            raise MaskCodingError(f"corrupt mask stream: block {index} has {int(np.count_nonzero(long))} "
-                                  f"long remainders, header says {extra_bits}")
-        extra = reader.bits(extra_bits, f"block {index} extra-bit stream").astype(np.int64)
-        head[long] = 2 * head[long] + extra - u
-        runs += head
-    elif extra_bits:
-        raise MaskCodingError(f"corrupt mask stream: block {index} has m=1 but {extra_bits} extra bits")
-    ends = np.cumsum(runs + 1) - 1
-    if ends[-1] != size:
-        raise MaskCodingError(f"corrupt mask stream: block {index} decodes to {int(ends[-1])} bits, "
-                              f"expected {size}")
-    rare = mode == MODE_RARE_ONE
-    out = np.full(size, not rare, dtype=bool)
-    out[ends[:-1]] = rare
-    return out
+    if count and int(quotients.max()) > size // m:  # also keeps the products below from overflowing
+        raise MaskCodingError(f"corrupt mask stream: {what} holds a run longer than its {size} bits")
+    values = quotients * m
+    if m == 1:
+        if extra_bits:
+            raise MaskCodingError(f"corrupt mask stream: {what} has m=1 but {extra_bits} extra bits")
+        return values
+    k, u = _golomb_shape(m)
+    head = np.zeros(count, dtype=np.int64)  # m = 2 has no leading remainder bits
+    if k > 1:
+        head_bits = reader.bits(count * (k - 1), f"{what} remainder stream")
+        weights = np.left_shift(1, np.arange(k - 2, -1, -1, dtype=np.int64))
+        head = head_bits.reshape(count, k - 1).astype(np.int64) @ weights
+    long = head >= u
+    if int(np.count_nonzero(long)) != extra_bits:
+        raise MaskCodingError(f"corrupt mask stream: {what} has {int(np.count_nonzero(long))} "
+                              f"long remainders, header says {extra_bits}")
+    extra = reader.bits(extra_bits, f"{what} extra-bit stream").astype(np.int64)
+    head[long] = 2 * head[long] + extra - u
+    return values + head
+
+
+def _decode_block(reader: _Reader, size: int, index: int) -> np.ndarray:
+    mode = reader.take(1, f"block {index} mode")[0]
+    where = f"block {index}"
+    if mode == MODE_RAW:
+        return reader.bits(size, f"raw {where}")
+    if mode in (MODE_RARE_ZERO, MODE_RARE_ONE):
+        runs = _golomb_decode(reader, size, where)
+        ends = np.cumsum(runs + 1) - 1
+        if runs.size == 0 or ends[-1] != size:
+            raise MaskCodingError(f"corrupt mask stream: {where} decodes to "
+                                  f"{int(ends[-1]) if runs.size else 0} bits, expected {size}")
+        rare = mode == MODE_RARE_ONE
+        out = np.full(size, not rare, dtype=bool)
+        out[ends[:-1]] = rare
+        return out
+    if mode == MODE_RUNS:
+        first_symbol = reader.take(1, f"{where} first symbol")[0]
+        first = _golomb_decode(reader, size, f"{where} runs of its first symbol")
+        second = _golomb_decode(reader, size, f"{where} runs of its second symbol")
+        if first_symbol > 1 or first.size - second.size not in (0, 1):
+            raise MaskCodingError(f"corrupt mask stream: {where} holds {first.size} and {second.size} "
+                                  f"alternating runs starting with symbol {first_symbol}")
+        lengths = np.empty(first.size + second.size, dtype=np.int64)
+        lengths[0::2], lengths[1::2] = first + 1, second + 1
+        if int(lengths.sum()) != size:
+            raise MaskCodingError(f"corrupt mask stream: {where} runs cover {int(lengths.sum())} bits, "
+                                  f"expected {size}")
+        symbols = (np.arange(lengths.size) & 1).astype(bool) ^ bool(first_symbol)
+        return np.repeat(symbols, lengths)
+    raise MaskCodingError(f"corrupt mask stream: {where} has unknown mode {mode}")
 
 
 def decode_mask(data: bytes, n: int) -> np.ndarray:

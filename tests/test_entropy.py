@@ -99,6 +99,29 @@ def test_layer_wise_sparsity_beats_global_entropy():
     assert local < binary_entropy(1 - bits.mean())
 
 
+def clustered_mask(n_clusters, cluster, zero_fraction, seed):
+    """Zeros in whole runs of ``cluster`` weights (a 3x3 kernel: 9, a 64x3x3 filter: 576)."""
+    off = np.random.default_rng(seed).random(n_clusters) < zero_fraction
+    return ~np.repeat(off, cluster)
+
+
+@pytest.mark.parametrize("cluster, share", [(9, 0.5), (576, 0.03)])
+def test_clustered_zeros_code_far_below_the_independent_entropy(cluster, share):
+    # zeros switched off kernel by kernel or filter by filter carry ~H(p)/cluster bits
+    # per weight; the alternating-run coding must find most of that saving
+    bits = clustered_mask(600_000 // cluster, cluster, 0.2, seed=cluster)
+    data = roundtrip(bits)
+    assert 8 * len(data) / bits.size <= share * binary_entropy(1 - bits.mean())
+
+
+def test_clustered_runs_across_blocks_and_both_first_symbols():
+    for seed in range(4):
+        bits = clustered_mask(300, 37, 0.3, seed)
+        roundtrip(bits, block_log2=10)
+        roundtrip(~bits, block_log2=10)
+        roundtrip(bits[seed * 5:], block_log2=8)
+
+
 def test_shapes_and_integer_input():
     bits = bernoulli_mask(6 * 5 * 3 * 3, 0.2, seed=1).reshape(6, 5, 3, 3)
     data = encode_mask(bits)
@@ -169,8 +192,10 @@ def test_structural_damage_behind_a_valid_checksum():
 def test_random_damage_behind_a_valid_checksum_never_escapes_as_another_error():
     # whatever a damaged body holds, decoding either succeeds or raises MaskCodingError
     rng = np.random.default_rng(12)
-    for p, block_log2 in ((0.05, 23), (0.3, 23), (0.2, 9), (0.5, 23)):
-        bits = bernoulli_mask(3_000, p, seed=int(100 * p))
+    cases = [(bernoulli_mask(3_000, p, seed=int(100 * p)), block_log2)
+             for p, block_log2 in ((0.05, 23), (0.3, 23), (0.2, 9), (0.5, 23))]
+    cases.append((clustered_mask(300, 9, 0.2, seed=1), 23))
+    for bits, block_log2 in cases:
         data = encode_mask(bits, block_log2=block_log2)
         body = data[18:]
         for _ in range(150):

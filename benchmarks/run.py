@@ -1,0 +1,86 @@
+"""Run every CPU benchmark and write BENCHMARKS.md: ``python -m benchmarks.run``.
+
+Each benchmark is a module with ``run(quick, context) -> Section``; ``context`` carries
+figures one benchmark needs from another (the data benchmark sets the loader's
+throughput next to the model's training throughput). The GPU benchmark is a separate
+script, ``python -m benchmarks.gpu``, for a machine with an accelerator.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.harness import Section, machine_info, markdown_path, positive_int, render_markdown
+from common.cli import run_cli
+from common.runlog import atomic_write_bytes
+
+# name -> module; run in this order (the data benchmark reads the training throughput)
+BENCHMARKS = {
+    "training": "benchmarks.bench_training",
+    "inference": "benchmarks.bench_inference",
+    "storage": "benchmarks.bench_storage",
+    "data": "benchmarks.bench_data",
+    "memory": "benchmarks.bench_memory",
+    "gpu": "benchmarks.gpu",
+}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Time and size the piggyback toolkit on this machine's CPU; write BENCHMARKS.md.")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rounds and cases (a smoke run; figures are noisier)")
+    parser.add_argument("--out", type=markdown_path, default=REPO_ROOT / "BENCHMARKS.md",
+                        help="Markdown report to write (default: BENCHMARKS.md at the repository root)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch intra-op threads (default 1: on a small machine shared with other "
+                             "work, a second thread that is descheduled stalls every parallel "
+                             "operation, which distorts timings far more than it speeds them up)")
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), metavar="NAME",
+                        help=f"run only these benchmarks (choices: {', '.join(BENCHMARKS)})")
+    return parser
+
+
+def run_benchmarks(names, quick: bool, threads: int):
+    context: dict = {"threads": threads}
+    sections = []
+    for name in names:
+        print(f"[benchmarks] {name} ...", flush=True)
+        start = time.perf_counter()
+        module = importlib.import_module(BENCHMARKS[name])
+        section: Section = module.run(quick, context)
+        print(f"[benchmarks] {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+        for c in section.checks:
+            print(f"    {c.verdict:4s}  {c.name}: {c.value} (goal {c.goal})", flush=True)
+        sections.append(section)
+    return sections
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    torch.set_num_threads(args.threads)
+    names = [n for n in BENCHMARKS if args.only is None or n in args.only]
+    start = time.perf_counter()
+    sections = run_benchmarks(names, args.quick, args.threads)
+    total = time.perf_counter() - start
+    mode = "quick" if args.quick else "full"
+    preamble = (f"Written by `python -m benchmarks.run{' --quick' if args.quick else ''}` "
+                f"({mode} run, {total:.0f} s on the machine below). Every comparison is timed "
+                f"side by side in one process; figures are medians of repeated runs. "
+                f"The machine's 2 cores may be shared with other work, which shows as noise.")
+    text = render_markdown(sections, machine_info(), title="Benchmarks", preamble=preamble)
+    atomic_write_bytes(args.out, text.encode("utf-8"))
+    print(f"[benchmarks] wrote {args.out} ({total:.0f} s)")
+    return 0
+
+
+def cli(argv=None) -> int:
+    return run_cli(get_args_parser(), main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
