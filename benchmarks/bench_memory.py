@@ -21,7 +21,8 @@ import subprocess
 import sys
 import time
 
-from benchmarks.harness import Section, fmt, positive_int
+from benchmarks.harness import Section, fmt
+from common.cli import positive_int
 from common.cli import run_cli
 
 MIB = 2 ** 20

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 __all__ = ["Check", "Section", "time_side_by_side", "median", "median_ratio", "machine_info",
-           "render_markdown", "fmt", "positive_int", "markdown_path"]
+           "render_markdown", "fmt", "markdown_path"]
 
 
 @dataclass
@@ -165,17 +165,6 @@ def render_markdown(sections: List[Section], machine: Dict[str, str], *, title: 
         if s.seconds:
             lines += [f"*({s.seconds:.0f} s to measure)*", ""]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def markdown_path(text: str) -> Path:

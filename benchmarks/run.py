@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import Section, machine_info, markdown_path, positive_int, render_markdown
+from benchmarks.harness import Section, machine_info, markdown_path, render_markdown
+from common.cli import positive_int
 from common.cli import run_cli
 from common.runlog import atomic_write_bytes
 

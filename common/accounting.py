@@ -7,13 +7,13 @@ layers) add 32 bits per parameter.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Union
 
 import torch
 import torch.nn as nn
 
+from .entropy import binary_entropy  # noqa: F401  (re-exported: H(p), the storage limit)
 from .masking import masked_modules, task_state_modules
 
 __all__ = ["sparsity", "sparsity_from_masks", "backbone_parameters", "task_extra_parameters",
@@ -66,13 +66,6 @@ def parameter_ratio(backbone_params: int, tasks: Iterable[Mapping[str, float]]) 
     for t in tasks:
         bits += t.get("mask_bits", 0) + 32 * t.get("extra_params", 0)
     return bits / (32 * backbone_params)
-
-
-def binary_entropy(p: float) -> float:
-    """H(p) in bits: the least storage per mask entry with a zero fraction p."""
-    if p <= 0 or p >= 1:
-        return 0.0
-    return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
 def file_bits_per_weight(path: Union[str, Path], masked_weights: int) -> float:

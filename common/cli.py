@@ -13,7 +13,7 @@ import re
 
 import torch
 
-__all__ = ["add_common_args", "resolve_device", "default_workers", "run_cli", "USER_ERRORS",
+__all__ = ["add_common_args", "resolve_device", "default_workers", "run_cli", "USER_ERRORS", "positive_int",
            "DEVICE_CHOICES_HELP"]
 
 DEVICE_CHOICES_HELP = "auto|cpu|cuda|cuda:N"
@@ -25,7 +25,7 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -71,9 +71,9 @@ def add_common_args(parser: argparse.ArgumentParser, *, data_root_env: str,
                    help="local file with the pretrained backbone weights to piggyback on; "
                         "nothing is ever downloaded (default: none, i.e. the pipeline's "
                         "own lookup, which fails with instructions when weights are missing)")
-    g.add_argument("--epochs", type=_positive_int, default=default_epochs,
+    g.add_argument("--epochs", type=positive_int, default=default_epochs,
                    help=f"number of training epochs (default: {default_epochs})")
-    g.add_argument("--batch-size", type=_positive_int, default=default_batch_size,
+    g.add_argument("--batch-size", type=positive_int, default=default_batch_size,
                    help=f"examples per batch on each process (default: {default_batch_size})")
     g.add_argument("--out", default=default_out, metavar="DIR",
                    help="run folder for config.json, log.jsonl, checkpoints and results "

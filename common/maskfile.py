@@ -74,7 +74,7 @@ def save_masks(model: torch.nn.Module, path, *, compress: bool = False, **metada
         if compress:
             from .entropy import encode_mask
             nonzero = (m != 0).reshape(-1).numpy()
-            tensors[f"mask/{name}"] = torch.frombuffer(bytearray(encode_mask(nonzero)) or bytearray(1), dtype=torch.uint8)
+            tensors[f"mask/{name}"] = torch.frombuffer(bytearray(encode_mask(nonzero)), dtype=torch.uint8)
             if layer.ternary:
                 tensors[f"sign/{name}"] = pack_bits(m.reshape(-1)[m.reshape(-1) != 0] < 0)
         else:
