@@ -1,5 +1,6 @@
 """Shared test helpers: where the project's shared reference material lives."""
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,3 +19,10 @@ def require_real_labels(name: str = "dtd_test.json") -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for two-process gloo tests."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from fractions import Fraction as Fr
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from common.metrics import ClassificationMeter, ConfusionMatrix, accuracy, topk_correct
+from conftest import free_port
 
 T = torch.tensor
 
@@ -221,14 +221,8 @@ def _metrics_worker(rank, world_size, port, out_dir):
     cleanup()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_reduction_equals_single_process_union(tmp_path):
-    mp.spawn(_metrics_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_metrics_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert not torch.equal(results[0]["local"], results[1]["local"])  # ranks saw different data
 

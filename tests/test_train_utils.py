@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import random
-import socket
 from collections import OrderedDict
 
 import numpy as np
@@ -25,6 +24,7 @@ from common.distributed import (DistInfo, EpochSampler, ShardSampler, init_distr
                                 make_sampler, unwrap, wrap_ddp)
 from common.runlog import MetricLogger, RunDir, check_finite
 from common.seed import epoch_generator, reseed_loader, seed_everything, worker_init_fn
+from conftest import free_port
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -385,14 +385,8 @@ def _ddp_worker(rank, world_size, port, out_dir):
     cleanup()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_on_masked_model_averages_gradients_like_one_big_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     model, masks = _tiny_masked_model()
     x = torch.cat([_batch(0)[0], _batch(1)[0]])
