@@ -1,10 +1,12 @@
 """``python -m segmentation.demo --out DIR``: the whole pipeline on a machine with nothing.
 
 Writes a small synthetic SBD + VOC tree in the real formats and a synthetic (random)
-narrow VGG backbone file, trains a piggyback FCN-32s on it for a couple of epochs with
-``segmentation.train``, evaluates the run with ``segmentation.evaluate`` (prediction
-pictures included) and writes ``DIR/metrics.json``. The numbers only show that every
-stage runs; with synthetic data and a random backbone they say nothing about the method.
+narrow VGG backbone file, trains a piggyback FCN-32s on it with ``segmentation.train``
+(12 epochs, about half a minute on two CPU cores), evaluates the run with
+``segmentation.evaluate`` (prediction pictures included) and writes ``DIR/metrics.json``.
+The masks and the new layers learn to segment the coloured shapes (mean IoU well above
+the background-only baseline, see the pictures), but with synthetic data and a random
+backbone the numbers say nothing about the method on real images.
 """
 from __future__ import annotations
 
@@ -26,9 +28,9 @@ from .synthetic import write_synthetic_pascal
 
 __all__ = ["get_args_parser", "main", "write_synthetic_backbone", "NOTICE"]
 
-NOTICE = ("SYNTHETIC DEMO: data and backbone are synthetic (generated shapes on noise; a randomly "
-          "initialised narrow VGG, vgg-tiny, instead of ImageNet VGG-16). The metrics only show that "
-          "training, evaluation and the output files work; they say nothing about the method.")
+NOTICE = ("SYNTHETIC DEMO: data and backbone are synthetic (coloured shapes on a noisy grey background; "
+          "a randomly initialised narrow VGG, vgg-tiny, instead of ImageNet VGG-16). The model learns to "
+          "segment these shapes, but the metrics say nothing about the method on real images.")
 ARCH = "vgg-tiny"
 
 
@@ -37,8 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 description="Run the segmentation pipeline end to end on synthetic data.")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="empty or new folder for the data (DIR/data), the run (DIR/run) and DIR/metrics.json")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
-    p.add_argument("--train-images", type=int, default=32, help="synthetic SBD train images (default: 32)")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs (default: 12)")
+    p.add_argument("--train-images", type=int, default=64, help="synthetic SBD train images (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the backbone and training (default: 0)")
     p.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES_HELP} (default: cpu)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0)")
@@ -70,19 +72,28 @@ def write_synthetic_backbone(path: Path, seed: int) -> Path:
 
 def _train_argv(args, data: Path, backbone: Path, val_list: Path, run: Path) -> List[str]:
     return ["--data-root", str(data), "--split", "sbd", "--val-list", str(val_list), "--arch", ARCH,
-            "--backbone", str(backbone), "--epochs", str(args.epochs), "--batch-size", "4",
+            "--backbone", str(backbone), "--epochs", str(args.epochs), "--batch-size", "2",
             "--out", str(run), "--seed", str(args.seed), "--workers", str(args.workers),
-            "--device", args.device, "--print-freq", "4",
-            # Short runs need faster learning than the 15-epoch VGG-16 defaults.
-            "--lr", "1e-3", "--head-optimizer", "adam", "--head-lr", "1e-2", "--head-weight-decay", "0"]
+            "--device", args.device, "--print-freq", "8",
+            # A short run on a random backbone needs faster learning than the VGG-16 defaults.
+            # Batches of 2: twice the steps of batches of 4 for about the same time per epoch
+            # (conv1_1's 100-pixel padding dominates the cost). Adam for the zero-initialised
+            # score layer, masks 10x faster than the paper. At that mask lr the default mask
+            # init of 1e-2 reaches the threshold (5e-3) after about 6 steps, before the score
+            # layer has learnt anything, and the weights switched off at once make the loss
+            # jump a hundredfold; an init of 2e-2 gives the head 15 steps.
+            "--lr", "1e-3", "--mask-scale", "2e-2",
+            "--head-optimizer", "adam", "--head-lr", "3e-2", "--head-weight-decay", "0"]
 
 
 def main(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     data, run = out / "data", out / "run"
     print(NOTICE)
+    # Sides of 96-128 pixels give a 4 x 4 to 5 x 5 score map at stride 32: enough cells to
+    # outline the shapes, and cheap next to the 100-pixel padding of conv1_1.
     layout = write_synthetic_pascal(data, n_sbd_train=args.train_images, n_sbd_val=4, n_voc_train=4,
-                                    n_voc_val=10, n_overlap=2, size=(48, 80), seed=args.seed)
+                                    n_voc_val=22, n_overlap=2, size=(96, 128), seed=args.seed)
     backbone = write_synthetic_backbone(data / f"synthetic-{ARCH}.pth", args.seed)
     print(f"synthetic SBD tree in {layout.sbd}, VOC tree in {layout.voc}, backbone {backbone}")
 

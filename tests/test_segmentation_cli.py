@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from common.maskfile import MaskFileError, read_mask_file, read_mask_metadata
+from common.metrics import ConfusionMatrix
 from segmentation import evaluate as evaluate_cli
 from segmentation import train as train_cli
-from segmentation.data import read_image, read_voc_label
+from segmentation.data import read_id_list, read_image, read_voc_label
 from segmentation.demo import write_synthetic_backbone
 from segmentation.model import bilinear_kernel
 from segmentation.runs import build_model, load_task_weights
@@ -216,10 +217,24 @@ def test_bad_input_gives_clear_errors(pascal, tmp_path, monkeypatch, capsys):
 
 def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = _run(["-m", "segmentation.demo", "--out", str(out), "--epochs", "1", "--train-images", "6"])
+    # Fewer images and epochs than the demo's defaults (12 x 64), enough to learn something.
+    proc = _run(["-m", "segmentation.demo", "--out", str(out), "--epochs", "5", "--train-images", "32"])
     assert "SYNTHETIC" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["synthetic_data"] and metrics["synthetic_backbone"] and "synthetic" in metrics["notice"]
-    assert all(0 <= metrics[k] <= 1 for k in METRIC_KEYS) and len(metrics["train_loss_per_epoch"]) == 1
+    assert all(0 <= metrics[k] <= 1 for k in METRIC_KEYS) and len(metrics["train_loss_per_epoch"]) == 5
     assert len(list((out / "run" / "pictures").glob("*_overview.png"))) == 4
     assert np.isfinite(metrics["storage"]["mask_mb"])
+    # The model learnt more than the class prior: predicting background everywhere on the
+    # same evaluation labels scores a lower mean IoU and pixel accuracy.
+    voc = out / "data" / "VOCdevkit" / "VOC2012" / "SegmentationClass"
+    labels = [torch.from_numpy(read_voc_label(voc / f"{i}.png").astype(np.int64))
+              for i in read_id_list(out / "data" / "seg11valid.txt")]
+    assert len(labels) == metrics["eval_images"]
+    background_only = ConfusionMatrix(21, ignore_index=255)
+    for label in labels:
+        background_only.update(label, torch.zeros_like(label))
+    baseline = background_only.compute()
+    assert metrics["mean_iou"] > baseline["mean_iou"] + 0.05, (metrics["mean_iou"], baseline["mean_iou"])
+    assert metrics["pixel_acc"] > baseline["pixel_acc"], (metrics["pixel_acc"], baseline["pixel_acc"])
+    assert max(v for k, v in metrics["per_class_iou"].items() if k != "background" and v is not None) > 0.2
