@@ -13,7 +13,7 @@ import re
 
 import torch
 
-__all__ = ["add_common_args", "resolve_device", "default_workers", "run_cli", "USER_ERRORS", "positive_int",
+__all__ = ["add_common_args", "resolve_device", "default_workers", "run_cli", "USER_ERRORS", "positive_int", "DeviceError",
            "DEVICE_CHOICES_HELP"]
 
 DEVICE_CHOICES_HELP = "auto|cpu|cuda|cuda:N"
@@ -90,6 +90,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, data_root_env: str,
     return parser
 
 
+class DeviceError(ValueError, RuntimeError):
+    """A device that was asked for but is not there: bad input, reported as one line."""
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """Turn ``auto|cpu|cuda|cuda:N`` into a ``torch.device``, refusing unavailable CUDA."""
     if not isinstance(name, str) or not _DEVICE_RE.match(name):
@@ -99,11 +103,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was requested but CUDA is not available "
+        raise DeviceError(f"device {name!r} was requested but CUDA is not available "
                            f"(torch {torch.__version__}); use --device cpu or auto")
     dev = torch.device(name)
     if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise RuntimeError(f"device {name!r} was requested but only "
+        raise DeviceError(f"device {name!r} was requested but only "
                            f"{torch.cuda.device_count()} CUDA device(s) are visible")
     return dev
 

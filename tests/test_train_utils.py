@@ -399,3 +399,14 @@ def test_ddp_on_masked_model_averages_gradients_like_one_big_batch(tmp_path):
         assert res["grads"].keys() == expected.keys()
         for name, grad in expected.items():
             torch.testing.assert_close(res["grads"][name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_unavailable_device_ends_a_command_with_one_clear_line(monkeypatch, capsys):
+    from common.cli import run_cli
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parser = argparse.ArgumentParser(prog="prog")
+    parser.add_argument("--device", default="cpu")
+    with pytest.raises(SystemExit) as stop:
+        run_cli(parser, lambda args: resolve_device(args.device), ["--device", "cuda"])
+    assert stop.value.code == 2
+    assert "prog: error: device 'cuda' was requested but CUDA is not available" in capsys.readouterr().err
