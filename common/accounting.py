@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .entropy import binary_entropy  # noqa: F401  (re-exported: H(p), the storage limit)
-from .masking import masked_modules, task_state_modules
+from .masking import conversion_settings, mask_entries, task_state_modules
 
 __all__ = ["sparsity", "sparsity_from_masks", "backbone_parameters", "task_extra_parameters",
            "task_cost", "parameter_ratio", "binary_entropy", "file_bits_per_weight", "plot_sparsity"]
@@ -34,14 +34,14 @@ def sparsity_from_masks(masks: Mapping[str, torch.Tensor]) -> dict:
 @torch.no_grad()
 def sparsity(model: nn.Module) -> dict:
     """{"layers": {name: fraction of zeros}, "total": fraction, "zeros": int, "numel": int}."""
-    return sparsity_from_masks({name: layer.binary_mask() for name, layer in masked_modules(model)})
+    return sparsity_from_masks({e.key: e.binary() for e in mask_entries(model)})
 
 
 def backbone_parameters(model: nn.Module) -> int:
     """n: the shared backbone's parameter count (frozen weights, biases and norm
     parameters; masks and per-task modules excluded)."""
     task = {id(p) for _, m in task_state_modules(model) for p in m.parameters(recurse=False)}
-    masks = {id(layer.mask_real) for _, layer in masked_modules(model)}
+    masks = {id(e.mask_real) for e in mask_entries(model)}
     return sum(p.numel() for p in model.parameters() if id(p) not in task and id(p) not in masks)
 
 
@@ -52,9 +52,13 @@ def task_extra_parameters(model: nn.Module) -> int:
 
 def task_cost(model: nn.Module, bits_per_mask_entry: float = None) -> dict:
     """One task's cost: mask bits (1 or 2 per weight, or the given rate) and extra parameters."""
-    layers = [layer for _, layer in masked_modules(model)]
-    masked = sum(layer.weight.numel() for layer in layers)
-    rate = bits_per_mask_entry if bits_per_mask_entry is not None else (2 if layers and layers[0].ternary else 1)
+    entries = mask_entries(model)
+    masked = sum(e.weight.numel() for e in entries)
+    if bits_per_mask_entry is not None:
+        rate = bits_per_mask_entry
+    else:
+        from .schemes import get_scheme
+        rate = get_scheme(conversion_settings(model)["scheme"]).bits if entries else 1
     return {"masked_weights": masked, "mask_bits": masked * rate, "extra_params": task_extra_parameters(model)}
 
 

@@ -31,21 +31,11 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def pack_mask(mask: torch.Tensor, ternary: bool) -> torch.Tensor:
-    """A binary mask as 1 bit per weight; a ternary one as 2 (non-zero plane, then sign plane)."""
-    if not ternary:
-        return pack_bits(mask > 0)
-    return torch.cat([pack_bits(mask != 0), pack_bits(mask < 0)])
+    """A binary mask as 1 bit per weight; a ternary one as 2 (see common.schemes)."""
+    from .schemes import BINARY, TERNARY
+    return (TERNARY if ternary else BINARY).pack(mask)
 
 
 def unpack_mask(packed: torch.Tensor, shape, ternary: bool, dtype=torch.float32) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    if not ternary:
-        return unpack_bits(packed, n).to(dtype).view(tuple(shape))
-    half = (n + 7) // 8
-    if packed.numel() != 2 * half:
-        raise ValueError(f"ternary mask of {n} weights needs {2 * half} bytes, got {packed.numel()}")
-    nonzero = unpack_bits(packed[:half], n).to(dtype)
-    negative = unpack_bits(packed[half:], n).to(dtype)
-    return (nonzero * (1 - 2 * negative)).view(tuple(shape))
+    from .schemes import BINARY, TERNARY
+    return (TERNARY if ternary else BINARY).unpack(packed, shape, dtype)

@@ -13,6 +13,8 @@ import re
 
 import torch
 
+from .errors import DeviceError, PiggybackError
+
 __all__ = ["add_common_args", "resolve_device", "default_workers", "run_cli", "USER_ERRORS", "positive_int", "DeviceError",
            "DEVICE_CHOICES_HELP"]
 
@@ -90,14 +92,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, data_root_env: str,
     return parser
 
 
-class DeviceError(ValueError, RuntimeError):
-    """A device that was asked for but is not there: bad input, reported as one line."""
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     """Turn ``auto|cpu|cuda|cuda:N`` into a ``torch.device``, refusing unavailable CUDA."""
     if not isinstance(name, str) or not _DEVICE_RE.match(name):
-        raise ValueError(f"device {name!r} is not one of {DEVICE_CHOICES_HELP}")
+        raise DeviceError(f"device {name!r} is not one of {DEVICE_CHOICES_HELP}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
@@ -112,16 +110,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
-# Errors that mean bad input or a run that cannot go on (missing or malformed files,
-# conflicting settings, a diverged loss): reported as one line, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+# The toolkit's own errors (bad input, a run that cannot go on) are reported as one line;
+# any other exception is a defect and keeps its traceback.
+USER_ERRORS = (PiggybackError,)
 
 
 def run_cli(parser: argparse.ArgumentParser, main, argv=None, check_args=None) -> int:
     """Parse ``argv``, validate with ``check_args(parser, args)`` and run ``main(args)``.
 
-    Bad input ends with ``PROG: error: MESSAGE`` on stderr and exit status 2, as
-    argparse does for bad flags."""
+    The toolkit's own errors (:class:`common.errors.PiggybackError`) end with
+    ``PROG: error: MESSAGE`` on stderr and exit status 2, as argparse does for bad flags;
+    every other exception propagates with its traceback."""
     args = parser.parse_args(argv)
     if check_args is not None:
         args = check_args(parser, args)

@@ -1,32 +1,46 @@
 """Piggyback masked layers and the model converter (paper section 3).
 
-A masked layer keeps the pretrained ``weight`` (and ``bias``) frozen and learns a
-real-valued mask ``mask_real`` of the same shape. The forward pass uses
-``weight * m`` where ``m`` is the hard-thresholded mask (eq. 4); the backward pass hands
-the gradient of ``m`` straight to ``mask_real`` (eq. 5-7): d(loss)/d(mask_real) =
-d(loss)/d(weight * m) * weight.
+A masked layer keeps its pretrained ``weight`` (and ``bias``) frozen and learns a
+real-valued mask ``mask_real`` of the same shape. The forward pass uses ``weight * m``
+where ``m`` is the thresholded mask (eq. 4); the backward pass hands the gradient of ``m``
+straight to ``mask_real`` (eq. 5-7): d(loss)/d(mask_real) = d(loss)/d(weight * m) * weight.
+The layer's ``weight`` attribute stays the frozen pretrained tensor.
+
+The masked forward is stateless: it reads the frozen weight and the mask and computes
+``weight * m`` through the mask scheme's autograd Function (:mod:`common.schemes`), which
+saves only tensors. Nothing is cached on the module, so ``torch.compile``, ``torch.func``,
+activation checkpointing, pickling, ``.to()`` and DDP all see an ordinary module.
 
 Conversion works on any torchvision or timm model by changing the class of each
-``nn.Conv2d`` / ``nn.Linear`` in place (the module object, its hooks and every reference
-to it survive), so no model file is ever forked. ``fold_masks`` turns a masked model back
-into a plain one. The multi-task wrapper lives in :mod:`common.multitask`.
+weight-bearing layer in place (the module object, its hooks and every reference to it
+survive): ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d``, ``Linear`` and the input
+projection of ``nn.MultiheadAttention``, and their subclasses (timm's same-padding convs
+among them). Every other weight is frozen without a mask, and a warning names it.
+``fold_masks`` turns a masked model back into a plain one. The multi-task wrapper lives
+in :mod:`common.multitask`.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import warnings
-from typing import Callable, Dict, Iterable, Iterator, List, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UsageError
+from .schemes import BINARY, TERNARY, MaskScheme, get_scheme
+
 __all__ = [
-    "MaskedLayer", "MaskedConv2d", "MaskedLinear", "binarize", "apply_mask", "piggyback", "masked_modules",
-    "mask_parameters", "task_parameters", "task_state_modules", "fold_masks",
-    "backbone_fingerprint", "is_piggybacked", "set_binary_mask", "MASK_INITS", "NORM_TYPES",
-    "MultiTaskModel",
+    "MaskedLayer", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "MaskedConvTranspose1d",
+    "MaskedConvTranspose2d", "MaskedConvTranspose3d", "MaskedLinear", "MaskedMultiheadAttention",
+    "FixedNorm", "binarize", "apply_mask", "piggyback", "masked_modules", "mask_entries", "MaskEntry",
+    "mask_parameters", "task_parameters", "task_state_modules", "fold_masks", "backbone_fingerprint",
+    "is_piggybacked", "set_binary_mask", "mask_name", "MASK_INITS", "NORM_TYPES", "MultiTaskModel",
+    "conversion_settings",
 ]
 
 # Normalisation layers whose affine parameters (and running statistics) are per-task
@@ -35,208 +49,298 @@ NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 # Attribute set on modules whose own parameters/buffers belong to the task (new heads,
 # task-specific normalisation); common.maskfile saves exactly these.
 TASK_STATE_ATTR = "_piggyback_task_state"
+# Attribute on the root module recording how it was converted (read by common.maskfile).
+SETTINGS_ATTR = "_piggyback_settings"
+
+
+def mask_name(weight_name: str) -> str:
+    """Name of the mask parameter of ``weight_name``: ``mask_real`` for ``weight``,
+    ``in_proj_mask_real`` for ``in_proj_weight`` and so on."""
+    return "mask_real" if weight_name == "weight" else weight_name.replace("weight", "mask_real")
 
 
 def binarize(mask_real: torch.Tensor, threshold: float, ternary: bool = False) -> torch.Tensor:
-    """Hard threshold of eq. 4: 1 where mask_real >= threshold, else 0.
-
-    Ternary masks use two cut-offs, +threshold and -threshold: 1 above the first,
-    -1 at or below the second, 0 in between.
-    """
-    on = mask_real >= threshold
-    if not ternary:
-        return on.to(mask_real.dtype)
-    return on.to(mask_real.dtype) - (mask_real <= -threshold).to(mask_real.dtype)
+    """Hard threshold of eq. 4 (binary: 1 where mask_real >= threshold; ternary: -1 at or
+    below -threshold, 0 in between, 1 at or above threshold)."""
+    return (TERNARY if ternary else BINARY).binarize(mask_real, threshold)
 
 
-def apply_mask(weight: torch.Tensor, mask_real: torch.Tensor, threshold: float, ternary: bool = False,
-               out: torch.Tensor = None) -> torch.Tensor:
-    """weight * m with m from eq. 4, in one pass (written into ``out`` when given)."""
-    if ternary:
-        return torch.mul(weight, binarize(mask_real, threshold, True).to(weight.dtype), out=out)
-    return torch.where(mask_real >= threshold, weight, weight.new_zeros(()), out=out)
+def apply_mask(weight: torch.Tensor, mask_real: torch.Tensor, threshold: float, ternary: bool = False) -> torch.Tensor:
+    """``weight * m`` with ``m`` from eq. 4, differentiable with respect to ``mask_real``."""
+    return (TERNARY if ternary else BINARY).masked_weight(weight, mask_real, threshold)
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Hands the masked weight on unchanged and routes its gradient to mask_real (eq. 5-7).
-
-    The masked weight is computed outside, without autograd, often into a buffer reused
-    across steps; only the frozen weight is saved for backward, never the mask.
-    """
-
-    @staticmethod
-    def forward(ctx, masked, weight, mask_real, layer, owns_buffer):
-        ctx.save_for_backward(weight)
-        ctx.layer, ctx.owns_buffer = layer, owns_buffer
-        return masked.view_as(masked)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (weight,) = ctx.saved_tensors
-        if ctx.owns_buffer:
-            ctx.layer._buffer_busy = False  # the graph that read the buffer is done with it
-        if not ctx.needs_input_grad[2]:
-            return None, None, None, None, None
-        # eq. 7: dE/dm = dE/d(W*m) * W, passed unchanged to mask_real. The incoming
-        # gradient is the convolution's fresh weight gradient with no other reader, so
-        # the product is formed in place unless a higher-order graph is being built.
-        if torch.is_grad_enabled() or not grad_output.is_contiguous():
-            grad_mask = grad_output * weight
-        else:
-            grad_mask = grad_output.mul_(weight)
-        return None, None, grad_mask, None, None
-
+# --------------------------------------------------------------------------- layers
 
 class MaskedLayer(nn.Module):
-    """Mixin for masked conv/linear layers; holds threshold, ternary and mask_scale."""
+    """Mixin of every masked layer: frozen weights, one ``mask_real`` per masked weight.
 
+    Class attributes: ``_plain_class`` (the class it was converted from) and
+    ``_weight_names`` (which of its weights carry a mask). Instance attributes:
+    ``threshold``, ``scheme`` and ``mask_scale``.
+    """
+
+    _plain_class: type = nn.Module
+    _weight_names: Tuple[str, ...] = ("weight",)
     threshold: float
-    ternary: bool
+    scheme: MaskScheme
     mask_scale: float
-    _plain_class: type
-    _buffer_busy: bool = False
 
-    def masked_weight(self) -> torch.Tensor:
-        """weight * m, differentiable with respect to mask_real when it trains."""
-        if not (self.mask_real.requires_grad and torch.is_grad_enabled()):
-            return apply_mask(self.weight, self.mask_real, self.threshold, self.ternary)
-        # Training writes weight * m into a buffer kept across steps: a fresh weight-sized
-        # tensor every step costs more than the product itself on large layers (VGG's
-        # fc6). While a graph that read the buffer awaits its backward, a new forward
-        # gets a fresh tensor instead; autograd's version check guards the rest.
-        buf = self.__dict__.get("_masked_buffer")
-        owns = not self._buffer_busy
-        if owns and (buf is None or buf.shape != self.weight.shape or buf.dtype != self.weight.dtype
-                     or buf.device != self.weight.device):
-            buf = torch.empty_like(self.weight, memory_format=torch.contiguous_format)
-            self.__dict__["_masked_buffer"] = buf
-        with torch.no_grad():
-            masked = apply_mask(self.weight, self.mask_real, self.threshold, self.ternary, out=buf if owns else None)
-        self._buffer_busy = owns or self._buffer_busy
-        return _StraightThrough.apply(masked, self.weight, self.mask_real, self, owns)
+    @property
+    def ternary(self) -> bool:
+        return self.scheme.name == "ternary"
 
-    def train(self, mode: bool = True):
-        # A graph dropped without backward (e.g. a forward for logging) would otherwise
-        # keep the buffer marked busy for good.
-        self._buffer_busy = False
-        return super().train(mode)
+    def masked_weights(self) -> Tuple[str, ...]:
+        """Names of this layer's weights that carry a mask."""
+        return tuple(n for n in self._weight_names if self._parameters.get(mask_name(n)) is not None)
+
+    def masked_weight(self, name: str = "weight") -> torch.Tensor:
+        """``weight * m`` for the weight called ``name`` (eq. 4), with the eq. 7 gradient."""
+        return self.scheme.masked_weight(self._parameters[name], self._parameters[mask_name(name)], self.threshold)
 
     @torch.no_grad()
-    def binary_mask(self) -> torch.Tensor:
-        """The thresholded mask m (eq. 4), same shape as the weight."""
-        return binarize(self.mask_real, self.threshold, self.ternary)
+    def binary_mask(self, name: str = "weight") -> torch.Tensor:
+        """The thresholded mask m (eq. 4) of the weight called ``name``."""
+        return self.scheme.binarize(self._parameters[mask_name(name)], self.threshold)
+
+    def extra_repr(self) -> str:
+        return f"{self._plain_class.extra_repr(self)}, threshold={self.threshold}, scheme={self.scheme.name}"
+
+    def __reduce_ex__(self, protocol):
+        # Classes made for arbitrary conv/linear subclasses are rebuilt by the converter,
+        # so any masked model pickles, whatever class it was converted from.
+        return _rebuild, ("masked", self._plain_class, self.__getstate__())
+
+
+class _ConvMixin(MaskedLayer):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, self.masked_weight(), self.bias)
+
+
+_TRANSPOSED = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class _ConvTransposeMixin(MaskedLayer):
+    def forward(self, input: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            raise UsageError(f"only zero padding is supported for {type(self).__name__}")
+        dims = len(self.kernel_size)
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding,
+                                              self.kernel_size, dims, self.dilation)
+        return _TRANSPOSED[dims](input, self.masked_weight(), self.bias, self.stride, self.padding,
+                                 output_padding, self.groups, self.dilation)
+
+
+class _LinearMixin(MaskedLayer):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.masked_weight(), self.bias)
+
+
+def _effective(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    if isinstance(module, MaskedLayer) and module._parameters.get(mask_name(name)) is not None:
+        return module.masked_weight(name)
+    return getattr(module, name)
+
+
+class _MultiheadAttentionMixin(MaskedLayer):
+    """Masks the input projection (``in_proj_weight``, or ``q/k/v_proj_weight`` when the
+    key and value sizes differ); ``out_proj`` is a masked Linear of its own."""
+
+    _weight_names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        batched = query.dim() == 3
+        if self.batch_first and batched:
+            query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+        separate = not self._qkv_same_embed_dim
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads,
+            None if separate else self.masked_weight("in_proj_weight"), self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout,
+            _effective(self.out_proj, "weight"), self.out_proj.bias, training=self.training,
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            use_separate_proj_weight=separate,
+            q_proj_weight=self.masked_weight("q_proj_weight") if separate else None,
+            k_proj_weight=self.masked_weight("k_proj_weight") if separate else None,
+            v_proj_weight=self.masked_weight("v_proj_weight") if separate else None,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if self.batch_first and batched:
+            out = out.transpose(1, 0)
+        return out, weights
+
+
+class _GenericMixin(MaskedLayer):
+    """For conv/linear subclasses with a forward of their own (timm's same-padding and
+    weight-standardised convs): their forward runs with ``weight`` reading ``weight * m``.
+    The masked tensor shadows the parameter in the instance dict for the call alone."""
 
     def forward(self, *args, **kwargs):
-        # Generic path for conv/linear subclasses with their own forward (e.g. timm's
-        # same-padding conv): present the masked weight under the name `weight` while
-        # the original forward runs.
-        masked = self.masked_weight()
-        frozen = self._parameters.pop("weight")
+        self.__dict__["weight"] = self.masked_weight()
         try:
-            self.__dict__["weight"] = masked
             return self._plain_class.forward(self, *args, **kwargs)
         finally:
             del self.__dict__["weight"]
-            self._parameters["weight"] = frozen
-
-    def extra_repr(self) -> str:
-        return f"{self._plain_class.extra_repr(self)}, threshold={self.threshold}, ternary={self.ternary}"
 
 
-class MaskedConv2d(MaskedLayer, nn.Conv2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.masked_weight(), self.bias)
+_FAMILIES: Tuple[Tuple[type, type], ...] = (
+    (nn.modules.conv._ConvTransposeNd, _ConvTransposeMixin),
+    (nn.modules.conv._ConvNd, _ConvMixin),
+    (nn.Linear, _LinearMixin),
+    (nn.MultiheadAttention, _MultiheadAttentionMixin),
+)
+_MASKED_CLASSES: Dict[type, type] = {}
 
 
-class MaskedLinear(MaskedLayer, nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.masked_weight(), self.bias)
-
-
-MaskedConv2d._plain_class = nn.Conv2d
-MaskedLinear._plain_class = nn.Linear
-_MASKED_CLASSES: Dict[type, type] = {nn.Conv2d: MaskedConv2d, nn.Linear: MaskedLinear}
+def _family(cls: type) -> Optional[Tuple[type, type]]:
+    for base, mixin in _FAMILIES:
+        if issubclass(cls, base):
+            return base, mixin
+    return None
 
 
 def _masked_class_for(cls: type) -> type:
-    """The masked class for cls: the fast classes for the plain types, a generic
-    subclass for conv/linear subclasses (grouped/depthwise convs are plain Conv2d)."""
+    """The masked class of ``cls``, made once and cached."""
     if cls not in _MASKED_CLASSES:
-        _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (MaskedLayer, cls), {"_plain_class": cls})
+        base, mixin = _family(cls)
+        # The family's own forward applies where the subclass keeps its base's forward
+        # (grouped and depthwise convs are plain Conv2d; MultiheadAttention's out_proj).
+        own_forward = next(c for c in cls.__mro__ if "forward" in c.__dict__)
+        if own_forward.__module__.startswith("torch.nn.") or mixin is _MultiheadAttentionMixin:
+            chosen = mixin
+        else:
+            chosen = _GenericMixin
+        _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (chosen, cls), {
+            "_plain_class": cls, "__module__": __name__,
+            "__doc__": f"{cls.__name__} with a piggyback mask on its weights (common.masking)."})
     return _MASKED_CLASSES[cls]
 
 
-def _init_constant(weight: torch.Tensor, scale: float, threshold: float) -> torch.Tensor:
+MaskedConv1d = _masked_class_for(nn.Conv1d)
+MaskedConv2d = _masked_class_for(nn.Conv2d)
+MaskedConv3d = _masked_class_for(nn.Conv3d)
+MaskedConvTranspose1d = _masked_class_for(nn.ConvTranspose1d)
+MaskedConvTranspose2d = _masked_class_for(nn.ConvTranspose2d)
+MaskedConvTranspose3d = _masked_class_for(nn.ConvTranspose3d)
+MaskedLinear = _masked_class_for(nn.Linear)
+MaskedMultiheadAttention = _masked_class_for(nn.MultiheadAttention)
+
+
+class FixedNorm(nn.Module):
+    """Mixin: a backbone normalisation layer whose statistics and affine parameters are
+    frozen; it stays in eval mode whatever ``train()`` says (the paper trains masks with
+    the backbone's batch-norm fixed)."""
+
+    _plain_class: type = nn.Module
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild, ("fixed", self._plain_class, self.__getstate__())
+
+
+_FIXED_CLASSES: Dict[type, type] = {}
+
+
+def _fixed_class_for(cls: type) -> type:
+    if cls not in _FIXED_CLASSES:
+        _FIXED_CLASSES[cls] = type(f"Fixed{cls.__name__}", (FixedNorm, cls), {
+            "_plain_class": cls, "__module__": __name__})
+    return _FIXED_CLASSES[cls]
+
+
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    globals()[f"Fixed{_cls.__name__}"] = _fixed_class_for(_cls)
+    __all__.append(f"Fixed{_cls.__name__}")
+
+
+def _rebuild(kind: str, plain: type, state: dict) -> nn.Module:
+    cls = _masked_class_for(plain) if kind == "masked" else _fixed_class_for(plain)
+    obj = cls.__new__(cls)
+    obj.__setstate__(state)
+    return obj
+
+
+# ---------------------------------------------------------------------- conversion
+
+def _init_constant(weight, scale, spread, threshold):
     return torch.full_like(weight, scale)
 
 
-def _init_uniform(weight: torch.Tensor, scale: float, threshold: float) -> torch.Tensor:
+def _init_spread(weight, scale, spread, threshold):
+    # Spread around `scale`: masks whose gradients share a sign then cross the threshold
+    # over many steps instead of all in the same step (the collapse of the constant init).
+    return torch.empty_like(weight).uniform_(scale - spread, scale + spread)
+
+
+def _init_uniform(weight, scale, spread, threshold):
     # Centred on the threshold: half of the mask starts switched off (the paper's
     # random-initialisation variant).
     return torch.empty_like(weight).uniform_(threshold - scale, threshold + scale)
 
 
-def _init_weight(weight: torch.Tensor, scale: float, threshold: float) -> torch.Tensor:
+def _init_weight(weight, scale, spread, threshold):
     # Proportional to |W| with mean `scale`, so |grad m_r| / |m_r| (eq. 7) is alike
-    # across layers (the paper's first initialisation option).
+    # across layers.
     magnitude = weight.detach().abs()
     return magnitude * (scale / magnitude.mean().clamp_min(1e-12))
 
 
-MASK_INITS: Dict[str, Callable[[torch.Tensor, float, float], torch.Tensor]] = {
+MASK_INITS: Dict[str, Callable[..., torch.Tensor]] = {
     "constant": _init_constant,
+    "spread": _init_spread,
     "uniform": _init_uniform,
     "weight": _init_weight,
 }
-
-
-class _FrozenNorm:
-    """Mixin: a normalisation layer that stays in eval mode whatever train() says."""
-
-    def train(self, mode: bool = True):
-        super().train(False)
-        return self
-
-
-_FROZEN_NORM_CLASSES: Dict[type, type] = {}
-
-
-def _frozen_norm_class(cls: type) -> type:
-    if cls not in _FROZEN_NORM_CLASSES:
-        _FROZEN_NORM_CLASSES[cls] = type(f"Frozen{cls.__name__}", (_FrozenNorm, cls), {"_plain_class": cls})
-    return _FROZEN_NORM_CLASSES[cls]
 
 
 def _in_skip(name: str, skip: Tuple[str, ...]) -> bool:
     return any(name == s or name.startswith(s + ".") for s in skip)
 
 
-def piggyback(model: nn.Module, *, threshold: float = 5e-3, mask_init: str = "constant",
-              mask_scale: float = 1e-2, ternary: bool = False, train_bn: bool = False,
-              skip: Iterable[str] = ()) -> nn.Module:
+def _masked_weight_names(module: nn.Module) -> Tuple[str, ...]:
+    if isinstance(module, nn.MultiheadAttention):
+        names = ("in_proj_weight",) if module._qkv_same_embed_dim else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        return tuple(n for n in names if isinstance(module._parameters.get(n), torch.Tensor))
+    if _family(type(module)) is not None and isinstance(module._parameters.get("weight"), torch.Tensor):
+        return ("weight",)
+    return ()
+
+
+def piggyback(model: nn.Module, *, threshold: float = 5e-3, mask_init: str = "spread",
+              mask_scale: float = 1e-2, mask_spread: float = 4e-3, ternary: bool = False,
+              scheme: Optional[str] = None, train_bn: bool = False, skip: Iterable[str] = ()) -> nn.Module:
     """Convert ``model`` in place for piggyback mask training and return it.
 
-    Every nn.Conv2d / nn.Linear outside ``skip`` becomes a masked layer with a frozen
-    weight/bias and a trainable ``mask_real``. Modules named in ``skip`` (and their
-    children) stay untouched and trainable: they are the task's new layers. All other
-    parameters are frozen. Normalisation layers are frozen and kept in eval mode, unless
-    ``train_bn`` makes them task-specific (affine parameters and running statistics train).
+    Every conv/linear layer (and attention input projection) outside ``skip`` becomes a
+    masked layer with a frozen weight/bias and a trainable ``mask_real``. Modules named in
+    ``skip`` (and their children) stay untouched and trainable: they are the task's new
+    layers. All other parameters are frozen. Normalisation layers are frozen and kept in
+    eval mode, unless ``train_bn`` makes them task-specific (affine parameters and running
+    statistics train). ``scheme`` is ``"binary"`` (default) or ``"ternary"``
+    (``ternary=True`` says the same). ``mask_init``: ``spread`` (uniform in
+    ``mask_scale +- mask_spread``, the default), ``constant`` (all ``mask_scale``: the
+    paper), ``uniform`` (centred on the threshold) or ``weight`` (proportional to |W|).
     """
+    scheme_obj = get_scheme(scheme if scheme is not None else ("ternary" if ternary else "binary"))
+    if ternary and scheme_obj.name != "ternary":
+        raise UsageError(f"ternary=True contradicts scheme={scheme!r}")
+    threshold = scheme_obj.check_threshold(threshold)
     if mask_init not in MASK_INITS:
-        raise ValueError(f"mask_init={mask_init!r} is not one of {sorted(MASK_INITS)}")
-    if ternary and threshold <= 0:
-        raise ValueError(f"ternary masks need threshold > 0 (cut-offs at +-threshold), got {threshold}")
+        raise UsageError(f"mask_init={mask_init!r} is not one of {sorted(MASK_INITS)}")
+    if not mask_spread >= 0:
+        raise UsageError(f"mask_spread must be >= 0, got {mask_spread}")
     if is_piggybacked(model):
-        raise ValueError("model already holds masked layers; piggyback() converts a plain model once")
+        raise UsageError("model already holds masked layers; piggyback() converts a plain model once")
     skip = tuple(skip)
     names = dict(model.named_modules())
     missing = [s for s in skip if s not in names]
     if missing:
-        raise KeyError(f"skip names {missing} are not modules of {type(model).__name__}; "
-                       f"top-level children are {[n for n, _ in model.named_children()]}")
+        raise UsageError(f"skip names {missing} are not modules of {type(model).__name__}; "
+                         f"top-level children are {[n for n, _ in model.named_children()]}")
     init = MASK_INITS[mask_init]
-    multihead_children = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    unmasked = []
+    unmasked: List[str] = []
     for name, module in names.items():
         if _in_skip(name, skip):
             for sub in module.modules():
@@ -244,26 +348,54 @@ def piggyback(model: nn.Module, *, threshold: float = 5e-3, mask_init: str = "co
             continue
         for p in module.parameters(recurse=False):
             p.requires_grad_(False)
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            if id(module) in multihead_children:
-                unmasked.append(name)  # nn.MultiheadAttention reads out_proj.weight itself
-                continue
+        weight_names = _masked_weight_names(module)
+        if weight_names:
             module.__class__ = _masked_class_for(type(module))
-            module.threshold = float(threshold)
-            module.ternary = bool(ternary)
+            module.threshold = threshold
+            module.scheme = scheme_obj
             module.mask_scale = float(mask_scale)
-            module.mask_real = nn.Parameter(init(module.weight, mask_scale, threshold).to(module.weight.dtype))
+            for wname in weight_names:
+                w = module._parameters[wname]
+                module.register_parameter(mask_name(wname), nn.Parameter(
+                    init(w, mask_scale, mask_spread, threshold).to(w.dtype)))
+            covered = set(weight_names) | {mask_name(w) for w in weight_names} | {"bias", "in_proj_bias"}
         elif isinstance(module, NORM_TYPES):
+            covered = set(module._parameters)
             if train_bn:
                 for p in module.parameters(recurse=False):
                     p.requires_grad_(True)
                 setattr(module, TASK_STATE_ATTR, True)
             elif isinstance(module, nn.modules.batchnorm._NormBase):
-                module.__class__ = _frozen_norm_class(type(module))
+                module.__class__ = _fixed_class_for(type(module))
                 module.train(False)
+        else:
+            covered = set()
+        prefix = f"{name}." if name else ""
+        unmasked += [prefix + k for k, p in module._parameters.items() if p is not None and k not in covered]
     if unmasked:
-        warnings.warn(f"left unmasked (their parent reads the weight directly): {unmasked}")
+        warnings.warn(f"{len(unmasked)} weight(s) stay frozen without a mask: {unmasked}", stacklevel=2)
+    model.__dict__[SETTINGS_ATTR] = {"scheme": scheme_obj.name, "threshold": threshold, "skip": list(skip),
+                                     "train_bn": bool(train_bn), "mask_init": mask_init,
+                                     "mask_scale": float(mask_scale), "mask_spread": float(mask_spread)}
     return model
+
+
+def conversion_settings(model: nn.Module) -> dict:
+    """How ``model`` was converted: scheme, threshold, skip, train_bn, mask_init, mask_scale.
+
+    For a model converted piece by piece (no record on the root), what its layers say."""
+    recorded = model.__dict__.get(SETTINGS_ATTR)
+    if recorded is not None:
+        return dict(recorded)
+    layers = [m for _, m in masked_modules(model)]
+    if not layers:
+        raise UsageError(f"{type(model).__name__} holds no masked layers: convert it with common.masking.piggyback")
+    skip = sorted({n for n, m in model.named_modules() if getattr(m, TASK_STATE_ATTR, False)
+                   and not isinstance(m, NORM_TYPES)})
+    skip = [n for n in skip if not any(n.startswith(s + ".") for s in skip)]
+    return {"scheme": layers[0].scheme.name, "threshold": layers[0].threshold, "skip": skip,
+            "train_bn": any(getattr(m, TASK_STATE_ATTR, False) for m in model.modules() if isinstance(m, NORM_TYPES)),
+            "mask_init": None, "mask_scale": layers[0].mask_scale, "mask_spread": None}
 
 
 def is_piggybacked(model: nn.Module) -> bool:
@@ -276,8 +408,46 @@ def masked_modules(model: nn.Module) -> Iterator[Tuple[str, MaskedLayer]]:
             yield name, module
 
 
+@dataclass(frozen=True)
+class MaskEntry:
+    """One masked weight: its key in mask files (the module's name, plus ``.in_proj_weight``
+    and the like for weights not called ``weight``), its module and the weight's name."""
+
+    key: str
+    module: MaskedLayer
+    weight_name: str = "weight"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module._parameters[self.weight_name]
+
+    @property
+    def mask_real(self) -> nn.Parameter:
+        return self.module._parameters[mask_name(self.weight_name)]
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.module._parameters.get("bias" if self.weight_name == "weight" else "in_proj_bias")
+
+    def binary(self) -> torch.Tensor:
+        return self.module.binary_mask(self.weight_name)
+
+    def set(self, mask: torch.Tensor) -> None:
+        set_binary_mask(self.module, mask, self.weight_name)
+
+
+def mask_entries(model: nn.Module) -> List[MaskEntry]:
+    """Every masked weight of ``model``, in module order."""
+    out = []
+    for name, module in masked_modules(model):
+        for wname in module.masked_weights():
+            key = name if wname == "weight" else (f"{name}.{wname}" if name else wname)
+            out.append(MaskEntry(key, module, wname))
+    return out
+
+
 def mask_parameters(model: nn.Module) -> List[nn.Parameter]:
-    return [m.mask_real for _, m in masked_modules(model)]
+    return [e.mask_real for e in mask_entries(model)]
 
 
 def task_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -294,63 +464,59 @@ def task_state_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def set_binary_mask(layer: MaskedLayer, mask: torch.Tensor) -> None:
-    """Set ``mask_real`` so that it thresholds to ``mask`` (values in {0,1} or {-1,0,1})."""
-    if mask.shape != layer.weight.shape:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} for a weight of shape {tuple(layer.weight.shape)}")
-    delta = abs(layer.mask_scale - layer.threshold) or 1e-3
-    if layer.ternary:
-        values = mask.to(layer.mask_real.dtype) * (layer.threshold + delta)
-    else:
-        values = torch.where(mask.to(layer.mask_real.device) > 0, layer.threshold + delta, layer.threshold - delta)
-    layer.mask_real.copy_(values)
+def set_binary_mask(layer: MaskedLayer, mask: torch.Tensor, name: str = "weight") -> None:
+    """Set the mask of ``layer``'s weight ``name`` so that it thresholds to ``mask``
+    (values in the scheme's set, e.g. {0, 1} or {-1, 0, 1})."""
+    mask_real = layer._parameters[mask_name(name)]
+    if tuple(mask.shape) != tuple(mask_real.shape):
+        raise UsageError(f"mask of shape {tuple(mask.shape)} for a weight of shape {tuple(mask_real.shape)}")
+    values = layer.scheme.real_values(mask.to(device=mask_real.device, dtype=mask_real.dtype),
+                                      layer.threshold, layer.mask_scale)
+    mask_real.copy_(values)
 
 
 def fold_masks(model: nn.Module) -> nn.Module:
-    """A plain copy of ``model`` (ordinary nn.Conv2d/nn.Linear/norm classes) whose
-    weights are ``weight * m``: the same outputs with no masking cost at inference.
-    The input model is left unchanged; real-valued masks are not copied."""
+    """A plain copy of ``model`` (its original layer classes) whose weights are
+    ``weight * m``: the same outputs with no masking cost at inference. The input model is
+    left unchanged; real-valued masks are not copied."""
     memo = {}
-    for _, layer in masked_modules(model):
+    for e in mask_entries(model):
         with torch.no_grad():
-            folded = apply_mask(layer.weight, layer.mask_real, layer.threshold, layer.ternary)
-        memo[id(layer.weight)] = nn.Parameter(folded)
-        memo[id(layer.mask_real)] = None
-        if "_masked_buffer" in layer.__dict__:
-            memo[id(layer.__dict__["_masked_buffer"])] = None
+            folded = e.module.scheme.masked_weight(e.weight, e.mask_real, e.module.threshold)
+        memo[id(e.weight)] = nn.Parameter(folded)
+        memo[id(e.mask_real)] = None
     plain = copy.deepcopy(model, memo)
     for module in plain.modules():
         if isinstance(module, MaskedLayer):
-            del module._parameters["mask_real"]
-            for attr in ("threshold", "ternary", "mask_scale", "_masked_buffer", "_buffer_busy"):
+            for wname in module._weight_names:
+                module._parameters.pop(mask_name(wname), None)
+            for attr in ("threshold", "scheme", "mask_scale"):
                 module.__dict__.pop(attr, None)
             module.__class__ = module._plain_class
-        elif isinstance(module, _FrozenNorm):
+        elif isinstance(module, FixedNorm):
             module.__class__ = module._plain_class
         module.__dict__.pop(TASK_STATE_ATTR, None)
+    plain.__dict__.pop(SETTINGS_ATTR, None)
     for p in plain.parameters():
         p.requires_grad_(True)
     return plain.train(model.training)
 
 
-def _backbone_tensors(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
-    """The frozen weights and biases the masks apply to. Norm layers are left out so
-    that the same backbone has the same fingerprint with or without train_bn."""
-    for name, layer in masked_modules(model):
-        yield f"{name}.weight", layer.weight
-        if layer.bias is not None:
-            yield f"{name}.bias", layer.bias
-
-
 @torch.no_grad()
 def backbone_fingerprint(model: nn.Module) -> str:
-    """A hash of the frozen backbone: names, shapes, dtypes and bytes of the masked weights."""
+    """A hash of the frozen backbone: names, shapes, dtypes and bytes of the masked weights
+    and their biases. Norm layers are left out so that the same backbone has the same
+    fingerprint with or without train_bn."""
     h = hashlib.blake2b(digest_size=16)
-    for key, tensor in _backbone_tensors(model):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    for e in mask_entries(model):
+        pairs = [(f"{e.key}.weight" if e.weight_name == "weight" else e.key, e.weight)]
+        if e.bias is not None:
+            pairs.append((f"{e.key}.bias" if e.weight_name == "weight" else f"{e.key}.bias", e.bias))
+        for key, tensor in pairs:
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 

@@ -12,9 +12,9 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from .bits import pack_mask, unpack_mask
+from .errors import MaskFileError, UsageError
 from .maskfile import _check_compatible, read_mask_file, task_state
-from .masking import backbone_fingerprint, masked_modules, set_binary_mask
+from .masking import backbone_fingerprint, conversion_settings, mask_entries
 
 __all__ = ["MultiTaskModel"]
 
@@ -40,14 +40,14 @@ def _sync_shape_attributes(module: nn.Module) -> None:
 
 def _from_model(model: nn.Module):
     """(masks, task state, metadata) of a trained piggybacked model, as a mask file holds them."""
-    layers = dict(masked_modules(model))
-    if not layers:
-        raise ValueError("add_task needs a mask file or a model converted by common.masking.piggyback")
-    first = next(iter(layers.values()))
-    meta = {"layers": {n: {"shape": list(m.weight.shape)} for n, m in layers.items()},
-            "ternary": first.ternary, "threshold": first.threshold,
-            "fingerprint": backbone_fingerprint(model)}
-    return {n: m.binary_mask() for n, m in layers.items()}, task_state(model), meta
+    entries = mask_entries(model)
+    if not entries:
+        raise UsageError("add_task needs a mask file or a model converted by common.masking.piggyback")
+    settings = conversion_settings(model)
+    meta = {"layers": {e.key: {"shape": list(e.weight.shape)} for e in entries},
+            "scheme": settings["scheme"], "ternary": settings["scheme"] == "ternary",
+            "threshold": settings["threshold"], "fingerprint": backbone_fingerprint(model)}
+    return {e.key: e.binary() for e in entries}, task_state(model), meta
 
 
 class _TaskStore(nn.Module):
@@ -73,19 +73,20 @@ class MultiTaskModel(nn.Module):
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
-        if not any(True for _ in masked_modules(backbone)):
-            raise ValueError("MultiTaskModel needs a model converted by common.masking.piggyback")
+        if not mask_entries(backbone):
+            raise UsageError("MultiTaskModel needs a backbone converted by common.masking.piggyback "
+                             "(piggyback(model, skip=(<head>,)) or load_masks(model, file) on a plain model)")
         self.backbone = backbone
         self.tasks = nn.ModuleDict()
         self.metadata: Dict[str, dict] = {}
         self.current: Optional[str] = None
-        self._layers = dict(masked_modules(backbone))
+        self._entries = {e.key: e for e in mask_entries(backbone)}
         # the backbone's own tensors for every key some task overrides
         self.base_state = _TaskStore()
 
     def _new_store(self, name: str) -> _TaskStore:
         if name in self.tasks:
-            raise ValueError(f"task {name!r} is already loaded")
+            raise UsageError(f"task {name!r} is already loaded")
         store = _TaskStore()
         self.tasks[name] = store
         return store
@@ -103,10 +104,14 @@ class MultiTaskModel(nn.Module):
         own = task_state(self.backbone)
         unknown = sorted(set(state) - set(own))
         if unknown:
-            raise ValueError(f"{origin}: task tensors {unknown} have no matching module in the backbone")
+            raise MaskFileError(f"{origin}: task tensors {unknown} have no matching module in the backbone")
+        wrong = sorted(k for k, t in state.items() if t.dtype != own[k].dtype)
+        if wrong:
+            raise MaskFileError(f"{origin}: task tensors {wrong[:5]} are {state[wrong[0]].dtype}, the backbone's "
+                                f"are {own[wrong[0]].dtype}")
         store = self._new_store(name)
-        for layer_name, layer in self._layers.items():
-            store.add("mask", layer_name, pack_mask(masks[layer_name], layer.ternary).to(layer.weight.device))
+        for key, e in self._entries.items():
+            store.add("mask", key, e.module.scheme.pack(masks[key]).to(e.weight.device))
         for key, t in state.items():
             if key not in self.base_state.state_keys:
                 self.base_state.add("state", key, own[key].detach())
@@ -117,9 +122,9 @@ class MultiTaskModel(nn.Module):
     def add_backbone_task(self, name: str) -> None:
         """The backbone's own task: every mask entry 1 and the backbone's own task state."""
         store = self._new_store(name)
-        for layer_name, layer in self._layers.items():
-            ones = torch.ones_like(layer.weight, dtype=torch.float32)
-            store.add("mask", layer_name, pack_mask(ones, layer.ternary))
+        for key, e in self._entries.items():
+            ones = torch.ones_like(e.weight, dtype=torch.float32)
+            store.add("mask", key, e.module.scheme.pack(ones).to(e.weight.device))
         self.metadata[name] = {"task": name, "backbone_task": True}
 
     @torch.no_grad()
@@ -127,10 +132,9 @@ class MultiTaskModel(nn.Module):
         if name not in self.tasks:
             raise KeyError(f"unknown task {name!r}; loaded tasks: {sorted(self.tasks)}")
         store = self.tasks[name]
-        for layer_name, slot in store.mask_keys.items():
-            layer = self._layers[layer_name]
-            set_binary_mask(layer, unpack_mask(getattr(store, slot), layer.weight.shape, layer.ternary,
-                                               dtype=layer.mask_real.dtype))
+        for key, slot in store.mask_keys.items():
+            e = self._entries[key]
+            e.set(e.module.scheme.unpack(getattr(store, slot), e.weight.shape, dtype=e.mask_real.dtype))
         tensors = {key: getattr(self.base_state, slot) for key, slot in self.base_state.state_keys.items()}
         tensors.update({key: getattr(store, slot) for key, slot in store.state_keys.items()})
         for key, t in tensors.items():

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.masking import MaskedConv2d, masked_modules
+from common.masking import MaskedConv2d, MaskedLayer, masked_modules
 from decathlon.methods import METHODS, replace_head
 from decathlon.models import (create_model, load_backbone, load_external_weights, load_weights,
                               model_names, open_backbone, remap_external_state_dict,
@@ -165,4 +165,4 @@ def test_methods_train_exactly_their_parameters(name):
     if name == "piggyback":
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
         assert len(list(masked_modules(model))) == len(convs) and all(isinstance(m, MaskedConv2d) for m in convs)
-        assert not isinstance(model.fc, MaskedConv2d) and model.fc.weight.requires_grad
+        assert not isinstance(model.fc, MaskedLayer) and model.fc.weight.requires_grad

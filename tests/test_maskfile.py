@@ -43,8 +43,6 @@ def masks_of(model):
 
 @pytest.mark.parametrize("ternary,compress", [(False, False), (True, False), (False, True), (True, True)])
 def test_round_trip(tmp_path, ternary, compress):
-    if compress:
-        pytest.importorskip("common.entropy")
     base = backbone()
     trained = task_model(base, 4, seed=1, train_bn=True, ternary=ternary)
     path = save_masks(trained, tmp_path / "task.safetensors", task="svhn", arch="tiny", compress=compress)
@@ -155,3 +153,120 @@ def test_sparsity_and_parameter_ratio(tmp_path):
     assert binary_entropy(0.5) == 1.0 and binary_entropy(0.0) == 0.0
     png = plot_sparsity({"svhn": s["layers"], "dtd": {"0": 0.1, "1": 0.2}}, tmp_path / "fig" / "sparsity.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------ files from others
+
+def _rewrite(path, out, header_edit=None, tensor_edit=None):
+    """Copy a mask file with its header and/or tensors edited, as someone might."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata())
+    tensors = load_file(str(path))
+    if header_edit:
+        header_edit(header)
+    if tensor_edit:
+        tensor_edit(tensors)
+    save_file(tensors, str(out), metadata=header)
+    return out
+
+
+def _drop(key):
+    return lambda h: h.pop(key)
+
+
+def _set(key, value):
+    return lambda h: h.__setitem__(key, value)
+
+
+def _edit_layer(field, value):
+    def edit(h):
+        layers = json.loads(h["layers"])
+        layers[next(iter(layers))][field] = value
+        h["layers"] = json.dumps(layers)
+    return edit
+
+
+HEADER_EDITS = {
+    "no layers": (_drop("layers"), r"'layers' is missing"),
+    "no user": (_drop("user"), r"'user' is missing"),
+    "no threshold": (_drop("threshold"), r"'threshold' is missing"),
+    "threshold text": (_set("threshold", "abc"), r"'threshold' = 'abc' is not a number"),
+    "negative threshold": (_set("threshold", "-0.005"), r"'threshold' = '-0.005'.*positive"),
+    "layers not json": (_set("layers", "{not json"), r"'layers' is not valid JSON"),
+    "user not object": (_set("user", "[1, 2]"), r"'user' holds a list"),
+    "scheme": (_set("scheme", "yes"), r"'scheme' = 'yes'"),
+    "train_bn": (_set("train_bn", "yes"), r"'train_bn' = 'yes'"),
+    "skip": (_set("skip", '"8"'), r"'skip' holds a str"),
+    "fingerprint": (_set("fingerprint", "xyz"), r"'fingerprint' = 'xyz'"),
+    "version": (_set("format_version", "7"), r"version '7'"),
+    "shape": (_edit_layer("shape", [16, 3, 3, 4]), r"'mask/0' has 54 bytes.*shape \[16, 3, 3, 4\]"),
+    "same-size shape": (_edit_layer("shape", [16, 3, 9]), r"does not fit.*'0', \[16, 3, 9\]"),
+    "bad shape": (_edit_layer("shape", [16, -3]), r"layer '0' has shape \[16, -3\]"),
+    "encoding": (_edit_layer("encoding", "zip"), r"layer '0' has encoding 'zip'"),
+}
+
+
+@pytest.mark.parametrize("edit", list(HEADER_EDITS))
+def test_edited_headers_are_refused_naming_file_and_key(tmp_path, edit):
+    trained = task_model(backbone(), 4, seed=1)
+    good = save_masks(trained, tmp_path / "good.safetensors", task="a")
+    change, message = HEADER_EDITS[edit]
+    bad = _rewrite(good, tmp_path / "bad.safetensors", header_edit=change)
+    fresh = task_model(backbone(), 4, seed=2)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(MaskFileError, match=message) as info:
+        load_masks(fresh, bad)
+    assert "bad.safetensors" in str(info.value)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())  # nothing loaded
+
+
+def test_edited_tensors_are_refused_before_anything_is_loaded(tmp_path):
+    trained = task_model(backbone(), 4, seed=1, train_bn=True)
+    good = save_masks(trained, tmp_path / "good.safetensors", task="a")
+    fresh = task_model(backbone(), 4, seed=2, train_bn=True)
+    cases = {
+        "head retyped": (lambda t: t.__setitem__("state/8.weight", t["state/8.weight"].half()), r"'8.weight' is torch.float16"),
+        "mask cut": (lambda t: t.__setitem__("mask/0", t["mask/0"][:-1].clone()), r"'mask/0' has \d+ bytes"),
+        "mask retyped": (lambda t: t.__setitem__("mask/0", t["mask/0"].float()), r"'mask/0' is torch.float32"),
+        "mask missing": (lambda t: t.pop("mask/3"), r"holds no tensor 'mask/3'"),
+        "extra tensor": (lambda t: t.__setitem__("other", torch.zeros(2)), r"\['other'\]"),
+        "nan head": (lambda t: t["state/8.bias"].fill_(float("nan")), r"'8.bias' holds non-finite"),
+    }
+    for name, (edit, message) in cases.items():
+        bad = _rewrite(good, tmp_path / f"{name.replace(' ', '_')}.safetensors", tensor_edit=edit)
+        with pytest.raises(MaskFileError, match=message):
+            load_masks(fresh, bad)
+        mt = MultiTaskModel(copy.deepcopy(fresh))
+        if name != "nan head":
+            with pytest.raises(MaskFileError):
+                mt.add_task("x", bad)
+
+
+def test_a_plain_model_is_converted_from_the_file_alone(tmp_path):
+    base = backbone()
+    for train_bn, ternary in ((False, False), (True, True)):
+        trained = task_model(base, 4, seed=1, train_bn=train_bn, ternary=ternary)
+        path = save_masks(trained, tmp_path / "t.safetensors", task="a")
+        meta = read_mask_metadata(path)
+        assert meta["skip"] == ["8"] and meta["train_bn"] is train_bn
+        assert meta["scheme"] == ("ternary" if ternary else "binary")
+        plain = copy.deepcopy(base)  # its classifier still has 10 classes; the task has 4
+        load_masks(plain, path)
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(plain.eval()(x), trained(x))
+
+
+def test_classifier_accessor_on_torchvision_and_timm():
+    import timm
+    import torchvision
+    from common.heads import get_classifier, reset_classifier
+    cases = [(torchvision.models.resnet18(), "fc"), (torchvision.models.mobilenet_v2(width_mult=0.35), "classifier.1"),
+             (torchvision.models.vgg11(), "classifier.6"),
+             (timm.create_model("mobilenetv3_small_050", pretrained=False), "classifier")]
+    for model, name in cases:
+        assert get_classifier(model)[0] == name
+        assert reset_classifier(model, 7) == name
+        assert get_classifier(model)[1].out_features == 7

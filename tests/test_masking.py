@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.errors import PiggybackError, UsageError
 from common.masking import (MaskedConv2d, MaskedLayer, MaskedLinear, binarize, fold_masks,
-                            mask_parameters, masked_modules, piggyback, set_binary_mask,
+                            mask_entries, mask_parameters, masked_modules, piggyback, set_binary_mask,
                             task_parameters)
 
 
@@ -141,7 +142,7 @@ def test_mask_inits_and_bad_arguments():
     assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), rtol=1e-4)
     with pytest.raises(ValueError, match="mask_init"):
         piggyback(nn.Sequential(nn.Linear(2, 2)), mask_init="gaussian")
-    with pytest.raises(KeyError, match="nothere"):
+    with pytest.raises(UsageError, match="nothere"):
         piggyback(nn.Sequential(nn.Linear(2, 2)), skip=("nothere",))
     already = piggyback(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="already"):
@@ -225,11 +226,11 @@ def _reference_mask_grad(layer, x, dy):
     return m.grad
 
 
-def test_reused_masked_weight_buffer_gives_correct_gradients_across_steps():
+def test_masks_change_across_steps_and_gradients_stay_exact():
     torch.manual_seed(4)
     layer = piggyback(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)))[0]
     opt = torch.optim.Adam([layer.mask_real], lr=1e-2)
-    for _ in range(3):  # the buffer is rewritten every step after the mask changed
+    for _ in range(3):  # the masked weight is recomputed every step after the mask changed
         x, dy = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6)
         opt.zero_grad()
         expected = _reference_mask_grad(layer, x, dy)
@@ -246,8 +247,8 @@ def test_several_forwards_before_one_backward():
         layer.mask_real.uniform_(-0.01, 0.02)
     x1, x2 = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
     d1, d2 = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
-    y1 = layer(x1)          # reads the shared buffer
-    y2 = layer(x2)          # the buffer is still needed by y1's graph: a fresh tensor
+    y1 = layer(x1)
+    y2 = layer(x2)
     ((y1 * d1).sum() + (y2 * d2).sum()).backward()
     expected = _reference_mask_grad(layer, x1, d1) + _reference_mask_grad(layer, x2, d2)
     torch.testing.assert_close(layer.mask_real.grad, expected)
@@ -257,3 +258,88 @@ def test_several_forwards_before_one_backward():
     layer.mask_real.grad = None
     (layer(x2) * d2).sum().backward()
     torch.testing.assert_close(layer.mask_real.grad, _reference_mask_grad(layer, x2, d2))
+
+
+@pytest.mark.parametrize("cls,args,x_shape", [
+    (nn.Conv1d, (3, 4, 3), (2, 3, 9)),
+    (nn.Conv3d, (3, 4, 3), (1, 3, 5, 5, 5)),
+    (nn.ConvTranspose1d, (3, 4, 3), (2, 3, 7)),
+    (nn.ConvTranspose2d, (3, 4, 3, 2), (2, 3, 5, 5)),
+    (nn.ConvTranspose3d, (3, 2, 2), (1, 3, 3, 3, 3)),
+])
+def test_every_conv_type_is_masked_with_the_eq7_gradient(cls, args, x_shape):
+    torch.manual_seed(6)
+    plain = cls(*args)
+    layer = piggyback(nn.Sequential(copy.deepcopy(plain)))[0]
+    assert isinstance(layer, MaskedLayer) and isinstance(layer, cls)
+    with torch.no_grad():
+        layer.mask_real.uniform_(-0.01, 0.02)
+    x = torch.randn(x_shape)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    # reference: the plain layer with W*m as a leaf weight
+    m = layer.binary_mask()
+    ref = copy.deepcopy(plain)
+    ref.weight = nn.Parameter(plain.weight.detach() * m)
+    out = ref(x)
+    torch.testing.assert_close(out, y.detach(), rtol=1e-5, atol=1e-6)
+    (out * dy).sum().backward()
+    torch.testing.assert_close(layer.mask_real.grad, ref.weight.grad * plain.weight, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_input_projection_is_masked():
+    torch.manual_seed(7)
+    for kdim in (None, 6):
+        attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+        model = piggyback(nn.ModuleList([attn]))
+        masked = {e.key for e in mask_entries(model)}
+        names = ({"0.in_proj_weight"} if kdim is None else {"0.q_proj_weight", "0.k_proj_weight", "0.v_proj_weight"})
+        assert masked == names | {"0.out_proj"}
+        with torch.no_grad():
+            for e in mask_entries(model):
+                e.mask_real.uniform_(-0.01, 0.02)
+        q, k = torch.randn(2, 5, 8), torch.randn(2, 4, kdim or 8)
+        out, _ = model[0](q, k, k)
+        folded = fold_masks(model)
+        assert type(folded[0]) is nn.MultiheadAttention
+        torch.testing.assert_close(folded[0](q, k, k)[0], out, rtol=1e-5, atol=1e-6)
+        out.sum().backward()
+        assert all(e.mask_real.grad is not None and e.mask_real.grad.abs().sum() > 0 for e in mask_entries(model))
+
+
+def test_unmasked_weights_are_named_in_a_warning():
+    class WithEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.pos = nn.Parameter(torch.zeros(4))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.embed(x) + self.pos)
+
+    with pytest.warns(UserWarning, match=r"embed\.weight.*pos|pos.*embed\.weight"):
+        model = piggyback(WithEmbedding())
+    assert not model.embed.weight.requires_grad and not model.pos.requires_grad
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain CNN has nothing left unmasked: no warning
+        piggyback(small_cnn(), skip=("12",))
+
+
+def test_no_state_is_kept_between_calls():
+    layer = piggyback(nn.Sequential(nn.Linear(6, 4)))[0]
+    before = set(layer.__dict__)
+    layer(torch.randn(2, 6)).sum().backward()
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 6))
+    assert set(layer.__dict__) == before
+
+
+def test_errors_are_the_toolkit_errors():
+    with pytest.raises(PiggybackError, match="threshold"):
+        piggyback(nn.Sequential(nn.Linear(2, 2)), ternary=True, threshold=0.0)
+    with pytest.raises(PiggybackError, match="scheme"):
+        piggyback(nn.Sequential(nn.Linear(2, 2)), scheme="quaternary")

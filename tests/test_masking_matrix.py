@@ -1,0 +1,209 @@
+"""Every backbone x every PyTorch tool: the masked model must give the eq. 7 gradient and
+fold to a plain model with the same outputs, whichever way it is run.
+
+The reference gradient is computed without the masked layers: the model is folded to a
+plain one whose weights are W * m, the gradient of the loss with respect to those
+weights is taken by plain autograd, and eq. 7 multiplies it by the frozen W.
+"""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from common.masking import fold_masks, is_piggybacked, mask_entries, piggyback
+
+
+def _wrn():
+    from decathlon.models import create_model
+    return create_model("wrn10_1", 5), ("fc",), (2, 3, 16, 16)
+
+
+def _resnet18():
+    import torchvision
+    m = torchvision.models.resnet18(num_classes=5)
+    return m, ("fc",), (2, 3, 32, 32)
+
+
+def _mobilenet_v2():
+    import torchvision
+    m = torchvision.models.mobilenet_v2(num_classes=5, width_mult=0.35)
+    m.classifier[0].p = 0.0  # deterministic head; the masked part is what is tested
+    return m, ("classifier",), (2, 3, 32, 32)
+
+
+def _fcn_vgg():
+    from segmentation.model import NEW_LAYERS, build_fcn32s
+    return build_fcn32s("vgg-tiny", num_classes=4), NEW_LAYERS, (1, 3, 24, 24)
+
+
+def _timm_same_padding():
+    import timm
+    m = timm.create_model("tf_mobilenetv3_small_minimal_100", pretrained=False, num_classes=5)
+    from timm.layers import Conv2dSame
+    assert any(isinstance(x, Conv2dSame) for x in m.modules())  # padding='same' convs are in the test
+    return m, ("classifier",), (2, 3, 32, 32)
+
+
+BACKBONES = {"wrn": _wrn, "resnet18": _resnet18, "mobilenet_v2": _mobilenet_v2, "fcn_vgg": _fcn_vgg,
+             "timm_same": _timm_same_padding}
+
+
+def _build(name, seed=0):
+    torch.manual_seed(seed)
+    model, skip, shape = BACKBONES[name]()
+    piggyback(model, skip=skip)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for e in mask_entries(model):  # about a third of every mask switched off
+            e.mask_real.copy_(torch.rand(e.mask_real.shape, generator=g) * 0.015)
+    x = torch.randn(shape, generator=g)
+    return model.eval(), x
+
+
+def _loss(out):
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    return (out * w).sum()
+
+
+def _reference_grads(model, xs):
+    """eq. 7 from a plain model: dE/d(W*m) by autograd on the folded weights, times W."""
+    plain = fold_masks(model).eval()
+    for p in plain.parameters():
+        p.grad = None
+    for x in xs:
+        _loss(plain(x)).backward()
+    return {e.key: plain.get_submodule(e.key).weight.grad * e.weight if e.weight_name == "weight"
+            else plain.get_parameter(e.key).grad * e.weight for e in mask_entries(model)}
+
+
+def _grads(model):
+    return {e.key: e.mask_real.grad for e in mask_entries(model)}
+
+
+def _assert_eq7(model, xs, grads=None):
+    expected = _reference_grads(model, xs)
+    got = grads if grads is not None else _grads(model)
+    assert set(got) == set(expected)
+    for key in expected:
+        assert got[key] is not None, key
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def _assert_folds(model, x):
+    with torch.no_grad():
+        torch.testing.assert_close(fold_masks(model).eval()(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def _eager(model, x):
+    _loss(model(x)).backward()
+    return model, [x], None
+
+
+def _compile(model, x):
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+    dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    _loss(compiled(x)).backward()
+    with torch.no_grad():
+        compiled(x + 1)  # a second call with the same shapes must not recompile
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(graphs) <= 2, f"{len(graphs)} graphs: recompiled"  # forward with grad, then under no_grad
+    return model, [x], None
+
+
+def _func_grad(model, x):
+    from torch.func import functional_call, grad
+    masks = {n: p for n, p in model.named_parameters() if n.endswith("mask_real")}
+    others = {n: p for n, p in model.named_parameters() if n not in masks}
+
+    def f(m):
+        return _loss(functional_call(model, {**others, **m}, (x,)))
+
+    g = grad(f)(masks)
+    by_key = {}
+    for e in mask_entries(model):
+        name = next(n for n, p in masks.items() if p is e.mask_real)
+        by_key[e.key] = g[name]
+    return model, [x], by_key
+
+
+def _checkpointed(model, x):
+    _loss(checkpoint(model, x, use_reentrant=False)).backward()
+    return model, [x], None
+
+
+def _pickled(model, x):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    loaded = pickle.loads(pickle.dumps(loaded))
+    assert is_piggybacked(loaded)
+    _loss(loaded(x)).backward()
+    return loaded, [x], None
+
+
+def _moved(model, x):
+    model = model.to(torch.float64)
+    x = x.double()
+    for module in model.modules():  # nothing weight-sized is cached outside params/buffers
+        assert not any(isinstance(v, torch.Tensor) for v in module.__dict__.values())
+    _loss(model(x)).backward()
+    return model, [x], None
+
+
+def _two_forwards(model, x):
+    x2 = torch.flip(x, dims=[-1])
+    y1, y2 = model(x), model(x2)
+    (_loss(y1) + _loss(y2)).backward()
+    return model, [x, x2], None
+
+
+def _mode_switch(model, x):
+    model.train()
+    y = model(x)
+    model.eval()
+    model.train()
+    _loss(y).backward()
+    return model.eval(), [x], None
+
+
+MODES = {"eager": _eager, "compile": _compile, "func_grad": _func_grad, "checkpoint": _checkpointed,
+         "pickle": _pickled, "to": _moved, "two_forwards": _two_forwards, "train_eval": _mode_switch}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_eq7_and_folding(backbone, mode):
+    model, x = _build(backbone)
+    model, xs, grads = MODES[mode](model, x)
+    _assert_eq7(model, xs, grads)
+    _assert_folds(model, xs[0])
+    assert all(e.weight.grad is None for e in mask_entries(model))  # the backbone gets no gradient
+
+
+def test_inductor_compiled_training_matches_eager():
+    """The real compiler (not only the tracer) on one small masked network."""
+    model, x = _build("wrn")
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(model)
+    out = compiled(x)
+    _loss(out).backward()
+    ref = twin(x)
+    _loss(ref).backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(mask_entries(model), mask_entries(twin)):
+        torch.testing.assert_close(a.mask_real.grad, b.mask_real.grad, rtol=1e-4, atol=1e-6)
