@@ -1,23 +1,40 @@
-"""Benchmark 6 (accelerator): WRN-28-4 mask training in fp32 and in bf16 + channels_last.
+"""Benchmark 6 (accelerator): what mask training costs on a GPU, measured the way users run it.
 
-``python -m benchmarks.gpu [--out BENCHMARKS-gpu.md]`` on a machine with a CUDA device:
-images per second of a piggyback training step (and of a finetuning step, for the
-overhead on the device) at batch 32 and 128, in fp32 and with bf16 autocast plus
-channels_last memory format, timed side by side; then the projected wall time of the
-paper's decathlon recipe (nine tasks, 60 epochs each) at the measured rate. Not a test.
+``python -m benchmarks.gpu [--out BENCHMARKS-gpu.md]`` on a machine with a CUDA device.
+
+Part A, the training step (WRN-28-4 at 64x64, Adam, BN frozen, data already on the
+device), side by side in one run at batch 32 and 128:
+
+- piggyback with this toolkit's masked layers, eager and under ``torch.compile``;
+- finetuning the same network, eager and compiled;
+- piggyback with a masked layer written the original code's way (an autograd binarizer
+  that makes a new {0, 1} tensor every forward, then ``weight * mask``);
+- bf16 autocast + channels_last against fp32;
+- CUDA graphs (``torch.compile(mode="reduce-overhead")``) at batch 32.
+
+Part B, end to end (``--end-to-end DIR``): ``decathlon.train`` itself on a decathlon tree
+(for instance one written by ``decathlon.synthetic`` with a large task), eager against
+compiled and the device loader against the worker loader, images per second read from
+the run's own log; and the projected wall time of the nine-task, 60-epoch recipe.
+
 ``benchmarks.run`` calls :func:`run`, which reports "not measured" without a device.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from benchmarks.harness import (Section, fmt, machine_info, markdown_path, median, median_ratio,
-                                render_markdown)
+from benchmarks.harness import Section, fmt, machine_info, markdown_path, median, render_markdown
 from benchmarks.workloads import get_workload, make_optimizer, prepare
 from common.amp import autocast, maybe_channels_last
 from common.cli import run_cli
@@ -28,17 +45,39 @@ SPLITS = {"aircraft": (3334, 3333), "cifar100": (40000, 10000), "daimlerpedcls":
           "dtd": (1880, 1880), "gtsrb": (31367, 7842), "omniglot": (17853, 6492),
           "svhn": (47217, 26040), "ucf101": (7585, 1952), "vgg-flowers": (1020, 1020)}
 EPOCHS = 60
-MODES = {"fp32": (False, False), "bf16 + channels_last": (True, True)}
 
 
-def _step_fn(model, opt, x, y, device, amp):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast(device, amp):
-            logits = model(x)
-        torch.nn.functional.cross_entropy(logits.float(), y).backward()
-        opt.step()
-    return step
+class _NewTensorBinarizer(torch.autograd.Function):
+    """The original code's binarizer: a fresh {0, 1} tensor every forward, gradient passed through."""
+
+    @staticmethod
+    def forward(ctx, mask_real, threshold):
+        out = mask_real.clone()
+        out[mask_real <= threshold] = 0
+        out[mask_real > threshold] = 1
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _OriginalStyleConv2d(nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(x, self.weight * _NewTensorBinarizer.apply(self.mask_real, 5e-3), self.bias)
+
+
+def original_style(plain: nn.Module, skip=("fc",)) -> nn.Module:
+    """The network with every conv masked the original code's way (for comparison only)."""
+    for name, m in plain.named_modules():
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(name.startswith(skip))
+        if type(m) is nn.Conv2d:
+            m.__class__ = _OriginalStyleConv2d
+            m.mask_real = nn.Parameter(torch.full_like(m.weight, 1e-2))
+        elif isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    return plain
 
 
 def _sync(device: torch.device) -> None:
@@ -46,82 +85,166 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(device: torch.device, batch_size: int, steps: int, rounds: int) -> dict:
-    """Images/s per (mode, method): every round runs ``steps`` steps of each contender."""
+def _contender(plain, method: str, device, batch: int, *, compiled: Optional[str], amp: bool, channels_last: bool):
+    import copy
+    workload = get_workload("wrn28_4")
+    if method == "original":
+        model = original_style(copy.deepcopy(plain)).train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        model, params = prepare(plain, method, workload, train_bn=False)
+    model = maybe_channels_last(model.to(device), channels_last)
+    opt = make_optimizer("adam", params)
+    g = torch.Generator().manual_seed(batch)
+    x = maybe_channels_last(torch.randn(batch, 3, 64, 64, generator=g).to(device), channels_last)
+    y = torch.randint(0, 100, (batch,), generator=g).to(device)
+    fwd = torch.compile(model, mode=compiled) if compiled else model
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            logits = fwd(x)
+        F.cross_entropy(logits.float(), y).backward()
+        opt.step()
+    return step
+
+
+CONTENDERS = {
+    # name: (method, compile mode or None, amp, channels_last)
+    "piggyback eager": ("piggyback", None, False, False),
+    "piggyback compiled": ("piggyback", "default", False, False),
+    "finetune eager": ("finetune", None, False, False),
+    "finetune compiled": ("finetune", "default", False, False),
+    "original-style layer eager": ("original", None, False, False),
+    "piggyback eager bf16+CL": ("piggyback", None, True, True),
+    "piggyback compiled bf16+CL": ("piggyback", "default", True, True),
+    "piggyback CUDA graphs": ("piggyback", "reduce-overhead", False, False),
+    "finetune CUDA graphs": ("finetune", "reduce-overhead", False, False),
+}
+
+
+def measure_steps(device: torch.device, batch: int, names, steps: int, rounds: int, log=print) -> Dict[str, List[float]]:
+    """Seconds per step of each contender, ``rounds`` interleaved rounds of ``steps`` steps."""
     workload = get_workload("wrn28_4")
     torch.manual_seed(0)
     plain = workload.build()
-    x_cpu, y_cpu = workload.batch(batch_size)
-    contenders = {}
-    for mode, (amp, channels_last) in MODES.items():
-        for method in ("piggyback", "finetune"):
-            model, params = prepare(plain, method, workload, train_bn=False)
-            model = maybe_channels_last(model.to(device), channels_last)
-            opt = make_optimizer("adam", params)
-            x = maybe_channels_last(x_cpu.to(device), channels_last)
-            contenders[(mode, method)] = _step_fn(model, opt, x, y_cpu.to(device), device, amp)
-    times = {k: [] for k in contenders}
-    for r in range(rounds + 1):  # round 0 warms up (cuDNN autotuning, allocator)
-        for key, step in contenders.items():
+    fns: Dict[str, Callable] = {}
+    for name in names:
+        method, mode, amp, cl = CONTENDERS[name]
+        t0 = time.perf_counter()
+        fns[name] = _contender(plain, method, device, batch, compiled=mode, amp=amp, channels_last=cl)
+        for _ in range(3):  # compile, autotune, allocator warm-up
+            fns[name]()
+        _sync(device)
+        log(f"  batch {batch}: {name} ready in {time.perf_counter() - t0:.1f}s")
+    times = {n: [] for n in fns}
+    for r in range(rounds):
+        for name in list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]:
             _sync(device)
             start = time.perf_counter()
             for _ in range(steps):
-                step()
+                fns[name]()
             _sync(device)
-            if r:
-                times[key].append((time.perf_counter() - start) / steps)
+            times[name].append((time.perf_counter() - start) / steps)
     return times
 
 
-def run(quick: bool, context: dict, device: str = "cuda") -> Section:
+def run(quick: bool, context: dict, device: str = "cuda", batches=(32, 128), names=None) -> Section:
     start = time.perf_counter()
     section = Section("6. GPU", "WRN-28-4 at 64x64, Adam, BN frozen, random weights and data on the device "
-                      "(no loader in the loop). Images/s are medians over rounds of repeated steps.")
+                      "(no loader in the loop). Images/s are medians over interleaved rounds.")
     if device == "cuda" and not torch.cuda.is_available():
         section.notes.append("**Not measured here**: this machine has no CUDA device. Run "
                              "`python -m benchmarks.gpu` on a machine with one; it writes "
                              "BENCHMARKS-gpu.md with the device name and these figures.")
-        section.check("bf16 + channels_last vs fp32 images/s", "not measured (no GPU)", "reported", None)
+        section.check("piggyback / finetune step time on a GPU", "not measured (no GPU)", "<= 1", None)
         return section
     dev = torch.device(device)
     name = "CPU (code-path check only)"
     if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as decathlon.train does: fixed 64x64 inputs
-        name = (f"{torch.cuda.get_device_name(dev)}; cuDNN autotuning on, TF32 convolutions "
-                f"{'on' if torch.backends.cudnn.allow_tf32 else 'off'}")
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        name = f"{torch.cuda.get_device_name(dev)}, torch {torch.__version__}, cuDNN autotuning, TF32 on"
     section.intro += f" Device: **{name}**."
-    rows, best = [], {}
-    for batch in ((32,) if quick else (32, 128)):
-        t = measure(dev, batch, steps=3 if quick or dev.type == "cpu" else 20, rounds=3 if quick else 5)
-        for mode in MODES:
-            pg, ft = t[(mode, "piggyback")], t[(mode, "finetune")]
-            rate = batch / median(pg)
-            best[(batch, mode)] = rate
-            rows.append([str(batch), mode, fmt(rate), fmt(batch / median(ft)),
-                         f"{median_ratio(pg, ft):.3f}"])
-        speedup = best[(batch, "bf16 + channels_last")] / best[(batch, "fp32")]
-        section.check(f"bf16 + channels_last / fp32 images/s, batch {batch}", f"{speedup:.2f}x", "reported", None)
-    section.table("", ["batch", "precision", "piggyback images/s", "finetune images/s",
-                       "piggyback / finetune step time"], rows)
+    names = list(names or CONTENDERS)
+    if dev.type != "cuda":
+        names = [n for n in names if "CUDA graphs" not in n and "compiled" not in n]
+    rows, rates = [], {}
+    for batch in batches:
+        use = [n for n in names if "CUDA graphs" not in n or batch <= 64]
+        t = measure_steps(dev, batch, use, steps=3 if quick or dev.type == "cpu" else 20, rounds=2 if quick else 5)
+        for n in use:
+            rates[(batch, n)] = batch / median(t[n])
+            rows.append([str(batch), n, fmt(rates[(batch, n)])])
+        for pg, ft in (("piggyback eager", "finetune eager"), ("piggyback compiled", "finetune compiled"),
+                       ("piggyback CUDA graphs", "finetune CUDA graphs")):
+            if (batch, pg) in rates and (batch, ft) in rates:
+                ratio = rates[(batch, ft)] / rates[(batch, pg)]
+                section.check(f"{pg} / {ft} step time, batch {batch}", f"{ratio:.3f}", "<= 1", ratio <= 1.0)
+    section.table("Training-step throughput", ["batch", "contender", "images/s"], rows)
     train = sum(s[0] for s in SPLITS.values())
-    trainval = sum(sum(s) for s in SPLITS.values())
-    proj = []
-    for (batch, mode), rate in sorted(best.items()):
-        proj.append([str(batch), mode, f"{train * EPOCHS / rate / 3600:.2f}", f"{trainval * EPOCHS / rate / 3600:.2f}"])
-    section.table(f"Projected wall time of the nine-task decathlon, {EPOCHS} epochs per task, one device, "
-                  f"if the loader keeps up ({train:,} train or {trainval:,} train+val images per epoch):",
-                  ["batch", "precision", "hours, train split", "hours, train+val"], proj)
+    proj = [[str(b), n, f"{train * EPOCHS / r / 60:.1f}"] for (b, n), r in sorted(rates.items())
+            if n.startswith("piggyback")]
+    section.table(f"Projected wall time of the nine-task recipe ({EPOCHS} epochs, {train:,} training images per "
+                  f"epoch) at the step rate alone:", ["batch", "contender", "minutes"], proj)
+    context["gpu_rates"] = {f"{b}|{n}": r for (b, n), r in rates.items()}
     section.seconds = time.perf_counter() - start
     return section
 
 
+def end_to_end(root: Path, task: str, out: Path, runs, epochs: int, extra: List[str], log=print) -> Section:
+    """``decathlon.train`` as users run it; images/s of its last epoch, from its own log."""
+    section = Section("6b. GPU end to end", f"`python -m decathlon.train --task {task}` on the tree at {root}, "
+                      f"{epochs} epochs; images/s = training images / epoch time of the last epoch (training, "
+                      f"evaluation and loading included).")
+    rows, rates = [], {}
+    for label, flags in runs:
+        run_dir = out / label.replace(" ", "_").replace(",", "")
+        cmd = [sys.executable, "-m", "decathlon.train", "--task", task, "--data-root", str(root), "--out", str(run_dir),
+               "--epochs", str(epochs), "--method", "piggyback", "--print-freq", "1000", *extra, *flags]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            log(proc.stdout[-2000:] + proc.stderr[-3000:])
+            rows.append([label, "failed", "", f"{time.perf_counter() - t0:.0f}"])
+            continue
+        records = [json.loads(line) for line in (run_dir / task / "log.jsonl").read_text().splitlines() if line]
+        cfg = json.loads((run_dir / task / "config.json").read_text())
+        last = records[-1]
+        rate = cfg["train_images"] / last["epoch_time_s"]
+        rates[label] = rate
+        rows.append([label, fmt(rate), f"{last['epoch_time_s']:.2f}", f"{time.perf_counter() - t0:.0f}"])
+        log(f"  {label}: {rate:.0f} images/s")
+    section.table("", ["run", "images/s (last epoch)", "epoch s", "command s"], rows)
+    train = sum(s[0] for s in SPLITS.values())
+    section.table("Projected nine-task, 60-epoch recipe at these end-to-end rates:", ["run", "minutes"],
+                  [[k, f"{train * EPOCHS / r / 60:.1f}"] for k, r in rates.items()])
+    return section
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="GPU benchmark of WRN-28-4 mask training (benchmark 6).")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu",
+                                     description="GPU benchmark of WRN-28-4 mask training (benchmark 6).")
     parser.add_argument("--out", type=markdown_path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS-gpu.md",
                         help="Markdown report to write (default: BENCHMARKS-gpu.md at the repository root)")
-    parser.add_argument("--quick", action="store_true", help="batch 32 only, fewer rounds")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128], help="batch sizes (default: 32 128)")
+    parser.add_argument("--only", nargs="+", choices=list(CONTENDERS), default=None, metavar="NAME",
+                        help=f"contenders to time (default: all: {', '.join(CONTENDERS)})")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="cuda (default); cpu only checks the code path, its figures mean nothing")
+    parser.add_argument("--end-to-end", default=None, metavar="DIR",
+                        help="also run decathlon.train on this decathlon tree (eager/compiled, device/worker loader)")
+    parser.add_argument("--task", default="svhn", help="task of the end-to-end runs (default: svhn)")
+    parser.add_argument("--e2e-epochs", type=int, default=2, help="epochs of each end-to-end run (default: 2)")
+    parser.add_argument("--e2e-batches", type=int, nargs="+", default=[128, 32], help="batch sizes of the end-to-end runs")
+    parser.add_argument("--e2e-images", type=int, default=20000,
+                        help="when the --end-to-end folder does not exist, write a synthetic decathlon tree there "
+                             "with this many training images of --task (default: 20000)")
     return parser
 
 
@@ -133,13 +256,34 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
 
 
 def main(args: argparse.Namespace) -> int:
-    section = run(args.quick, {}, device=args.device)
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    sections = [run(args.quick, {}, device=args.device, batches=args.batches, names=args.only)]
+    if args.end_to_end:
+        root = Path(args.end_to_end)
+        if not root.exists():
+            from decathlon.synthetic import make_synthetic_decathlon
+            from decathlon.tasks import get_task
+            classes = min(10, get_task(args.task).num_classes)
+            t0 = time.perf_counter()
+            make_synthetic_decathlon(root, tasks=(args.task,), num_classes={args.task: classes},
+                                     train_per_class=max(1, args.e2e_images // classes),
+                                     val_per_class=max(1, args.e2e_images // classes // 10), test_per_class=1)
+            log(f"wrote a synthetic {args.task} tree at {root} in {time.perf_counter() - t0:.0f}s")
+        out = Path(os.environ.get("TMPDIR", "/tmp")) / "piggyback-e2e"
+        runs = []
+        for b in args.e2e_batches:
+            runs += [(f"batch {b}, compiled, device loader", ["--batch-size", str(b), "--compile", "on", "--loader", "device"]),
+                     (f"batch {b}, eager, device loader", ["--batch-size", str(b), "--compile", "off", "--loader", "device"])]
+        runs.append((f"batch {args.e2e_batches[0]}, eager, worker loader",
+                     ["--batch-size", str(args.e2e_batches[0]), "--compile", "off", "--loader", "workers"]))
+        sections.append(end_to_end(Path(args.end_to_end), args.task, out, runs, args.e2e_epochs,
+                                   ["--cache-dir", str(out / "cache"), "--method", "piggyback"], log=log))
     info = machine_info()
     if args.device == "cuda":
         info["GPU"] = torch.cuda.get_device_name()
         info["CUDA"] = str(torch.version.cuda)
         info["cuDNN"] = str(torch.backends.cudnn.version())
-    atomic_write_bytes(args.out, render_markdown([section], info, title="GPU benchmark").encode("utf-8"))
+    atomic_write_bytes(args.out, render_markdown(sections, info, title="GPU benchmark").encode("utf-8"))
     print(f"[benchmarks.gpu] wrote {args.out}")
     return 0
 
