@@ -32,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
         description="Time and size the piggyback toolkit on this machine's CPU; write BENCHMARKS.md.")
     parser.add_argument("--quick", action="store_true",
                         help="fewer rounds and cases (a smoke run; figures are noisier)")

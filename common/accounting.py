@@ -8,12 +8,13 @@ layers) add 32 bits per parameter.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, Union
+from typing import Iterable, Mapping, Union
 
 import torch
 import torch.nn as nn
 
 from .entropy import binary_entropy  # noqa: F401  (re-exported: H(p), the storage limit)
+from .plots import plot_sparsity  # noqa: F401  (re-exported: the paper's Fig. 3)
 from .masking import conversion_settings, mask_entries, task_state_modules
 
 __all__ = ["sparsity", "sparsity_from_masks", "backbone_parameters", "task_extra_parameters",
@@ -75,35 +76,3 @@ def parameter_ratio(backbone_params: int, tasks: Iterable[Mapping[str, float]]) 
 def file_bits_per_weight(path: Union[str, Path], masked_weights: int) -> float:
     """Bits on disk per masked weight for a mask file (header and task state included)."""
     return Path(path).stat().st_size * 8 / masked_weights
-
-
-def plot_sparsity(per_layer: Union[Mapping[str, float], Dict[str, Dict[str, float]]], path, *, title: str = None) -> Path:
-    """Bar chart of the percentage of weights masked out per layer (paper Fig. 3).
-
-    ``per_layer`` maps layer name to zero fraction, or task name to such a mapping
-    (several tasks side by side)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = per_layer if per_layer and isinstance(next(iter(per_layer.values())), Mapping) else {"": per_layer}
-    names = list(next(iter(series.values())).keys())
-    width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
-    for i, (label, values) in enumerate(series.items()):
-        xs = [j + i * width for j in range(len(names))]
-        ax.bar(xs, [100 * values.get(n, float("nan")) for n in names], width, label=label or None)
-    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(names))])
-    ax.set_xticklabels(names, rotation=90, fontsize=7)
-    ax.set_ylabel("weights masked out (%)")
-    ax.set_title(title or "Mask sparsity per layer")
-    if len(series) > 1:
-        ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path

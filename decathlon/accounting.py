@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from common.accounting import parameter_ratio, sparsity_from_masks
+from common.errors import UsageError
 from common.maskfile import read_mask_file
+from common.schemes import get_scheme
 
 __all__ = ["BUFFER_SUFFIXES", "mask_file_cost", "decathlon_accounting", "FP32_BITS"]
 
@@ -29,19 +31,37 @@ FP32_BITS = 32
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def mask_file_cost(path, *, head: str = "fc") -> dict:
+def _bits_per_entry(meta: dict) -> int:
+    scheme = meta.get("scheme") or ("ternary" if meta.get("ternary") else "binary")
+    return int(get_scheme(scheme).bits)
+
+
+def _head_prefixes(meta: dict, state: Mapping, norm_layers: set) -> tuple:
+    """The task's new modules: as the file records them (``skip``), else the owners of
+    its 2-D weight tensors (linear classifiers) that are not normalisation layers."""
+    skip = meta.get("skip")
+    if isinstance(skip, (list, tuple)) and skip:
+        return tuple(f"{name}." for name in skip)
+    owners = {key.rsplit(".", 1)[0] for key, t in state.items()
+              if key.endswith(".weight") and t.dim() == 2}
+    return tuple(f"{o}." for o in sorted(owners - norm_layers))
+
+
+def mask_file_cost(path, *, head: Optional[str] = None) -> dict:
     """What one task's mask file stores, counted from the file.
 
-    Returns ``masked_weights``, ``mask_bits`` (1 or 2 bits per masked weight),
-    ``head_params`` (tensors of module ``head``), ``norm_params`` (affine parameters of
-    task-specific normalisation layers, recognised by their running statistics),
-    ``other_params`` (any other trained tensor), ``extra_params`` (the sum of the three:
+    Returns ``masked_weights``, ``mask_bits`` (bits per masked weight of the file's mask
+    scheme: 1 binary, 2 ternary), ``head_params`` (tensors of the task's new modules:
+    ``head`` when given, else those the file records or its linear layers),
+    ``norm_params`` (affine parameters of task-specific normalisation layers, recognised
+    by their running statistics), ``other_params`` (any other trained tensor), ``extra_params`` (the sum of the three:
     the task's 32-bit parameters), ``statistic_values`` (running statistics),
     ``sparsity`` (fraction of mask entries equal to 0), ``ternary`` and ``file_bytes``.
     """
     masks, state, meta = read_mask_file(path)
     masked = sum(m.numel() for m in masks.values())
     norm_layers = {key.rsplit(".", 1)[0] for key in state if key.endswith(".running_mean")}
+    heads = (f"{head}.",) if head else _head_prefixes(meta, state, norm_layers)
     counts = {"head_params": 0, "norm_params": 0, "other_params": 0, "statistic_values": 0}
     for key, tensor in state.items():
         owner, leaf = key.rsplit(".", 1) if "." in key else ("", key)
@@ -49,7 +69,7 @@ def mask_file_cost(path, *, head: str = "fc") -> dict:
             continue  # a step counter, not used at inference
         if leaf in BUFFER_SUFFIXES:
             kind = "statistic_values"
-        elif key.startswith(head + "."):
+        elif heads and key.startswith(heads) and owner not in norm_layers:
             kind = "head_params"
         elif owner in norm_layers:
             kind = "norm_params"
@@ -58,7 +78,7 @@ def mask_file_cost(path, *, head: str = "fc") -> dict:
         counts[kind] += tensor.numel()
     return {
         "masked_weights": masked,
-        "mask_bits": masked * (2 if meta["ternary"] else 1),
+        "mask_bits": masked * _bits_per_entry(meta),
         **counts,
         "extra_params": counts["head_params"] + counts["norm_params"] + counts["other_params"],
         "sparsity": sparsity_from_masks(masks)["total"],
@@ -79,7 +99,7 @@ def decathlon_accounting(backbone_params: int, tasks: Mapping[str, Mapping[str, 
     the bytes: ideal (bit-exact) and, where known, of the files on disk.
     """
     if backbone_params <= 0:
-        raise ValueError(f"backbone_params must be a positive count, got {backbone_params}")
+        raise UsageError(f"backbone_params must be a positive count, got {backbone_params}")
     costs = {name: {"mask_bits": int(c["mask_bits"]), "extra_params": int(c["extra_params"])}
              for name, c in tasks.items()}
     backbone_bits = FP32_BITS * backbone_params

@@ -9,6 +9,10 @@ ids are kept for the submission file.
 Augmentation randomness is drawn from a generator seeded by ``(seed, epoch, index)``, so
 samples do not depend on worker count, process count or on where a run was resumed.
 Augmentation itself lives in :mod:`decathlon.transforms`.
+
+OpenCV decodes a truncated JPEG or PNG without complaint (the missing rows come out
+grey), so :func:`load_image` checks that the file ends as its format requires before
+decoding it, and refuses a partial file naming it.
 """
 from __future__ import annotations
 
@@ -24,13 +28,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.distributed import DistInfo, make_sampler
+from common.errors import DataError, MissingFileError, UsageError
 from common.seed import epoch_generator, reseed_loader, worker_init_fn
 from decathlon.cache import DecodedCache
 from decathlon.tasks import TaskSpec, get_task
 from decathlon.transforms import build_transforms
 
-__all__ = ["DecathlonDataset", "SPLITS", "annotation_path", "load_image", "build_loader",
-           "set_loader_epoch", "build_transforms"]
+__all__ = ["DecathlonDataset", "SPLITS", "annotation_path", "load_image", "check_complete",
+           "build_loader", "set_loader_epoch", "build_transforms"]
 
 # split name -> annotation file suffixes it is made of
 SPLITS = {"train": ("train",), "val": ("val",), "train+val": ("train", "val"),
@@ -41,15 +46,45 @@ def annotation_path(root: Union[str, Path], task: str, part: str) -> Path:
     return Path(root) / "annotations" / f"{task}_{part}.json"
 
 
+_JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8", b"\xff\xda", b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"IEND\xaeB`\x82"  # the last chunk: type and its fixed CRC
+
+
+def check_complete(data: bytes, path: Path, what: str = "") -> None:
+    """Refuse a JPEG without its end-of-image marker after the last scan, or a PNG without
+    its IEND chunk: a file cut short (an interrupted copy or download) that OpenCV would
+    decode partially, silently."""
+    if data[:2] == _JPEG_SOI:
+        sos = data.rfind(_JPEG_SOS)
+        # Inside entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so
+        # the first 0xFFD9 after the last scan header is the real end; bytes after it are
+        # tolerated (some cameras append trailers).
+        if sos < 0 or data.find(_JPEG_EOI, sos + 2) < 0:
+            raise DataError(f"image file {path} {what}is truncated: a JPEG of {len(data):,} bytes "
+                            f"without the end-of-image marker 0xFFD9 after its last scan; "
+                            f"copy or extract it again")
+    elif data[:8] == _PNG_SIGNATURE:
+        if data.rfind(_PNG_IEND) < 0:
+            raise DataError(f"image file {path} {what}is truncated: a PNG of {len(data):,} bytes "
+                            f"without its final IEND chunk; copy or extract it again")
+
+
 def load_image(path: Union[str, Path], what: str = "") -> np.ndarray:
     """Decode an image file to an RGB uint8 array of shape (H, W, 3); grayscale files are
-    replicated to three channels.  ``what`` names the image in error messages."""
+    replicated to three channels.  ``what`` names the image in error messages.  A missing,
+    unreadable or truncated file raises, naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} {what}does not exist")
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MissingFileError(f"image file {path} {what}does not exist") from None
+    except OSError as exc:
+        raise DataError(f"image file {path} {what}cannot be read: {exc.strerror or exc}") from None
+    check_complete(data, path, what)
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
     if img is None:
-        raise ValueError(f"image file {path} {what}could not be decoded (not a readable image)")
+        raise DataError(f"image file {path} {what}could not be decoded (not a readable image)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -77,7 +112,7 @@ def _read_part(root: Path, spec: TaskSpec, part: str) -> _Part:
 
     path = annotation_path(root, spec.name, part)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"annotation file {path} not found (expected {spec.name}_{part}.json under "
             f"{root / 'annotations'}; the data root must be the decathlon-1.0 folder)")
     try:
@@ -85,11 +120,11 @@ def _read_part(root: Path, spec: TaskSpec, part: str) -> _Part:
             coco = COCO(str(path))
     except (ValueError, AssertionError, TypeError, KeyError) as exc:
         # JSON syntax errors, a non-object top level, records without the COCO keys
-        raise ValueError(f"annotation file {path} is not a COCO-style JSON object: "
+        raise DataError(f"annotation file {path} is not a COCO-style JSON object: "
                          f"{type(exc).__name__}: {exc}") from None
     data = coco.dataset
     if "images" not in data:
-        raise ValueError(f"annotation file {path} has no 'images' list")
+        raise DataError(f"annotation file {path} has no 'images' list")
     for cat in data.get("categories", []):
         _class_index(spec, cat.get("id"), path, f"category {cat.get('name')!r}")
     labelled = part != "test_stripped"
@@ -99,13 +134,13 @@ def _read_part(root: Path, spec: TaskSpec, part: str) -> _Part:
             image_id, name = int(im["id"]), str(im["file_name"])
             shape = (int(im["height"]), int(im["width"]))
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"annotation file {path}: image record {im!r} lacks an integer "
+            raise DataError(f"annotation file {path}: image record {im!r} lacks an integer "
                              f"id/width/height or a file_name") from None
         target = -1
         if labelled:
             anns = coco.imgToAnns.get(image_id, [])
             if len(anns) != 1:
-                raise ValueError(f"annotation file {path}: image id {image_id} has {len(anns)} "
+                raise DataError(f"annotation file {path}: image id {image_id} has {len(anns)} "
                                  f"annotations, expected exactly one")
             target = _class_index(spec, anns[0].get("category_id"), path, f"image id {image_id}")
         ids.append(image_id)
@@ -113,7 +148,7 @@ def _read_part(root: Path, spec: TaskSpec, part: str) -> _Part:
         shapes.append(shape)
         targets.append(target)
     if labelled and not ids:
-        raise ValueError(f"annotation file {path} lists no images")
+        raise DataError(f"annotation file {path} lists no images")
     return _Part(path, np.array(ids, dtype=np.int64), np.array(names, dtype=np.bytes_),
                  np.array(shapes, dtype=np.int64).reshape(-1, 2), np.array(targets, dtype=np.int64))
 
@@ -122,7 +157,7 @@ def _class_index(spec: TaskSpec, category_id, path: Path, where: str) -> int:
     try:
         return spec.class_index(int(category_id))
     except (TypeError, ValueError):
-        raise ValueError(
+        raise DataError(
             f"annotation file {path}: {where} has category_id {category_id!r}, outside task "
             f"{spec.name!r} (expected {spec.prefix + 1}..{spec.prefix + spec.num_classes})") from None
 
@@ -139,10 +174,10 @@ class DecathlonDataset(Dataset):
     def __init__(self, root: Union[str, Path], task: str, split: str, transform=None,
                  cache_dir: Union[None, str, Path] = None, seed: int = 0):
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+            raise UsageError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data root {self.root} is not a folder (expected the "
+            raise MissingFileError(f"data root {self.root} is not a folder (expected the "
                                     f"decathlon-1.0 folder holding annotations/ and data/)")
         self.spec = get_task(task)
         self.task, self.split = task, split
@@ -211,7 +246,7 @@ def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int
     """A DataLoader whose order and worker seeds depend on ``(seed, epoch, rank)`` only
     (call :func:`set_loader_epoch` before each epoch); distributed runs shard it."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     rank = dist_info.rank if dist_info is not None else 0
     sampler = make_sampler(dataset, dist_info, shuffle=train, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,

@@ -9,8 +9,11 @@ network. In about a minute on two CPU cores it
 2. pretrains a small backbone on its imagenet12 (``DIR/pretrain/backbone.pt``);
 3. trains the nine piggyback masks (``DIR/runs/<task>/masks.safetensors``);
 4. submits with ``decathlon.submit`` to ``DIR/submission/`` (results.json, results.zip,
-   summary.json, summary.md) and prints the score table, scored against the synthetic
-   labels.
+   summary.json, summary.md, tasks.png) and prints the score table, scored against the
+   synthetic labels;
+5. draws the pictures: training curves of every run (``curves.png``), mask sparsity per
+   layer of every task (``sparsity.png``) and accuracy and points per task against the
+   paper (``submission/tasks.png``), all linked from ``submission/summary.md``.
 
 Each step is the real entry point, called in-process through its ``get_args_parser()``,
 so the commands printed along the way can be rerun by hand on real data.
@@ -26,6 +29,7 @@ from typing import List
 import torch
 
 from common.cli import resolve_device, run_cli
+from common.plots import save_run_plots
 from decathlon import pretrain, submit, train
 from decathlon.synthetic import make_synthetic_decathlon
 from decathlon.tasks import MASK_TASKS, SOURCE_TASK
@@ -59,7 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Adam learning rate of the real-valued masks; higher than the paper's "
                         "1e-4 because the demo takes only a few dozen steps (default: 1e-3)")
     p.add_argument("--batch-size", type=int, default=16, help="batch size (default: 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data and training (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic data, and the --seed of pretraining and mask "
+                        "training (initialisation, data order, augmentation) (default: 0)")
     p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch; one is fastest for the demo's tiny network and "
@@ -131,6 +137,10 @@ def main(args: argparse.Namespace, log=print) -> dict:
                             "--backbone", str(backbone), "--labels", str(labels),
                             "--out", str(out / "submission"), "--batch-size", "256",
                             "--device", args.device, "--workers", str(args.workers)], log)
+    pictures = save_run_plots(out / "pretrain")
+    log(f"\npictures: {', '.join(str(p) for p in pictures)}, "
+        f"{out / 'runs' / '<task>' / 'curves.png'} and sparsity.png, "
+        f"{out / 'submission' / submit.TASKS_PNG} (linked from {out / 'submission' / 'summary.md'})")
     log(f"\ndemo finished in {time.time() - t0:.0f}s: decathlon score {summary['score']:.0f} "
         f"/ 10000 on the synthetic test labels; submission in {out / 'submission'}")
     log(f"parameter ratio {summary['parameter_ratio']:.3f}, of which the masks "

@@ -1,5 +1,5 @@
-"""Decathlon backbones: the pre-activation Wide ResNet family, its checkpoint file and the
-import of externally trained weights.
+"""Decathlon backbones: the pre-activation Wide ResNet family, its checkpoint file, the
+import of externally trained weights, and what ``--backbone`` says about a wrong file.
 
 ``wrn28_4`` is the paper's network: a stride-1 3x3 stem with 16 channels, three groups of
 pre-activation basic blocks (64, 128, 256 channels) whose first block has stride 2 and a
@@ -11,7 +11,13 @@ parameters are shared by every task.  Smaller members of the same family (``wrn1
 Backbone checkpoints (``save_backbone`` / ``load_backbone``) hold the architecture name
 with the weights, so ``decathlon.train --backbone`` needs nothing else.  External weights
 are adapted by :func:`remap_external_state_dict`, a pure key-renaming function, and
-loaded by :func:`load_external_weights`, which reports exactly the keys that did not match.
+loaded by :func:`load_external_weights`, which reports the keys that did not match.
+
+:func:`open_backbone` is what every ``--backbone`` flag of the decathlon commands goes
+through. Given another file of a run folder (the resumable ``checkpoint.pt`` beside
+``backbone.pt``, a task's ``masks.safetensors`` or ``weights.safetensors``, a JSON file, the
+folder itself) it says in one line what the file is and which file to pass instead
+(:func:`describe_run_file`).
 """
 from __future__ import annotations
 
@@ -29,17 +35,20 @@ import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from common.maskfile import safetensors_metadata
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.errors import MissingFileError, UsageError, WeightsFileError
+from common.heads import get_classifier
 from common.runlog import atomic_write_bytes
 
 __all__ = ["WideResNet", "MODELS", "register_model", "create_model", "model_names",
-           "save_backbone", "load_backbone", "open_backbone", "remap_external_state_dict",
-           "load_external_weights", "LoadReport", "save_weights", "load_weights",
-           "BACKBONE_FORMAT", "WEIGHTS_FORMAT"]
+           "save_backbone", "load_backbone", "open_backbone", "describe_run_file",
+           "remap_external_state_dict", "load_external_weights", "LoadReport", "save_weights",
+           "load_weights", "BACKBONE_FORMAT", "WEIGHTS_FORMAT", "BACKBONE_FILE"]
 
 BACKBONE_FORMAT = "decathlon-backbone"
 WEIGHTS_FORMAT = "decathlon-weights"
+BACKBONE_FILE = "backbone.pt"  # the name decathlon.pretrain gives it in its run folder
+MASK_FORMAT = "piggyback-masks"  # common.maskfile's format tag
 
 
 class PreActBlock(nn.Module):
@@ -67,7 +76,7 @@ class WideResNet(nn.Module):
     def __init__(self, depth: int, width: int, num_classes: int, stem: int = 16):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
-            raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {depth}")
+            raise UsageError(f"WRN depth must be 6n + 4 with n >= 1, got {depth}")
         blocks = (depth - 4) // 6
         channels = [stem] + [c * width for c in (16, 32, 64)]
         self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
@@ -108,22 +117,23 @@ for _depth, _width in ((28, 4), (10, 1), (10, 2), (16, 1), (16, 2), (16, 4), (28
 
 
 def model_names() -> List[str]:
+    """The registered architecture names, sorted (what ``--arch`` accepts)."""
     return sorted(MODELS)
 
 
 def create_model(name: str, num_classes: int) -> nn.Module:
     """A freshly initialised backbone ``name`` with a ``num_classes``-way classifier ``fc``."""
     if name not in MODELS:
-        raise ValueError(f"unknown architecture {name!r}; valid: {', '.join(model_names())}")
+        raise UsageError(f"unknown architecture {name!r}; valid: {', '.join(model_names())}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise UsageError(f"num_classes must be >= 1, got {num_classes}")
     return MODELS[name](num_classes)
 
 
 def save_backbone(path, model: nn.Module, arch: str, **meta) -> None:
     """Write a backbone checkpoint (atomically): weights, architecture and ``meta``
     (e.g. val_top1, epochs, task) as JSON-friendly values."""
-    num_classes = model.fc.out_features
+    num_classes = get_classifier(model)[1].out_features
     state = {"format": BACKBONE_FORMAT, "arch": arch, "num_classes": num_classes,
              "meta": dict(meta, arch=arch, num_classes=num_classes),
              "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
@@ -134,13 +144,13 @@ def load_backbone(path, map_location="cpu") -> Tuple[nn.Module, dict]:
     """The model stored by :func:`save_backbone` and its metadata (arch, num_classes, ...)."""
     try:
         state = load_checkpoint(path, map_location=map_location)
-    except CheckpointError as exc:
-        raise ValueError(f"{path} is not a backbone checkpoint written by decathlon.pretrain: "
-                         f"{exc}") from None
+    except ValueError as exc:  # common.checkpoint's CheckpointError: unreadable, other version
+        raise WeightsFileError(f"{path} is not a backbone checkpoint written by decathlon.pretrain: "
+                               f"{_first_line(exc)}") from None
     if state.get("format") != BACKBONE_FORMAT:
-        raise ValueError(f"{path} is not a backbone checkpoint written by decathlon.pretrain "
-                         f"(no format={BACKBONE_FORMAT!r}); weights from elsewhere are "
-                         f"imported by open_backbone()")
+        raise WeightsFileError(f"{path} is not a backbone checkpoint written by decathlon.pretrain "
+                               f"(no format={BACKBONE_FORMAT!r}); weights from elsewhere are "
+                               f"imported by open_backbone()")
     model = create_model(state["arch"], int(state["num_classes"]))
     model.load_state_dict(state["model"])
     return model, dict(state["meta"])
@@ -191,6 +201,14 @@ def remap_external_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, 
     return out
 
 
+def _key_summary(keys, limit: int = 4) -> str:
+    """``n keys ['a', 'b', ...] and m more``: a few names instead of all of them."""
+    keys = list(keys)
+    if len(keys) <= limit + 1:
+        return repr(keys)
+    return f"{len(keys)} keys {keys[:limit]!r} and {len(keys) - limit} more"
+
+
 @dataclass
 class LoadReport:
     """What an import matched: model keys left unset, file keys left unused, and keys
@@ -201,25 +219,33 @@ class LoadReport:
     mismatched: Dict[str, Tuple[tuple, tuple]] = field(default_factory=dict)
 
     def describe(self) -> str:
-        return (f"missing from the file: {self.missing or 'none'}; unused file keys: "
-                f"{self.unexpected or 'none'}; shape mismatches: {self.mismatched or 'none'}")
+        """One line; long key lists are cut to a count and a few names."""
+        shapes = [f"{k}: file {a} vs model {b}" for k, (a, b) in self.mismatched.items()]
+        return (f"missing from the file: {_key_summary(self.missing) if self.missing else 'none'}; "
+                f"unused file keys: {_key_summary(self.unexpected) if self.unexpected else 'none'}; "
+                f"shape mismatches: {_key_summary(shapes, 3) if shapes else 'none'}")
 
 
 def load_external_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor],
-                          ignore: Tuple[str, ...] = ("fc.",)) -> LoadReport:
+                          ignore: Optional[Tuple[str, ...]] = None, source: str = "external weights"
+                          ) -> LoadReport:
     """Load an external state dict into ``model`` through the key mapping.
 
-    Keys starting with an ``ignore`` prefix (the classifier, replaced for every task) may
-    be missing or of another shape.  Any other unmatched key raises, naming all of them.
+    Keys starting with an ``ignore`` prefix (default: the classifier, replaced for every
+    task) may be missing or of another shape.  Any other unmatched key raises
+    :class:`WeightsFileError`, naming a few of them and their counts; ``source`` (e.g. the
+    file name) starts the message.
     """
     if isinstance(state_dict.get("state_dict"), dict):  # a training checkpoint around it
         state_dict = state_dict["state_dict"]
+    if ignore is None:
+        ignore = (get_classifier(model)[0] + ".",)
     mapped = remap_external_state_dict(state_dict)
     own = model.state_dict()
     report = LoadReport()
     usable = {}
     for key, value in mapped.items():
-        if key not in own:
+        if key not in own or not isinstance(value, torch.Tensor):
             report.unexpected.append(key)
         elif tuple(value.shape) != tuple(own[key].shape):
             report.mismatched[key] = (tuple(value.shape), tuple(own[key].shape))
@@ -227,45 +253,233 @@ def load_external_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor],
             usable[key] = value
     report.missing = sorted(k for k in own if k not in usable and k not in report.mismatched)
     report.unexpected.sort()
-    model.load_state_dict(usable, strict=False)
 
     def fatal(k: str) -> bool:
         return not k.startswith(ignore) and not k.endswith("num_batches_tracked")
 
-    if any(map(fatal, report.missing)) or report.unexpected or any(map(fatal, report.mismatched)):
-        raise ValueError(f"external weights do not fit {type(model).__name__}: {report.describe()}")
+    fatal_missing = [k for k in report.missing if fatal(k)]
+    if fatal_missing or report.unexpected or any(map(fatal, report.mismatched)):
+        if len(fatal_missing) == len([k for k in own if fatal(k)]):
+            hint = ("; not one key fits: expected a pre-activation WRN state dict "
+                    "(keys like conv1.weight, layer1.0.conv1.weight, bn.weight)")
+        else:
+            hint = ""
+        raise WeightsFileError(f"{source} do not fit {type(model).__name__}: {report.describe()}{hint}")
+    model.load_state_dict(usable, strict=False)
     return report
+
+
+# ---------------------------------------------------------------- what --backbone was given
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _sniff(path: Path) -> str:
+    """'safetensors', 'json', 'torch' or 'unknown', from the first bytes of the file."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if 2 <= n < 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    stripped = head.lstrip()
+    if path.suffix in (".json", ".jsonl") or stripped[:1] in (b"{", b"["):
+        return "json"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"  # torch.save's zip container, or a legacy pickle
+    return "unknown"
+
+
+def _named_backbone(folder: Path) -> Optional[str]:
+    """The backbone file a task run folder names: in config.json, else in its mask or
+    weights file's metadata."""
+    config = _read_json(folder / "config.json")
+    if isinstance(config, dict) and config.get("backbone"):
+        return str(config["backbone"])
+    for name, key in (("masks.safetensors", "user"), ("weights.safetensors", "meta")):
+        if (folder / name).is_file():
+            try:
+                named = _loads(_safetensors_header(folder / name).get(key)).get("backbone")
+            except WeightsFileError:
+                continue
+            if named:
+                return str(named)
+    return None
+
+
+def _pass_instead(folder: Path, named: Optional[str] = None) -> str:
+    """Which backbone file to pass: the one a run names, else backbone.pt beside it."""
+    named = named or _named_backbone(folder)
+    if named:
+        exists = "" if Path(named).is_file() else " (not found there now)"
+        return f"pass the backbone it was trained on, {named}{exists}"
+    beside = folder / BACKBONE_FILE
+    if beside.is_file():
+        return f"pass {beside} instead"
+    return f"pass the {BACKBONE_FILE} that python -m decathlon.pretrain writes in its --out folder"
+
+
+def _describe_folder(path: Path) -> str:
+    if (path / BACKBONE_FILE).is_file():
+        return f"{path} is a folder; pass the backbone file in it: {path / BACKBONE_FILE}"
+    found = sorted(path.glob(f"*/{BACKBONE_FILE}"))[:3]
+    if found:
+        return (f"{path} is a folder; pass a backbone file, e.g. "
+                f"{', '.join(str(p) for p in found)}")
+    tasks = sorted(p.parent for p in path.glob("*/*.safetensors"))
+    if tasks:
+        named = next((n for n in map(_named_backbone, tasks) if n), None)
+        return (f"{path} is a folder of decathlon.train task runs, not a backbone; "
+                f"{_pass_instead(path, named)}")
+    if (path / "checkpoint.pt").is_file():
+        return (f"{path} is a run folder without {BACKBONE_FILE} (the pretraining has not "
+                f"finished: run the same decathlon.pretrain command again to complete it)")
+    return (f"{path} is a folder; pass a backbone file ({BACKBONE_FILE} from "
+            f"python -m decathlon.pretrain, or an external WRN state dict)")
+
+
+def _safetensors_header(path: Path) -> Dict[str, str]:
+    """The string metadata of a safetensors file (its JSON header's ``__metadata__``)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > 100_000_000:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        raise WeightsFileError(f"{path} is not a readable safetensors file: {_first_line(exc)}") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _describe_safetensors(path: Path) -> Optional[str]:
+    header = _safetensors_header(path)
+    fmt = header.get("format")
+    if fmt == MASK_FORMAT:
+        user = _loads(header.get("user"))
+        return (f"{path} is the piggyback mask file of task {user.get('task', '?')!r} (masks, "
+                f"classifier and task BN from decathlon.train), not a backbone; "
+                f"{_pass_instead(path.parent, user.get('backbone'))}")
+    if fmt == WEIGHTS_FORMAT:
+        meta = _loads(header.get("meta"))
+        return (f"{path} holds the full weights of a --method {meta.get('method', '?')} model of "
+                f"task {meta.get('task', '?')!r} (decathlon.train), not a backbone; "
+                f"{_pass_instead(path.parent, meta.get('backbone'))}")
+    return None  # a plain safetensors state dict: imported like any external weights
+
+
+def _loads(text) -> dict:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _describe_checkpoint(path: Path, raw: dict) -> str:
+    settings = raw.get("settings") if isinstance(raw.get("settings"), dict) else {}
+    epoch = raw.get("epoch", "?")
+    if settings.get("method") is not None:
+        return (f"{path} is the resumable training checkpoint of a decathlon.train run (task "
+                f"{settings.get('task', '?')!r}, --method {settings['method']}, epoch {epoch}), not "
+                f"a backbone; {_pass_instead(path.parent)}")
+    beside = path.parent / BACKBONE_FILE
+    where = (f"pass {beside} instead" if beside.is_file() else
+             f"{BACKBONE_FILE} is written beside it when the run finishes: run the same "
+             f"decathlon.pretrain command again to complete it")
+    return (f"{path} is the resumable training checkpoint of decathlon.pretrain (epoch {epoch}; "
+            f"model, optimizer and RNG state), not the backbone file; {where}")
+
+
+def _is_training_checkpoint(raw) -> bool:
+    return (isinstance(raw, dict) and raw.get("format") != BACKBONE_FORMAT
+            and {"model", "epoch", "optimizers"} <= set(raw))
+
+
+def describe_run_file(path) -> Optional[str]:
+    """One line saying what ``path`` is and which file to pass as ``--backbone`` instead,
+    when it is a folder or a file of a run folder other than a backbone; None when it may
+    be a backbone (a :func:`save_backbone` file or an external state dict)."""
+    path = Path(path)
+    if path.is_dir():
+        return _describe_folder(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _describe_safetensors(path)
+    if kind == "json":
+        name = {"config.json": "resolved configuration", "metrics.json": "final metrics",
+                "log.jsonl": "per-epoch log", "summary.json": "summary"}.get(path.name, "JSON data")
+        return f"{path} is a JSON file (the run's {name}), not weights; {_pass_instead(path.parent)}"
+    if kind == "torch":
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - not readable: open_backbone says so
+            return None
+        if _is_training_checkpoint(raw):
+            return _describe_checkpoint(path, raw)
+    return None
+
+
+def _read_weights(path: Path):
+    if _sniff(path) == "safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+            raise WeightsFileError(f"backbone file {path} is not a readable safetensors file: "
+                                   f"{_first_line(exc)}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing
+        raise WeightsFileError(f"backbone file {path} is not a torch file readable with "
+                               f"weights_only=True: {_first_line(exc)}") from None
 
 
 def open_backbone(path, arch: Optional[str] = None, log: Callable[[str], None] = print
                   ) -> Tuple[nn.Module, dict]:
     """The backbone in ``path``: a :func:`save_backbone` file, or else an external state
-    dict of a ``arch`` network (default wrn28_4) imported through the key mapping, whose
-    unmatched keys are logged.  The file is only read."""
+    dict (torch or safetensors) of a ``arch`` network (default wrn28_4) imported through
+    the key mapping, whose unmatched keys are logged.  Any other file of a run folder is
+    refused with one line naming the file to pass instead.  The file is only read."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone file {path} does not exist; train one with "
-                                f"python -m decathlon.pretrain")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing
-        raise ValueError(f"backbone file {path} is not a torch file readable with "
-                         f"weights_only=True: {exc}") from None
+    if not path.exists():
+        hint = f"; did you mean {path.parent / BACKBONE_FILE}?" if (path.parent / BACKBONE_FILE).is_file() \
+            else "; train one with python -m decathlon.pretrain"
+        raise MissingFileError(f"backbone file {path} does not exist{hint}")
+    problem = describe_run_file(path) if path.is_dir() or _sniff(path) != "torch" else None
+    if problem is not None:
+        raise WeightsFileError(f"--backbone {problem}")
+    raw = _read_weights(path)
+    if _is_training_checkpoint(raw):
+        raise WeightsFileError(f"--backbone {_describe_checkpoint(path, raw)}")
     if isinstance(raw, dict) and raw.get("format") == BACKBONE_FORMAT:
         model, meta = load_backbone(path)
         if arch is not None and arch != meta["arch"]:
-            raise ValueError(f"--arch {arch} differs from the architecture {meta['arch']!r} "
+            raise UsageError(f"--arch {arch} differs from the architecture {meta['arch']!r} "
                              f"stored in backbone file {path}")
         return model, meta
     if not isinstance(raw, dict):
-        raise ValueError(f"backbone file {path} holds a {type(raw).__name__}, expected a state dict")
+        raise WeightsFileError(f"backbone file {path} holds a {type(raw).__name__}, expected a "
+                               f"state dict (parameter name -> tensor)")
     arch = arch or "wrn28_4"
     sd = raw.get("state_dict", raw)
     fc = remap_external_state_dict(sd).get("fc.weight")
-    model = create_model(arch, int(fc.shape[0]) if fc is not None else 1000)
-    report = load_external_weights(model, sd)
+    model = create_model(arch, int(fc.shape[0]) if isinstance(fc, torch.Tensor) and fc.dim() == 2 else 1000)
+    report = load_external_weights(model, sd, source=f"weights in backbone file {path}")
     log(f"imported external weights from {path} into {arch}: {report.describe()}")
-    return model, {"arch": arch, "num_classes": model.fc.out_features, "source": "external",
+    return model, {"arch": arch, "num_classes": get_classifier(model)[1].out_features,
+                   "source": "external",
                    "import_report": {"missing": report.missing, "unexpected": report.unexpected}}
 
 
@@ -281,10 +495,12 @@ def load_weights(path, map_location="cpu") -> Tuple[nn.Module, dict]:
     """The model written by :func:`save_weights` (its metadata must name arch and
     num_classes) and that metadata."""
     path = Path(path)
-    header = safetensors_metadata(path, "weights")
+    if not path.is_file():
+        raise MissingFileError(f"weights file {path} does not exist")
+    header = _safetensors_header(path)
     if header.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"{path} is not a decathlon weights file (format="
-                         f"{header.get('format')!r}, expected {WEIGHTS_FORMAT!r})")
+        raise WeightsFileError(f"{path} is not a decathlon weights file (format="
+                               f"{header.get('format')!r}, expected {WEIGHTS_FORMAT!r})")
     meta = json.loads(header["meta"])
     model = create_model(meta["arch"], int(meta["num_classes"]))
     model.load_state_dict(st_load(path.read_bytes()))

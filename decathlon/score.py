@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from common.cli import run_cli
+from common.errors import DataError
 
 # Top-1 test accuracy (percent) of the challenge's Finetune baseline, in the challenge's
 # task order. Emax_d = 2 x its error, so the baseline scores exactly 250 per task.
@@ -42,13 +43,26 @@ FINETUNE_TOP1 = {
     "svhn": 96.55,
     "ucf101": 51.20,
 }
+# Top-1 test accuracy (percent) published for Piggyback (the paper's decathlon row, score 2838).
+PIGGYBACK_TOP1 = {
+    "imagenet12": 57.69,
+    "aircraft": 65.29,
+    "cifar100": 79.87,
+    "daimlerpedcls": 96.99,
+    "dtd": 57.45,
+    "gtsrb": 97.27,
+    "vgg-flowers": 79.09,
+    "omniglot": 87.63,
+    "svhn": 97.24,
+    "ucf101": 47.48,
+}
 EMAX = {task: round(2.0 * (100.0 - top1) / 100.0, 6) for task, top1 in FINETUNE_TOP1.items()}
 SCORED_TASKS = tuple(FINETUNE_TOP1)
 POINTS_PER_TASK = 1000.0
 MAX_SCORE = POINTS_PER_TASK * len(SCORED_TASKS)
 
 
-class SubmissionError(ValueError):
+class SubmissionError(DataError):
     """A submission or an input file that does not follow the challenge's format."""
 
 
@@ -256,8 +270,17 @@ def load_accuracies(path: str) -> dict[str, float]:
         if task not in EMAX:
             raise SubmissionError(f"{path}: unknown task {task!r}; expected a subset of "
                                   f"{', '.join(SCORED_TASKS)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise SubmissionError(f"{path}: {task}: expected a number (percent), got {value!r}")
+        if not 0.0 <= value <= 100.0:
+            raise SubmissionError(f"{path}: {task}: {value} is outside 0-100; accuracies are "
+                                  f"top-1 percentages")
+    # 0.9724 would silently score 0 points: a file of fractions is refused, not rescaled.
+    if obj and all(v <= 1.0 for v in obj.values()) and any(v > 0 for v in obj.values()):
+        task, value = max(obj.items(), key=lambda kv: kv[1])
+        raise SubmissionError(f"{path}: {task}: {value} looks like a fraction (every value is <= 1); "
+                              f"accuracies are top-1 percentages 0-100, e.g. {value * 100:g} for "
+                              f"{value}")
     return obj
 
 

@@ -8,9 +8,15 @@ predicted, the submission is validated (:func:`decathlon.score.validate_results`
 only then ``OUT/results.json``, ``results.zip``, ``summary.json`` and ``summary.md`` are
 written, each atomically.
 
-The summary's ``score`` is the decathlon score of the test labels when ``--labels`` covers
-every task, otherwise the estimate from validation top-1; ``val_score`` and
-``test_score`` are both kept. Storage and #par come from :mod:`decathlon.accounting`.
+With ``--labels`` the summary's ``score`` is the decathlon score on those test labels
+(tasks that were not submitted count 0, as on the challenge's server); without, it is
+the estimate from validation top-1, labelled as such. ``val_score`` and ``test_score`` are
+both kept. A partial submission (``--allow-missing``) says which tasks are missing and
+that #par counts only the submitted ones. Storage and #par come from
+:mod:`decathlon.accounting`. Pictures: ``tasks.png`` (accuracy and points per task against
+the paper's Piggyback row and the Finetune baseline) in OUT, and each task run's
+``curves.png`` / ``sparsity.png`` (:func:`common.plots.save_run_plots`), linked from
+``summary.md``.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import argparse
 import copy
 import io
 import json
+import os
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -28,24 +35,29 @@ import torch
 import torch.nn as nn
 
 from common.cli import add_common_args, resolve_device, run_cli
+from common.errors import MissingFileError, UsageError
+from common.heads import classifier_name, reset_classifier
 from common.maskfile import load_masks, read_mask_metadata
 from common.masking import fold_masks, piggyback
 from common.multitask import MultiTaskModel
+from common.plots import plot_grouped_bars, save_run_plots
 from common.runlog import atomic_write_bytes, atomic_write_json
 from decathlon.accounting import decathlon_accounting, mask_file_cost
 from decathlon.data import DecathlonDataset, annotation_path, build_loader, build_transforms
 from decathlon.engine import Precision, predict
-from decathlon.methods import replace_head
 from decathlon.models import open_backbone
-from decathlon.score import (SubmissionError, TaskTestSet, decathlon_score, load_test_labels,
-                             score_results, validate_results)
+from decathlon.score import (FINETUNE_TOP1, PIGGYBACK_TOP1, SubmissionError, TaskTestSet,
+                             decathlon_score, load_test_labels, score_results, task_points,
+                             validate_results)
 from decathlon.tasks import MASK_TASKS, SOURCE_TASK, TASK_NAMES, get_task
 from decathlon.train import DATA_ROOT_ENV, DEFAULT_DATA_ROOT
 
 __all__ = ["get_args_parser", "main", "TaskRun", "find_runs", "predict_tasks", "build_summary",
-           "format_summary", "write_submission", "task_test_set", "select_tasks", "MODES"]
+           "format_summary", "write_submission", "task_test_set", "select_tasks", "MODES",
+           "TASKS_PNG"]
 
 MASK_FILE = "masks.safetensors"
+TASKS_PNG = "tasks.png"
 
 
 @dataclass
@@ -71,7 +83,7 @@ def find_runs(runs_dir, tasks=MASK_TASKS) -> Tuple[Dict[str, TaskRun], List[str]
     """The task runs under ``runs_dir`` (``<task>/masks.safetensors``) and the tasks lacking one."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
-        raise SubmissionError(f"--runs {runs_dir} is not a folder (expected the --out of "
+        raise MissingFileError(f"--runs {runs_dir} is not a folder (expected the --out of "
                               f"python -m decathlon.train, holding <task>/{MASK_FILE})")
     found, missing = {}, []
     for task in tasks:
@@ -98,12 +110,21 @@ def task_test_set(dataset: DecathlonDataset) -> TaskTestSet:
 # ------------------------------------------------------------------------- models
 
 
+def _skip(model: nn.Module, meta: dict) -> tuple:
+    """The layers the mask file's run left unmasked: as recorded, else the classifier."""
+    skip = meta.get("skip")
+    return tuple(skip) if isinstance(skip, (list, tuple)) else (classifier_name(model),)
+
+
 def _task_model(backbone: nn.Module, run: TaskRun) -> nn.Module:
     """A plain copy of the backbone with the task's masks folded in and its head."""
-    model = replace_head(copy.deepcopy(backbone), int(run.meta.get("num_classes",
-                                                                   get_task(run.task).num_classes)))
-    piggyback(model, threshold=run.meta["threshold"], ternary=run.meta["ternary"],
-              train_bn=bool(run.meta.get("train_bn", False)), skip=("fc",))
+    model = copy.deepcopy(backbone)
+    if run.meta.get("skip") is None:
+        # A file that does not record its conversion (mask-file version 1): redo it as
+        # decathlon.train did. Newer files convert the plain copy themselves.
+        reset_classifier(model, int(run.meta.get("num_classes", get_task(run.task).num_classes)))
+        piggyback(model, threshold=run.meta["threshold"], ternary=run.meta["ternary"],
+                  train_bn=bool(run.meta.get("train_bn", False)), skip=_skip(model, run.meta))
     load_masks(model, run.mask_path)
     return fold_masks(model).eval()
 
@@ -127,14 +148,16 @@ class _Switched:
     def __init__(self, backbone: nn.Module, runs: Dict[str, TaskRun], device: torch.device):
         kinds = {bool(r.meta["ternary"]) for r in runs.values()}
         if len(kinds) > 1:
-            raise SubmissionError("--mode multitask needs every task's masks of one kind, but the runs "
-                                  "mix binary and ternary masks; use --mode fold")
+            raise UsageError("--mode multitask needs every task's masks of one kind, but the runs "
+                             "mix binary and ternary masks; use --mode fold")
         ternary = kinds.pop() if kinds else False
         # Task-specific BN is per-task state: tasks without it get the backbone's own BN back.
         train_bn = any(bool(r.meta.get("train_bn", False)) for r in runs.values())
         threshold = next(iter(runs.values())).meta["threshold"] if runs else 5e-3
-        base = piggyback(copy.deepcopy(backbone), threshold=threshold, ternary=ternary,
-                         train_bn=train_bn, skip=("fc",))
+        base = copy.deepcopy(backbone)
+        meta = next(iter(runs.values())).meta if runs else {}
+        piggyback(base, threshold=threshold, ternary=ternary, train_bn=train_bn,
+                  skip=_skip(base, meta))
         self.model = MultiTaskModel(base)
         self.model.add_backbone_task(SOURCE_TASK)
         for task, run in runs.items():
@@ -176,6 +199,19 @@ def predict_tasks(predictor, tasks: List[str], runs: Dict[str, TaskRun], backbon
 # ------------------------------------------------------------------------- summary
 
 
+def _headline(test_scores: Optional[dict], val: dict, missing: List[str]) -> Tuple[float, str]:
+    """The score to show first, and where it comes from."""
+    if test_scores is None:
+        return val["score"], "validation top-1 (estimate, not a test score)"
+    # Labels for a task that was not submitted score it 0, as the challenge's server did;
+    # a submitted task without labels cannot be scored, so the figure is then a lower bound.
+    unlabelled = [t for t in test_scores["unscored_tasks"] if t not in missing]
+    if unlabelled:
+        return test_scores["score"], (f"test labels (lower bound: no labels for "
+                                      f"{', '.join(unlabelled)}, counted 0)")
+    return test_scores["score"], "test labels"
+
+
 def build_summary(*, runs: Dict[str, TaskRun], missing: List[str],
                   test_sets: Dict[str, TaskTestSet], num_predictions: int, backbone_params: int,
                   backbone_meta: dict, backbone_path: Path, test_scores: Optional[dict],
@@ -191,8 +227,8 @@ def build_summary(*, runs: Dict[str, TaskRun], missing: List[str],
         found[SOURCE_TASK] = backbone_meta.get("val_top1")
     val_top1 = {t: float(v) for t, v in found.items() if v is not None}
     val = decathlon_score(val_top1)
-    # the test score is the score only when labels cover all ten tasks
-    test_complete = test_scores is not None and not test_scores["unscored_tasks"]
+    score, source = _headline(test_scores, val, missing)
+    submitted = [t for t in TASK_NAMES if t not in missing]
     tasks = {}
     for task in TASK_NAMES:
         entry = {"status": "submitted" if task in test_sets and task not in missing else "missing",
@@ -210,23 +246,36 @@ def build_summary(*, runs: Dict[str, TaskRun], missing: List[str],
         elif task == SOURCE_TASK:
             entry.update(note="backbone's own classifier")
         tasks[task] = entry
+    mask_tasks = sorted(costs)
+    par_note = None
+    if len(mask_tasks) < len(MASK_TASKS):
+        absent = [t for t in MASK_TASKS if t not in costs]
+        par_note = (f"#par counts the backbone and the masks of the {len(mask_tasks)} submitted "
+                    f"mask tasks only; {len(absent)} of the nine ({', '.join(absent)}) would add "
+                    f"their own masks and heads")
     return {
-        "score": test_scores["score"] if test_complete else val["score"],
-        "score_source": "test labels" if test_complete else "validation top-1 (estimate)",
+        "score": score,
+        "score_source": source,
+        "complete": not missing,
+        "submitted_tasks": submitted,
+        "missing_tasks": sorted(missing),
+        "missing_tasks_score": "0 points each (no predictions)" if missing else None,
         "val_score": val["score"],
+        "val_score_note": "estimate from validation top-1 of the submitted tasks, not a test score",
         "test_score": test_scores["score"] if test_scores is not None else None,
         "test_unscored_tasks": test_scores["unscored_tasks"] if test_scores is not None else None,
         "parameter_ratio": accounting["parameter_ratio"],
         "parameter_ratio_masks_only": accounting["parameter_ratio_masks_only"],
+        "parameter_ratio_tasks": mask_tasks,
+        "parameter_ratio_note": par_note,
         "bytes": accounting["bytes"],
-        "missing_tasks": sorted(missing),
-        "missing_tasks_score": "0 points each" if missing else None,
         "num_predictions": num_predictions,
         "mode": mode,
         "backbone": {"path": str(backbone_path), "arch": backbone_meta.get("arch"),
                      "params": backbone_params, "val_top1": backbone_meta.get("val_top1")},
         "accounting": accounting,
         "tasks": tasks,
+        "pictures": {},
     }
 
 
@@ -235,52 +284,98 @@ def _fmt(value, spec: str, none: str = "-") -> str:
 
 
 def format_summary(summary: dict) -> str:
-    """summary.md: the headline figures and one table row per task."""
+    """summary.md: the headline figures, one table row per task, links to the pictures."""
     b = summary["bytes"]
-    lines = [
-        "# Visual Decathlon submission",
-        "",
-        f"- score: **{summary['score']:.1f}** / 10000 (from {summary['score_source']}); "
-        f"validation estimate {summary['val_score']:.1f}; test "
-        + ("not scored" if summary["test_score"] is None else
-           f"{summary['test_score']:.1f} (unscored: {', '.join(summary['test_unscored_tasks']) or 'none'})"),
+    missing = summary["missing_tasks"]
+    lines = ["# Visual Decathlon submission", ""]
+    if missing:
+        lines += [f"**Partial submission: {len(missing)} of 10 tasks missing ({', '.join(missing)}).** "
+                  f"They have no predictions and score 0; #par covers only the submitted tasks.", ""]
+    lines += [
+        f"- score: **{summary['score']:.1f}** / 10000 (from {summary['score_source']})",
+        f"- validation estimate: {summary['val_score']:.1f} (val top-1 of the submitted tasks; "
+        f"not a test score)",
+        "- test score: " + ("not scored (no --labels)" if summary["test_score"] is None else
+                            f"{summary['test_score']:.1f} (tasks without labels: "
+                            f"{', '.join(summary['test_unscored_tasks']) or 'none'})"),
         f"- parameter ratio (#par): **{summary['parameter_ratio']:.4f}** "
         f"(masks alone {summary['parameter_ratio_masks_only']:.4f}; "
-        f"backbone {summary['backbone']['params']:,} parameters)",
-        f"- bytes on disk: backbone {_fmt(b['backbone_file'], ',')}, task files "
-        f"{_fmt(b['task_files'], ',')}, total {_fmt(b['total_files'], ',')} "
-        f"(bit-exact: {b['total_ideal']:,})",
+        f"backbone {summary['backbone']['params']:,} parameters; counts "
+        f"{len(summary['parameter_ratio_tasks'])} mask tasks)",
     ]
-    if summary["missing_tasks"]:
-        lines.append(f"- not submitted, scoring 0: {', '.join(summary['missing_tasks'])}")
+    if summary.get("parameter_ratio_note"):
+        lines.append(f"- note: {summary['parameter_ratio_note']}")
+    lines.append(f"- bytes on disk: backbone {_fmt(b['backbone_file'], ',')}, task files "
+                 f"{_fmt(b['task_files'], ',')}, total {_fmt(b['total_files'], ',')} "
+                 f"(bit-exact: {b['total_ideal']:,})")
     lines += ["", "| task | status | test images | val top-1 | val points | test top-1 | "
               "test points | sparsity | mask bytes | extra params | of which head | of which BN | "
               "file bytes |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for task, t in summary["tasks"].items():
         lines.append(" | ".join([
-            f"| {task}", t["status"], str(t["test_images"]), _fmt(t["val_top1"], ".2f"),
+            f"| {task}", "**missing**" if t["status"] == "missing" else t["status"],
+            str(t["test_images"]), _fmt(t["val_top1"], ".2f"),
             _fmt(t["val_points"], ".1f"), _fmt(t.get("test_top1"), ".2f"),
             _fmt(t.get("test_points"), ".1f"), _fmt(t.get("sparsity"), ".4f"),
             _fmt(t.get("mask_bytes"), ","), _fmt(t.get("extra_params"), ","),
             _fmt(t.get("head_params"), ","), _fmt(t.get("norm_params"), ","),
             _fmt(t.get("file_bytes"), ",")]) + " |")
+    pictures = summary.get("pictures") or {}
+    if pictures.get("tasks"):
+        lines += ["", "## Per task against the paper", "",
+                  f"![accuracy and points per task]({pictures['tasks']})"]
+    runs = pictures.get("runs") or {}
+    if runs:
+        lines += ["", "## Training runs", ""]
+        for task, files in runs.items():
+            links = ", ".join(f"[{Path(f).stem}]({f})" for f in files)
+            lines.append(f"- {task}: {links}")
     return "\n".join(lines) + "\n"
 
 
-def write_submission(out, pairs: List[Tuple[int, int]], summary: dict) -> Dict[str, Path]:
-    """Write results.json, results.zip, summary.json and summary.md into ``out`` atomically."""
+def plot_tasks(summary: dict, path) -> Path:
+    """tasks.png: top-1 and points per task of this submission (test when scored, else
+    validation) next to the paper's Piggyback row and the Finetune baseline."""
+    scored = summary["test_score"] is not None
+    key = "test_top1" if scored else "val_top1"
+    ours = {t: e.get(key) for t, e in summary["tasks"].items()}
+    label = "this submission (test)" if scored else "this submission (validation)"
+    points = {t: (task_points(t, v) if v is not None else None) for t, v in ours.items()}
+    paper_points = {t: task_points(t, v) for t, v in PIGGYBACK_TOP1.items()}
+    notes = {t: "missing" for t in summary["missing_tasks"]}
+    return plot_grouped_bars(
+        [("top-1 accuracy (%)", {label: ours, "Piggyback (paper)": PIGGYBACK_TOP1,
+                                  "Finetune baseline": FINETUNE_TOP1}),
+         ("decathlon points (max 1000)", {label: points, "Piggyback (paper)": paper_points,
+                                          "Finetune baseline": {t: 250.0 for t in TASK_NAMES}})],
+        list(TASK_NAMES), path, notes=notes,
+        title=f"Score {summary['score']:.0f} ({summary['score_source']}) vs Piggyback 2838 "
+              f"and Finetune 2500 as published")
+
+
+def write_submission(out, pairs: List[Tuple[int, int]], summary: dict,
+                     run_dirs: Optional[Dict[str, Path]] = None) -> Dict[str, Path]:
+    """Write results.json, results.zip, tasks.png, summary.json and summary.md into
+    ``out`` atomically; each run folder of ``run_dirs`` gets its curves and sparsity
+    pictures, which summary.md links."""
     out = Path(out)
     results = json.dumps([{"image_id": i, "category_id": c} for i, c in pairs]).encode()
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("results.json", results)
-    return {
-        "results": atomic_write_bytes(out / "results.json", results),
-        "zip": atomic_write_bytes(out / "results.zip", buffer.getvalue()),
-        "summary": atomic_write_json(out / "summary.json", summary),
-        "summary_md": atomic_write_bytes(out / "summary.md", format_summary(summary).encode()),
-    }
+    paths = {"results": atomic_write_bytes(out / "results.json", results),
+             "zip": atomic_write_bytes(out / "results.zip", buffer.getvalue()),
+             "tasks_png": plot_tasks(summary, out / TASKS_PNG)}
+    pictures = {"tasks": TASKS_PNG, "runs": {}}
+    for task, folder in (run_dirs or {}).items():
+        files = save_run_plots(folder)
+        if files:
+            pictures["runs"][task] = [os.path.relpath(f.resolve(), out.resolve()) for f in files]
+    summary["pictures"] = pictures
+    paths["summary"] = atomic_write_json(out / "summary.json", summary)
+    paths["summary_md"] = atomic_write_bytes(out / "summary.md", format_summary(summary).encode())
+    return paths
 
 
 # ------------------------------------------------------------------------- command line
@@ -302,8 +397,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "arch": "check that the backbone file holds this architecture (default: no check)",
         "backbone": "the backbone file the masks were trained on (default: the one the runs' "
                     "mask files name)",
-        "out": "folder for results.json, results.zip, summary.json and summary.md "
+        "out": "folder for results.json, results.zip, summary.json, summary.md and tasks.png "
                "(default: submissions/latest)",
+        "batch_size": "test images per batch (default: 256)",
+        "workers": "DataLoader worker processes reading the test images; 0 reads them in the "
+                   "main process (default: min(8, CPU count))",
+        "data_root": p._option_string_actions["--data-root"].help.replace(
+            "folder holding the dataset", "decathlon-1.0 folder holding the test annotations"),
     }
     for action in p._actions:
         action.help = helps.get(action.dest, action.help)
@@ -335,8 +435,8 @@ def _backbone_path(args, runs: Dict[str, TaskRun]) -> Path:
     named = sorted({str(r.meta["backbone"]) for r in runs.values() if r.meta.get("backbone")})
     if len(named) == 1 and Path(named[0]).is_file():
         return Path(named[0])
-    raise SubmissionError("pass --backbone FILE: the runs do not name one existing backbone "
-                          f"file (they name {named or 'none'})")
+    raise UsageError("pass --backbone FILE: the runs do not name one existing backbone "
+                     f"file (they name {named or 'none'})")
 
 
 def select_tasks(args) -> Tuple[Dict[str, TaskRun], List[str], List[str]]:
@@ -375,10 +475,11 @@ def main(args: argparse.Namespace, log=print) -> dict:
         runs=runs, missing=missing, test_sets=test_sets, num_predictions=len(pairs),
         backbone_params=sum(p.numel() for p in backbone.parameters()), backbone_meta=backbone_meta,
         backbone_path=backbone_path, test_scores=test_scores, mode=args.mode)
-    paths = write_submission(args.out, pairs, summary)
+    paths = write_submission(args.out, pairs, summary,
+                             run_dirs={t: Path(args.runs) / t for t in runs})
     log(format_summary(summary))
     log(f"wrote {paths['results']} ({len(pairs)} predictions), {paths['zip']}, "
-        f"{paths['summary']}, {paths['summary_md']}")
+        f"{paths['summary']}, {paths['summary_md']}, {paths['tasks_png']}")
     return summary
 
 

@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Optional, Union
 import cv2
 import numpy as np
 
+from common.errors import UsageError
 from decathlon.tasks import TASK_NAMES, get_task
 
 __all__ = ["make_synthetic_decathlon", "write_annotation_file", "DEFAULT_CLASSES"]
@@ -144,7 +145,7 @@ def make_synthetic_decathlon(root: Union[str, Path], *, tasks: Optional[Iterable
         spec = get_task(name)
         k = min(spec.num_classes, int(_per_task(num_classes, name, DEFAULT_CLASSES)))
         if k < 1:
-            raise ValueError(f"num_classes for {name!r} must be >= 1, got {k}")
+            raise UsageError(f"num_classes for {name!r} must be >= 1, got {k}")
         rng = np.random.default_rng([seed, TASK_NAMES.index(name)])
         cat_names = _category_names(name, spec.num_classes)
         categories = [{"id": spec.prefix + i + 1, "name": n, "supercategory": name}

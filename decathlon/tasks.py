@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
+from common.errors import DataError, UsageError
+
 __all__ = ["TaskSpec", "TASKS", "TASK_NAMES", "MASK_TASKS", "SOURCE_TASK", "get_task",
            "task_of_id"]
 
@@ -27,7 +29,7 @@ class TaskSpec:
     def category_id(self, class_index: int) -> int:
         """The challenge's category id of 0-based class ``class_index`` (P + c + 1)."""
         if not 0 <= class_index < self.num_classes:
-            raise ValueError(f"class index {class_index} is outside task {self.name!r} "
+            raise UsageError(f"class index {class_index} is outside task {self.name!r} "
                              f"(expected 0..{self.num_classes - 1})")
         return self.prefix + class_index + 1
 
@@ -36,7 +38,7 @@ class TaskSpec:
         (omniglot: '1', '10', '100', ...), so the id is the only reliable source."""
         c = int(category_id) - self.prefix - 1
         if not 0 <= c < self.num_classes:
-            raise ValueError(f"category_id {category_id} is outside task {self.name!r} "
+            raise DataError(f"category_id {category_id} is outside task {self.name!r} "
                              f"(expected {self.prefix + 1}..{self.prefix + self.num_classes})")
         return c
 
@@ -71,7 +73,7 @@ def get_task(name: str) -> TaskSpec:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown decathlon task {name!r}; valid tasks: "
+        raise UsageError(f"unknown decathlon task {name!r}; valid tasks: "
                          f"{', '.join(TASK_NAMES)}") from None
 
 
@@ -79,5 +81,5 @@ def task_of_id(any_id: int) -> TaskSpec:
     """The task an image or category id belongs to, from its prefix."""
     index = int(any_id) // 10_000_000 - 1
     if not 0 <= index < len(TASK_NAMES):
-        raise ValueError(f"id {any_id} carries no decathlon task prefix")
+        raise DataError(f"id {any_id} carries no decathlon task prefix")
     return TASKS[TASK_NAMES[index]]

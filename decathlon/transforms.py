@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import torch
 
+from common.errors import DataError, UsageError
 from decathlon.tasks import get_task
 
 __all__ = ["DecathlonTransform", "build_transforms"]
@@ -32,10 +33,10 @@ class DecathlonTransform:
                  resize: int = 72, crop: int = 64, hflip: bool = True,
                  scale: Tuple[float, float] = (1.0, 1.0)):
         if crop > resize:
-            raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
+            raise UsageError(f"crop ({crop}) must not exceed resize ({resize})")
         lo, hi = scale
         if not 0 < lo <= hi:
-            raise ValueError(f"scale range must satisfy 0 < low <= high, got {scale}")
+            raise UsageError(f"scale range must satisfy 0 < low <= high, got {scale}")
         self.train, self.resize, self.crop = train, int(resize), int(crop)
         self.hflip, self.scale = bool(hflip), (float(lo), float(hi))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
@@ -50,7 +51,7 @@ class DecathlonTransform:
 
     def __call__(self, img: np.ndarray, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
         if img.ndim != 3 or img.shape[2] != 3:
-            raise ValueError(f"expected an RGB image of shape (H, W, 3), got {img.shape}")
+            raise DataError(f"expected an RGB image of shape (H, W, 3), got {img.shape}")
         if self.train:
             rng = rng if rng is not None else np.random.default_rng()
             size = self.resize

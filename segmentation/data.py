@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.errors import DataError, UsageError
+
 __all__ = [
     "IGNORE_INDEX", "NUM_CLASSES", "DataError", "InputConvention", "CONVENTIONS",
     "read_sbd_label", "read_voc_label", "read_image", "read_id_list", "class_names",
@@ -38,10 +40,6 @@ __all__ = [
 IGNORE_INDEX = 255
 NUM_CLASSES = 21
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
-
-
-class DataError(ValueError):
-    """A dataset file or folder that is missing or not in the expected format."""
 
 
 # ----------------------------------------------------------------------------- input scaling
@@ -307,11 +305,11 @@ def build_split(split: str, part: str, data_root, convention: str = "torchvision
                 val_list: Optional[os.PathLike] = None) -> SegmentationDataset:
     """The ``part`` ("train" or "val") of ``split`` under ``data_root``."""
     if split not in SPLITS:
-        raise KeyError(f"unknown split {split!r}; valid names: {sorted(SPLITS)}")
+        raise UsageError(f"unknown split {split!r}; valid names: {', '.join(sorted(SPLITS))}")
     if convention not in CONVENTIONS:
-        raise KeyError(f"unknown input convention {convention!r}; valid names: {sorted(CONVENTIONS)}")
+        raise UsageError(f"unknown input convention {convention!r}; valid names: {', '.join(sorted(CONVENTIONS))}")
     if part not in ("train", "val"):
-        raise ValueError(f"part must be 'train' or 'val', got {part!r}")
+        raise UsageError(f"part must be 'train' or 'val', got {part!r}")
     factory = getattr(SPLITS[split], part)
     return factory(data_root, CONVENTIONS[convention], val_list=val_list)
 

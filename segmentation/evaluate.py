@@ -6,7 +6,9 @@ FCN metrics on the run's evaluation set (or ``--split``'s). Results go to
 ``RUN_DIR/evaluation.json`` (``--output`` to change), with the storage report.
 ``--pictures N`` writes, for the first N images, a palette PNG of the prediction
 (VOC colours, class ids as indices) and an overview PNG: input | ground truth |
-prediction. Runs under torchrun as well; the confusion matrix is reduced across processes.
+prediction at full resolution, captioned with the image id and the image's mean IoU,
+with a legend of the classes present. Runs under torchrun as well; the confusion matrix
+is reduced across processes.
 """
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from torch.utils.data import DataLoader
 from common.amp import default_amp
 from common.cli import DEVICE_CHOICES_HELP, default_workers, resolve_device, run_cli
 from common.distributed import cleanup, init_distributed, make_sampler
+from common.errors import UsageError
+from common.metrics import ConfusionMatrix
 from common.runlog import RunDir, atomic_write_json
 
-from .data import NUM_CLASSES, SPLITS, SegmentationDataset, build_split, class_names, pad_collate
+from .data import IGNORE_INDEX, NUM_CLASSES, SPLITS, SegmentationDataset, build_split, class_names, pad_collate
 from .engine import evaluate, predict, summarize
 from .palette import save_label_png, save_overview
 from .report import format_metrics, format_storage, storage_report
@@ -74,7 +78,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     return args
 
 
-class RunMismatch(ValueError):
+class RunMismatch(UsageError):
     """Flags that do not fit the run being evaluated."""
 
 
@@ -100,13 +104,18 @@ def save_pictures(model, dataset: SegmentationDataset, count: int, out_dir: Path
     """Prediction PNG and overview PNG for the first ``count`` images; returns how many."""
     model.eval()
     n = min(count, len(dataset))
+    names = class_names() if model.num_classes == NUM_CLASSES else []
     for index in range(n):
         image, label = dataset.load(index)
         x = dataset.convention.to_tensor(image).unsqueeze(0).to(device)
         prediction = predict(model, x, amp=amp)[0].cpu().numpy().astype("uint8")
         image_id = dataset.ids[index]
+        # this image's mean IoU over the classes in its ground truth or prediction
+        confusion = ConfusionMatrix(model.num_classes, ignore_index=IGNORE_INDEX)
+        confusion.update(torch.from_numpy(label.astype("int64")), torch.from_numpy(prediction.astype("int64")))
         save_label_png(prediction, out_dir / f"{image_id}_prediction.png")
-        save_overview(image, prediction, out_dir / f"{image_id}_overview.png", target=label)
+        save_overview(image, prediction, out_dir / f"{image_id}_overview.png", target=label,
+                      image_id=image_id, iou=confusion.compute()["mean_iou"], class_names=names)
     return n
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 from torchvision.models.vgg import VGG, cfgs, make_layers
 
+from common.errors import UsageError, WeightsFileError
+
 __all__ = [
     "VGGArch", "ARCHS", "NEW_LAYERS", "CROP_OFFSET", "get_arch", "build_vgg",
     "vgg_to_fcn_state_dict", "bilinear_kernel", "FCN32s", "build_fcn32s",
@@ -59,7 +61,7 @@ ARCHS: Dict[str, VGGArch] = {
 
 def get_arch(name: str) -> VGGArch:
     if name not in ARCHS:
-        raise KeyError(f"unknown architecture {name!r}; valid names: {sorted(ARCHS)}")
+        raise UsageError(f"unknown architecture {name!r}; valid names: {', '.join(sorted(ARCHS))}")
     return ARCHS[name]
 
 
@@ -109,12 +111,12 @@ def vgg_to_fcn_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torc
     required = ("classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias")
     missing = [k for k in required if k not in state_dict]
     if missing:
-        raise KeyError(f"VGG state_dict lacks {missing}; expected torchvision's key layout "
+        raise WeightsFileError(f"VGG state_dict lacks {missing}; expected torchvision's key layout "
                        f"(features.N.*, classifier.0/3/6.*)")
     out = {k: v for k, v in state_dict.items() if k.startswith("features.")}
     fc6, fc7 = state_dict["classifier.0.weight"], state_dict["classifier.3.weight"]
     if fc6.dim() != 2 or fc6.shape[1] % 49:
-        raise ValueError(f"classifier.0.weight has shape {tuple(fc6.shape)}; expected "
+        raise WeightsFileError(f"classifier.0.weight has shape {tuple(fc6.shape)}; expected "
                          f"(out, channels*7*7) for a 7x7 fc6")
     # Linear input index is c*49 + y*7 + x (torch.flatten of C x 7 x 7), which is
     # exactly the row-major layout of a (out, C, 7, 7) convolution kernel.
@@ -179,7 +181,7 @@ def _fcn_features(vgg_features: nn.Sequential) -> nn.Sequential:
     convs = [m for m in vgg_features if isinstance(m, nn.Conv2d)]
     pools = [m for m in vgg_features if isinstance(m, nn.MaxPool2d)]
     if len(pools) != 5:
-        raise ValueError(f"FCN-32s needs five pooling stages (stride 32), got {len(pools)}")
+        raise UsageError(f"FCN-32s needs five pooling stages (stride 32), got {len(pools)}")
     convs[0].padding = (CONV1_PADDING, CONV1_PADDING)
     for pool in pools:
         pool.ceil_mode = True
@@ -206,7 +208,7 @@ def build_fcn32s(arch: Union[str, VGGArch] = "vgg16", num_classes: int = 21,
         shapes = [(k, tuple(given[k].shape), tuple(own[k])) for k in sorted(set(own) & set(given))
                   if given[k].shape != own[k]]
         if missing or unexpected or shapes:
-            raise ValueError(f"backbone weights do not fit architecture {arch!r}: missing {missing[:6]}, "
+            raise WeightsFileError(f"backbone weights do not fit architecture {arch!r}: missing {missing[:6]}, "
                              f"unexpected {unexpected[:6]}, shape (given, expected) {shapes[:4]}")
         result = vgg.load_state_dict(given, strict=False)
         assert all(k.startswith("classifier.6.") for k in result.missing_keys), result.missing_keys

@@ -3,19 +3,30 @@
 Label and prediction maps are written as palette PNGs whose indices are the class ids,
 exactly like VOC's ``SegmentationClass`` files, so a saved prediction can be read back
 with :func:`segmentation.data.read_voc_label`. Overview pictures put the input, the
-ground truth and the prediction side by side for people to look at.
+ground truth and the prediction side by side for people to look at: every panel at the
+image's own resolution or an integer multiple of it (never smaller), captioned (image id,
+the prediction's IoU), with a legend of the classes present. Files are written with
+:func:`common.runlog.atomic_write_bytes` (whole or not at all, mode 0644 under the usual
+umask).
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["voc_palette", "label_to_png", "colorize", "save_label_png", "save_overview"]
+from common.errors import DataError
+from common.runlog import atomic_write_bytes
+
+__all__ = ["voc_palette", "label_to_png", "colorize", "save_label_png", "save_overview",
+           "IGNORE_NAME"]
+
+IGNORE_INDEX = 255
+IGNORE_NAME = "void (ignored)"
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -41,7 +52,7 @@ def label_to_png(label: np.ndarray) -> Image.Image:
     """A palette ('P') image whose pixel values are the class ids of ``label``."""
     label = np.asarray(label)
     if label.ndim != 2 or label.min(initial=0) < 0 or label.max(initial=0) > 255:
-        raise ValueError(f"label map must be H x W with values 0..255, got shape {label.shape}")
+        raise DataError(f"label map must be H x W with values 0..255, got shape {label.shape}")
     img = Image.frombytes("P", (label.shape[1], label.shape[0]), np.ascontiguousarray(label, dtype=np.uint8).tobytes())
     img.putpalette(_PALETTE.reshape(-1).tolist())
     return img
@@ -52,40 +63,84 @@ def colorize(label: np.ndarray) -> np.ndarray:
     return _PALETTE[np.asarray(label, dtype=np.uint8)]
 
 
-def _atomic_save(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _png_bytes(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def save_label_png(label: np.ndarray, path) -> Path:
     """Write ``label`` as a VOC-style palette PNG (atomically)."""
-    path = Path(path)
-    _atomic_save(label_to_png(label), path)
-    return path
+    return atomic_write_bytes(path, _png_bytes(label_to_png(label)))
+
+
+# Layout of an overview, in pixels.
+_MARGIN, _CAPTION, _LEGEND_ROW, _MIN_PANEL = 12, 46, 22, 240
+
+
+def _legend_entries(labels: Sequence[np.ndarray], names: Optional[Sequence[str]]):
+    present = sorted(set(int(v) for lab in labels for v in np.unique(lab)))
+    entries = []
+    for v in present:
+        if v == IGNORE_INDEX:
+            name = IGNORE_NAME
+        elif names is not None and v < len(names):
+            name = f"{v} {names[v]}"
+        else:
+            name = f"class {v}"
+        entries.append((name, _PALETTE[v] / 255.0))
+    return entries
 
 
 def save_overview(image: np.ndarray, prediction: np.ndarray, path,
-                  target: Optional[np.ndarray] = None, gap: int = 4) -> Path:
-    """Input | ground truth (when given) | prediction, side by side, as an RGB PNG."""
-    panels = [np.asarray(image, dtype=np.uint8)]
+                  target: Optional[np.ndarray] = None, gap: int = 8, *,
+                  image_id: Optional[str] = None, iou: Optional[float] = None,
+                  class_names: Optional[Sequence[str]] = None) -> Path:
+    """Input | ground truth (when given) | prediction, side by side, as an RGB PNG.
+
+    Panels are the image's own size, enlarged by an integer factor (nearest neighbour)
+    when the image is smaller than 240 px, so nothing is lost to resampling. Captions
+    name the panels, ``image_id`` and the prediction's mean ``iou`` (a fraction); the legend
+    lists the classes present in the ground truth and the prediction, named from
+    ``class_names`` (default: the 21 VOC classes)."""
+    from common.plots import save_figure, _pyplot
+    from matplotlib.patches import Patch
+
+    if class_names is None:
+        from .data import class_names as voc_class_names
+        class_names = voc_class_names()
+    image = np.asarray(image, dtype=np.uint8)
+    h, w = image.shape[:2]
+    for name, lab in (("prediction", prediction), ("target", target)):
+        if lab is not None and np.asarray(lab).shape != (h, w):
+            raise DataError(f"{name} map of shape {np.asarray(lab).shape} does not match the "
+                            f"{w}x{h} image")
+    scale = max(1, math.ceil(_MIN_PANEL / max(h, w)))
+    panels = [("image" + (f" {image_id}" if image_id else ""), image)]
     if target is not None:
-        panels.append(colorize(target))
-    panels.append(colorize(prediction))
-    h = max(p.shape[0] for p in panels)
-    w = sum(p.shape[1] for p in panels) + gap * (len(panels) - 1)
-    canvas = np.full((h, w, 3), 255, dtype=np.uint8)
-    x = 0
-    for p in panels:
-        canvas[:p.shape[0], x:x + p.shape[1]] = p
-        x += p.shape[1] + gap
-    path = Path(path)
-    _atomic_save(Image.fromarray(canvas), path)
-    return path
+        panels.append(("ground truth", colorize(target)))
+    caption = "prediction" + (f" (mean IoU {100 * iou:.1f}%)" if iou is not None and iou == iou else "")
+    panels.append((caption, colorize(prediction)))
+    entries = _legend_entries([lab for lab in (target, prediction) if lab is not None], class_names)
+    ph, pw = h * scale, w * scale
+    width = 2 * _MARGIN + len(panels) * pw + (len(panels) - 1) * gap
+    per_row = max(1, width // 150)
+    legend_h = _LEGEND_ROW * math.ceil(len(entries) / per_row) + _MARGIN
+    height = _CAPTION + ph + legend_h + _MARGIN
+    dpi = 100
+    plt = _pyplot()
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    fig.patch.set_facecolor("white")
+    for k, (title, panel) in enumerate(panels):
+        x = _MARGIN + k * (pw + gap)
+        big = np.repeat(np.repeat(panel, scale, axis=0), scale, axis=1)
+        # figimage places the pixels as they are: no resampling, origin at the bottom left
+        fig.figimage(big, xo=x, yo=legend_h + _MARGIN, origin="upper")
+        fig.text((x + pw / 2) / width, 1 - (_CAPTION / 2) / height, title, ha="center",
+                 va="center", fontsize=10, wrap=True)
+    handles = [Patch(facecolor=c, edgecolor="black", linewidth=0.5, label=n) for n, c in entries]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(per_row, len(handles)),
+                   fontsize=8, frameon=False, bbox_to_anchor=(0.5, _MARGIN / 2 / height),
+                   handlelength=1.2, columnspacing=1.0)
+    return save_figure(fig, path, dpi=dpi)

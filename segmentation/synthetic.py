@@ -27,6 +27,8 @@ import scipy.ndimage
 import scipy.sparse
 from PIL import Image
 
+from common.errors import UsageError
+
 from .data import IGNORE_INDEX, NUM_CLASSES
 from .palette import save_label_png, voc_palette
 
@@ -119,10 +121,10 @@ def write_synthetic_pascal(root, *, n_sbd_train: int = 24, n_sbd_val: int = 6, n
     odd sizes included.
     """
     if not 0 <= n_overlap <= min(n_voc_val, n_sbd_train):
-        raise ValueError(f"n_overlap={n_overlap} must be between 0 and min(n_voc_val, n_sbd_train)")
+        raise UsageError(f"n_overlap={n_overlap} must be between 0 and min(n_voc_val, n_sbd_train)")
     bad = [c for c in classes if not 0 < c < NUM_CLASSES]
     if bad:
-        raise ValueError(f"classes {bad} are outside 1..{NUM_CLASSES - 1}")
+        raise UsageError(f"classes {bad} are outside 1..{NUM_CLASSES - 1}")
     rng = np.random.default_rng(seed)
     root = Path(root)
     sbd, voc = root / "benchmark_RELEASE" / "dataset", root / "VOCdevkit" / "VOC2012"

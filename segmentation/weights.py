@@ -24,6 +24,8 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from common.errors import UsageError, WeightsFileError
+
 from .model import VGGArch, get_arch
 
 __all__ = ["TORCHVISION_VGG16_FILE", "BackboneSource", "BackboneWeightsError", "torchvision_cache_path",
@@ -37,7 +39,7 @@ TORCHVISION_FILES = {"vgg16": TORCHVISION_VGG16_FILE}
 _CAFFE_NAME = re.compile(r"^(conv\d+_\d+|fc[678])\.(weight|bias)$")
 
 
-class BackboneWeightsError(FileNotFoundError):
+class BackboneWeightsError(WeightsFileError, FileNotFoundError):
     """Backbone weights that cannot be found or read."""
 
 
@@ -81,7 +83,7 @@ def resolve_backbone(arch: str, backbone: Optional[str] = None, caffe_weights: O
     given = [n for n, v in (("--backbone", backbone), ("--caffe-weights", caffe_weights),
                             ("--random-init", random_init)) if v]
     if len(given) > 1:
-        raise ValueError(f"{' and '.join(given)} exclude each other; give at most one")
+        raise UsageError(f"{' and '.join(given)} exclude each other; give at most one")
     if random_init:
         return BackboneSource("random", None, "torchvision")
     if caffe_weights:

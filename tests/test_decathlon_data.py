@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import DataError, MissingFileError
 from conftest import require_real_labels
 from decathlon.data import DecathlonDataset, build_loader, load_image, set_loader_epoch
 from decathlon.synthetic import make_synthetic_decathlon
@@ -243,3 +244,45 @@ def test_loader_reads_the_real_published_files(tmp_path):
     by_id = {a["image_id"]: a["category_id"] for a in data["annotations"]}
     assert labelled.targets == [by_id[i] - 100_000_001 for i in ids]
     assert set(stripped.targets) == {-1} and max(labelled.targets) == 101
+
+
+# ------------------------------------------------------------------ partial image files
+
+def _first_file(root: Path, task: str, split: str) -> Path:
+    images = json.loads((root / f"annotations/{task}_{split}.json").read_text())["images"]
+    return root / images[0]["file_name"]
+
+
+def test_truncated_jpeg_is_refused_naming_the_file(tree, tmp_path):
+    import cv2
+
+    root = _copy_tree(tree[0], tmp_path / "d")
+    jpeg = _first_file(root, "svhn", "val")
+    whole = jpeg.read_bytes()
+    assert load_image(jpeg).shape == (72, 72, 3)
+    jpeg.write_bytes(whole[: len(whole) // 3])
+    assert cv2.imread(str(jpeg)) is not None  # OpenCV alone decodes the partial file quietly
+    ds = DecathlonDataset(root, "svhn", "val", cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError) as err:
+        ds[0]
+    message = str(err.value)
+    assert "\n" not in message and str(jpeg) in message and "truncated" in message
+    assert "0xFFD9" in message and "image id" in message
+    assert ds.caches[0].filled() == 0  # nothing of the partial image went into the cache
+    # bytes after the end-of-image marker (camera trailers) are accepted
+    jpeg.write_bytes(whole + b"\x00" * 16 + b"trailer")
+    assert ds[0][0].shape == (3, 72, 72)
+
+
+def test_truncated_png_is_refused_naming_the_file(tmp_path):
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    png = tmp_path / "x.png"
+    png.write_bytes(buf.tobytes())
+    assert load_image(png).shape == (40, 30, 3)
+    png.write_bytes(buf.tobytes()[:-20])
+    with pytest.raises(DataError, match=re.escape(str(png)) + " is truncated: a PNG .*IEND"):
+        load_image(png)
+    with pytest.raises(MissingFileError, match="gone.jpg"):
+        load_image(tmp_path / "gone.jpg")

@@ -1,6 +1,7 @@
 """The decathlon score formula, the submission validator and offline scoring against the
 real labelled test annotations in ``../shared/data/decathlon/labels_test``."""
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -10,8 +11,8 @@ import pytest
 
 from conftest import require_real_labels
 from decathlon.score import (EMAX, SCORED_TASKS, SubmissionError, TaskTestSet, decathlon_score,
-                             load_test_labels, parse_results, score_results, task_points,
-                             validate_results)
+                             load_accuracies, load_test_labels, parse_results, score_results,
+                             task_points, validate_results)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -208,3 +209,24 @@ def test_cli_bad_input_names_the_file(tmp_path):
     assert str(bad) in proc.stderr and "svhm" in proc.stderr
     proc = _run("--results", str(bad))
     assert proc.returncode == 2 and "--labels" in proc.stderr
+
+
+def test_cli_refuses_fractions_for_percentages(tmp_path):
+    fractions = tmp_path / "acc.json"
+    fractions.write_text(json.dumps({"svhn": 0.9724, "dtd": 0.5745, "gtsrb": 0.9727}))
+    proc = _run("--accuracies", str(fractions))
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    message = lines[0]
+    assert str(fractions) in message and "gtsrb: 0.9727" in message
+    assert "fraction" in message and "percentages 0-100" in message and "97.27" in message
+    # the same values as percentages score; a lone small percentage among others is fine
+    percent = tmp_path / "percent.json"
+    percent.write_text(json.dumps({"svhn": 97.24, "dtd": 0.5}))
+    assert load_accuracies(str(percent)) == {"svhn": 97.24, "dtd": 0.5}
+    for value in (101.0, -3.0, float("nan")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"svhn": value}))
+        with pytest.raises(SubmissionError, match=f"{re.escape(str(bad))}: svhn"):
+            load_accuracies(str(bad))

@@ -3,6 +3,7 @@ the written files, the summary's score and parameter ratio, missing tasks."""
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -10,16 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from common.accounting import sparsity, task_cost
+from common.checkpoint import save_checkpoint
 from common.maskfile import save_masks
 from common.masking import masked_modules, piggyback
 from decathlon.accounting import decathlon_accounting, mask_file_cost
 from decathlon.data import DecathlonDataset, build_transforms
 from decathlon.methods import replace_head
-from decathlon.models import create_model, save_backbone
+from decathlon.models import create_model, save_backbone, save_weights
 from decathlon.score import load_results, load_test_labels, score_results
 from decathlon.submit import check_args, get_args_parser, main
+from decathlon.submit import cli as submit_cli
 from decathlon.synthetic import make_synthetic_decathlon
 from decathlon.tasks import MASK_TASKS, TASK_NAMES, get_task
 
@@ -71,7 +75,7 @@ def setup(tmp_path_factory):
         train_bn = task == "dtd"  # one run with task-specific BN among plain ones
         model = _task_model(backbone, task, seed=k, train_bn=train_bn)
         save_masks(model, runs / task / "masks.safetensors", task=task, arch=ARCH,
-                   num_classes=get_task(task).num_classes, val_top1=10.0 + 5 * k, train_bn=train_bn,
+                   num_classes=get_task(task).num_classes, val_top1=10.0 + 5 * k,
                    backbone=str(backbone_path))
         (runs / task / "metrics.json").write_text(json.dumps({"val_top1": 10.0 + 5 * k}))
         models[task] = model
@@ -218,3 +222,172 @@ def test_plain_nine_masks_give_paper_ratio():
     assert with_heads["parameter_ratio_masks_only"] == pytest.approx(41 / 32)
     with pytest.raises(ValueError):
         decathlon_accounting(0, {})
+
+
+# ------------------------------------------------------------------ what a new user hits
+
+def _cli_error(capsys, argv) -> str:
+    """Run ``decathlon.submit`` in-process as its command line does; the one-line error."""
+    with pytest.raises(SystemExit) as stop:
+        submit_cli(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("python -m decathlon.submit: error: ")
+    return err
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(setup):
+    """A real decathlon.pretrain run folder: backbone.pt beside checkpoint.pt and JSON files."""
+    from decathlon import pretrain
+    out = setup["base"] / "pretrain"
+    parser = pretrain.get_args_parser()
+    args = parser.parse_args(["--arch", ARCH, "--epochs", "1", "--data-root", str(setup["data"]),
+                              "--out", str(out), "--batch-size", "4", "--workers", "0",
+                              "--device", "cpu", "--print-freq", "1000"])
+    pretrain.main(pretrain.check_args(parser, args))
+    assert (out / "backbone.pt").is_file() and (out / "checkpoint.pt").is_file()
+    return out
+
+
+def _task_run_files(setup, folder: Path) -> dict:
+    """A task run folder's other files: its training checkpoint (the keys decathlon.engine.fit
+    writes), config.json, and a baseline's weights.safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = setup["models"]["svhn"]
+    save_checkpoint(folder / "checkpoint.pt", {
+        "model": model.state_dict(), "epoch": 2, "rng": {}, "optimizers": [], "schedulers": [],
+        "settings": {"task": "svhn", "method": "piggyback"}, "last": {}})
+    (folder / "config.json").write_text(json.dumps({"task": "svhn", "backbone": str(setup["backbone_path"])}))
+    save_weights(folder / "weights.safetensors", setup["backbone"], arch=ARCH, num_classes=1000,
+                 task="svhn", method="finetune", backbone=str(setup["backbone_path"]))
+    return {"checkpoint": folder / "checkpoint.pt", "weights": folder / "weights.safetensors",
+            "config": folder / "config.json"}
+
+
+def test_wrong_backbone_files_are_explained_in_one_line(setup, pretrain_run, tmp_path, capsys):
+    pre, bb = pretrain_run, str(setup["backbone_path"])
+    task = _task_run_files(setup, tmp_path / "runs" / "svhn")
+    cases = [  # (what is passed as --backbone, what the message must say)
+        (pre / "checkpoint.pt", ["resumable training checkpoint of decathlon.pretrain",
+                                 f"pass {pre / 'backbone.pt'} instead"]),
+        (setup["runs"] / "dtd" / "masks.safetensors", ["mask file of task 'dtd'", f"trained on, {bb}"]),
+        (task["checkpoint"], ["training checkpoint of a decathlon.train run", "'svhn'", f"trained on, {bb}"]),
+        (task["weights"], ["full weights of a --method finetune model", f"trained on, {bb}"]),
+        (task["config"], ["JSON file", f"trained on, {bb}"]),
+        (pre / "metrics.json", ["JSON file", f"pass {pre / 'backbone.pt'} instead"]),
+        (pre, ["is a folder", f"pass the backbone file in it: {pre / 'backbone.pt'}"]),
+        (setup["runs"], ["folder of decathlon.train task runs", f"trained on, {bb}"]),
+        (pre / "backbone.pth", ["does not exist", f"did you mean {pre / 'backbone.pt'}?"]),
+    ]
+    out = tmp_path / "out"
+    for given, expected in cases:
+        err = _cli_error(capsys, _argv(setup, out, "--backbone", str(given)))
+        assert str(given) in err and len(err) < 400, err
+        for fragment in expected:
+            assert fragment in err, (fragment, err)
+        assert not out.exists()
+
+
+def test_foreign_state_dict_reported_by_counts_not_every_key(setup, tmp_path, capsys):
+    import torchvision
+    foreign = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), foreign)
+    err = _cli_error(capsys, _argv(setup, tmp_path / "out", "--backbone", str(foreign)))
+    assert str(foreign) in err and "do not fit WideResNet" in err
+    assert re.search(r"missing from the file: \d+ keys \[", err) and "more" in err
+    assert err.count("'") <= 2 * 12 and len(err) < 900, err  # a few names, not all of them
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["decathlon.submit", "decathlon.train"])
+def test_checkpoint_beside_backbone_as_run_by_a_user(setup, pretrain_run, tmp_path, command):
+    out = tmp_path / "out"
+    argv = ["--data-root", str(setup["data"]), "--out", str(out), "--workers", "0", "--device", "cpu",
+            "--backbone", str(pretrain_run / "checkpoint.pt")]
+    argv += ["--runs", str(setup["runs"])] if command == "decathlon.submit" else ["--task", "dtd"]
+    proc = subprocess.run([sys.executable, "-m", command, *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=ONE_THREAD_ENV)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 400, proc.stderr
+    assert str(pretrain_run / "checkpoint.pt") in lines[0]
+    assert f"pass {pretrain_run / 'backbone.pt'} instead" in lines[0]
+    assert not out.exists()  # nothing left behind
+
+
+def _partial_runs(setup, folder: Path, tasks) -> Path:
+    for task in tasks:
+        (folder / task).mkdir(parents=True)
+        for f in ("masks.safetensors", "metrics.json"):
+            (folder / task / f).write_bytes((setup["runs"] / task / f).read_bytes())
+    return folder
+
+
+def test_partial_submission_headline_is_the_test_score(setup, tmp_path):
+    trained = ("dtd", "gtsrb", "svhn")
+    runs = _partial_runs(setup, tmp_path / "runs", trained)
+    argv = ["--runs", str(runs), "--data-root", str(setup["data"]), "--out", str(tmp_path / "o"),
+            "--workers", "0", "--device", "cpu", "--backbone", str(setup["backbone_path"]),
+            "--allow-missing", "--labels", str(setup["labels"])]
+    summary = _run_main(argv)
+    test = score_results(load_results(tmp_path / "o" / "results.json"), load_test_labels(str(setup["labels"])))
+    assert summary["score"] == pytest.approx(test["score"]) == pytest.approx(summary["test_score"])
+    assert summary["score_source"] == "test labels" and summary["val_score"] != summary["score"]
+    missing = [t for t in MASK_TASKS if t not in trained]
+    assert summary["complete"] is False and summary["missing_tasks"] == missing
+    assert summary["submitted_tasks"] == ["dtd", "gtsrb", "imagenet12", "svhn"]
+    assert summary["parameter_ratio_tasks"] == list(trained)
+    assert "only" in summary["parameter_ratio_note"] and all(t in summary["parameter_ratio_note"] for t in missing)
+    md = (tmp_path / "o" / "summary.md").read_text()
+    head = md.split("| task |")[0]
+    assert f"Partial submission: 6 of 10 tasks missing ({', '.join(missing)})" in head
+    assert "#par covers only the submitted tasks" in head
+    assert f"score: **{summary['score']:.1f}** / 10000 (from test labels)" in head
+    assert f"validation estimate: {summary['val_score']:.1f}" in head and "not a test score" in head
+    assert md.count("**missing**") == 6
+
+    # labels for only some of the submitted tasks: the score says it is a lower bound
+    only_dtd = tmp_path / "labels"
+    only_dtd.mkdir()
+    (only_dtd / "dtd_test.json").write_bytes((setup["labels"] / "dtd_test.json").read_bytes())
+    summary = _run_main(argv[:-1] + [str(only_dtd)])
+    assert summary["score_source"] == "test labels (lower bound: no labels for imagenet12, gtsrb, svhn, counted 0)"
+
+
+def test_submission_pictures_linked_from_summary(setup, tmp_path):
+    out = tmp_path / "sub"
+    summary = _run_main(_argv(setup, out, "--labels", str(setup["labels"])))
+    png = out / "tasks.png"
+    assert png.is_file() and (png.stat().st_mode & 0o777) == 0o644
+    with Image.open(png) as img:
+        assert img.size[0] >= 800 and img.size[1] >= 500
+    md = (out / "summary.md").read_text()
+    links = re.findall(r"\]\(([^)]+\.png)\)", md)
+    assert "tasks.png" in links
+    for task in MASK_TASKS:  # the runs hold masks but no log.jsonl: sparsity only
+        assert any(link.endswith(f"runs/{task}/sparsity.png") for link in links)
+        assert (setup["runs"] / task / "sparsity.png").is_file()
+        assert not (setup["runs"] / task / "curves.png").exists()
+    assert all((out / link).resolve().is_file() for link in links), links
+    assert summary["pictures"]["tasks"] == "tasks.png" and set(summary["pictures"]["runs"]) == set(MASK_TASKS)
+
+
+def test_truncated_test_image_stops_the_submission(setup, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    first = json.loads((data / "annotations" / "dtd_test_stripped.json").read_text())["images"][0]
+    jpeg = data / first["file_name"]
+    jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 3])
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "decathlon.submit", "--runs", str(setup["runs"]),
+                           "--data-root", str(data), "--out", str(out), "--workers", "0",
+                           "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=ONE_THREAD_ENV)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert f"image file {jpeg} (image id {first['id']} of dtd_test_stripped.json) is truncated" in lines[0]
+    assert not out.exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from common.maskfile import MaskFileError, read_mask_file, read_mask_metadata
@@ -117,6 +118,12 @@ def test_evaluate_reproduces_the_metrics_and_draws_pictures(trained_run, tmp_pat
     config = json.loads((trained_run / "config.json").read_text())
     image = read_image(Path(config["data_root"]) / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{image_id}.jpg")
     assert read_voc_label(predictions[0]).shape == image.shape[:2]
+    # the overview: three panels of at least the image's own size, readable by everyone
+    overview = tmp_path / "pics" / f"{image_id}_overview.png"
+    for picture in (overview, predictions[0]):
+        assert (picture.stat().st_mode & 0o777) == 0o644
+    with Image.open(overview) as img:
+        assert img.size[0] >= 3 * image.shape[1] and img.size[1] >= image.shape[0] + 40
 
 
 def test_resumed_run_equals_an_uninterrupted_one(pascal, trained_run, tmp_path):
@@ -224,6 +231,7 @@ def test_demo_end_to_end(tmp_path):
     assert metrics["synthetic_data"] and metrics["synthetic_backbone"] and "synthetic" in metrics["notice"]
     assert all(0 <= metrics[k] <= 1 for k in METRIC_KEYS) and len(metrics["train_loss_per_epoch"]) == 5
     assert len(list((out / "run" / "pictures").glob("*_overview.png"))) == 4
+    assert sorted(metrics["plots"]) == sorted(str(out / "run" / n) for n in ("curves.png", "sparsity.png"))
     assert np.isfinite(metrics["storage"]["mask_mb"])
     # The model learnt more than the class prior: predicting background everywhere on the
     # same evaluation labels scores a lower mean IoU and pixel accuracy.

@@ -8,8 +8,10 @@ import scipy.sparse
 import torch
 from PIL import Image
 
+from common.errors import UsageError
 from segmentation.data import (CONVENTIONS, IGNORE_INDEX, DataError, build_split, class_names, find_sbd_root,
-                               pad_collate, read_id_list, read_sbd_label, read_voc_label, seg11valid_path)
+                               pad_collate, read_id_list, read_image, read_sbd_label, read_voc_label,
+                               seg11valid_path)
 from segmentation.model import build_vgg
 from segmentation.palette import colorize, save_label_png, save_overview, voc_palette
 from segmentation.synthetic import write_sbd_label, write_synthetic_pascal
@@ -107,16 +109,39 @@ def test_voc_reader_errors_name_the_file(tmp_path):
         read_voc_label(tmp_path / "nothing.png")
 
 
+def test_truncated_image_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "2007_000033.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(path)
+    assert read_image(path).shape == (60, 80, 3)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.raises(DataError, match=r"2007_000033\.jpg: not a readable image \(image file is truncated"):
+        read_image(path)
+
+
 def test_synthetic_voc_labels_have_void_borders(tree):
     label = read_voc_label(tree.voc / "SegmentationClass" / f"{tree.ids['voc_val'][0]}.png")
     assert (label == IGNORE_INDEX).any() and (label == 0).any()
 
 
-def test_overview_picture(tmp_path):
-    image = np.full((6, 7, 3), 50, dtype=np.uint8)
-    path = save_overview(image, _label(4, 6, 7), tmp_path / "o.png", target=_label(5, 6, 7), gap=2)
+@pytest.mark.parametrize("size", [(6, 7), (300, 420)])
+def test_overview_picture_full_resolution_captioned_readable(tmp_path, size):
+    h, w = size
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    target = _label(5, h, w)
+    target[0, :] = IGNORE_INDEX
+    path = save_overview(image, _label(4, h, w), tmp_path / "o.png", target=target, gap=2,
+                         image_id="2007_000032", iou=0.5)
+    assert (path.stat().st_mode & 0o777) == 0o644
     with Image.open(path) as img:
-        assert img.size == (7 * 3 + 4, 6)
+        picture = np.array(img.convert("RGB"))
+    # three panels, each at least the image's own size (small images enlarged by an integer factor)
+    scale = max(1, -(-240 // max(h, w)))
+    assert picture.shape[1] >= 3 * w * scale and picture.shape[0] > h * scale
+    # the input panel holds the image's pixels unresampled (each one scale x scale times)
+    big = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+    corners = zip(*np.where((picture[:100, :60] == big[0, 0]).all(axis=-1)))
+    assert any(np.array_equal(picture[y:y + big.shape[0], x:x + big.shape[1]], big) for y, x in corners)
 
 
 # ----------------------------------------------------------------------------- lists and splits
@@ -139,7 +164,7 @@ def test_splits_on_a_synthetic_tree(tree):
     assert str(val.labels[0]).endswith(".png")
     assert build_split("voc", "train", tree.root).ids == tree.ids["voc_train"]
     assert build_split("voc", "val", tree.root).ids == tree.ids["voc_val"]
-    with pytest.raises(KeyError, match="valid names"):
+    with pytest.raises(UsageError, match="'coco'; valid names: sbd, voc"):
         build_split("coco", "train", tree.root)
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.errors import UsageError, WeightsFileError
 from common.masking import MaskedConv2d, mask_parameters, masked_modules, piggyback, task_parameters
 from segmentation.model import (ARCHS, CROP_OFFSET, NEW_LAYERS, bilinear_kernel, build_fcn32s, build_vgg,
                                 get_arch, vgg_to_fcn_state_dict)
@@ -57,10 +58,10 @@ def test_surgery_is_pure_and_drops_the_imagenet_classifier(tiny_vgg):
 
 def test_surgery_refuses_bad_state_dicts(tiny_vgg):
     state = tiny_vgg.state_dict()
-    with pytest.raises(KeyError, match="classifier.0.weight"):
+    with pytest.raises(WeightsFileError, match="classifier.0.weight"):
         vgg_to_fcn_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.0")})
     bad = dict(state, **{"classifier.0.weight": torch.zeros(8, 50)})
-    with pytest.raises(ValueError, match="channels\\*7\\*7"):
+    with pytest.raises(WeightsFileError, match="channels\\*7\\*7"):
         vgg_to_fcn_state_dict(bad)
 
 
@@ -76,9 +77,9 @@ def test_builder_loads_backbone_and_initialises_new_layers(tiny_vgg):
 
 
 def test_builder_refuses_weights_of_another_architecture(tiny_vgg):
-    with torch.device("meta"), pytest.raises(ValueError, match="do not fit"):
+    with torch.device("meta"), pytest.raises(WeightsFileError, match="do not fit"):
         build_fcn32s("vgg16", backbone_state=tiny_vgg.state_dict())
-    with pytest.raises(KeyError, match="valid names"):
+    with pytest.raises(UsageError, match="'vgg19'; valid names: vgg-tiny, vgg16"):
         build_fcn32s("vgg19")
 
 
