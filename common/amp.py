@@ -1,18 +1,25 @@
-"""Mixed precision and memory-format switches.
+"""Mixed precision and memory-format switches, and where batches run.
 
 bf16 autocast needs no loss scaling (it has float32's exponent range), so one context
 manager covers training and evaluation. Both switches are off on the CPU by default:
-CPU runs are the reference for bit-exact resume tests.
+CPU runs are the reference for bit-exact resume tests. :class:`Precision` bundles the
+device with both switches and moves batches there.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, TypeVar, Union
+from dataclasses import dataclass
+from typing import ContextManager, Optional, TypeVar, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["autocast", "default_amp", "default_channels_last", "maybe_channels_last"]
+from common.errors import UsageError
+
+__all__ = ["autocast", "default_amp", "default_channels_last", "maybe_channels_last",
+           "Precision", "resolve_switch", "SWITCH_CHOICES"]
+
+SWITCH_CHOICES = ("auto", "on", "off")
 
 DeviceLike = Union[str, torch.device]
 T = TypeVar("T", nn.Module, torch.Tensor)
@@ -29,7 +36,7 @@ def autocast(device: DeviceLike, enabled: bool,
         return contextlib.nullcontext()
     dev = _device(device)
     if dtype == torch.float16 and dev.type == "cpu":
-        raise ValueError("float16 autocast is not supported on the CPU; use bfloat16")
+        raise UsageError("float16 autocast is not supported on the CPU; use bfloat16")
     return torch.autocast(device_type=dev.type, dtype=dtype)
 
 
@@ -61,3 +68,29 @@ def maybe_channels_last(obj: T, enabled: bool) -> T:
         return obj.contiguous(memory_format=torch.channels_last) if obj.dim() == 4 else obj
     raise TypeError(f"maybe_channels_last expects an nn.Module or a tensor, "
                     f"got {type(obj).__name__}")
+
+
+def resolve_switch(value: str, auto: bool) -> bool:
+    """``auto|on|off`` of a command-line switch as a bool (``auto`` gives ``auto``)."""
+    if value not in SWITCH_CHOICES:
+        raise UsageError(f"expected one of {'|'.join(SWITCH_CHOICES)}, got {value!r}")
+    return auto if value == "auto" else value == "on"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where and how batches run: device, bf16 autocast, channels_last."""
+
+    device: torch.device
+    amp: bool = False
+    channels_last: bool = False
+
+    def batch(self, images: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """``images`` (and ``targets``) on the device, images in the memory format."""
+        images = maybe_channels_last(images.to(self.device, non_blocking=True), self.channels_last)
+        if targets is None:
+            return images
+        return images, targets.to(self.device, non_blocking=True)
+
+    def autocast(self) -> ContextManager:
+        return autocast(self.device, self.amp)

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sized
+from typing import Any, Iterator, List, Optional, Sized
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DistributedSampler, Sampler
 
+from common.errors import UsageError
+
 __all__ = [
-    "DistInfo", "init_distributed", "is_dist", "all_reduce_sum", "barrier", "cleanup",
-    "wrap_ddp", "unwrap", "make_sampler", "EpochSampler", "ShardSampler",
+    "DistInfo", "init_distributed", "is_dist", "all_reduce_sum", "all_reduce_max", "gather_object",
+    "barrier", "cleanup", "wrap_ddp", "unwrap", "make_sampler", "EpochSampler", "ShardSampler",
 ]
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -50,7 +52,7 @@ def _env_int(name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer "
+        raise UsageError(f"environment variable {name}={value!r} is not an integer "
                          f"(expected the value torchrun sets)") from None
 
 
@@ -69,11 +71,11 @@ def init_distributed(device: str = "auto") -> DistInfo:
         return DistInfo(device=resolve_device(device))
     if len(present) != len(_ENV_KEYS):
         missing = sorted(set(_ENV_KEYS) - set(present))
-        raise RuntimeError(f"incomplete torchrun environment: {present} set but {missing} "
+        raise UsageError(f"incomplete torchrun environment: {present} set but {missing} "
                            f"missing; launch with torchrun or unset them")
     rank, world_size, local_rank = (_env_int(k) for k in _ENV_KEYS)
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"RANK={rank} / WORLD_SIZE={world_size} is not a valid rank assignment")
+        raise UsageError(f"RANK={rank} / WORLD_SIZE={world_size} is not a valid rank assignment")
 
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -94,23 +96,41 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev, rank == 0, True)
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all processes in place and return it (no-op for one process).
-
-    gloo cannot reduce every dtype on every device, so the sum is done on a copy on the
-    group's device when needed and written back.
-    """
+def _all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
     if not is_dist():
         return tensor
+    # gloo reduces CPU tensors, nccl CUDA ones: work on a copy on the group's device
+    # when needed and write the result back.
     work = tensor
     if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
         work = tensor.to(torch.device("cuda", torch.cuda.current_device()))
     elif dist.get_backend() == "gloo" and tensor.device.type != "cpu":
         work = tensor.cpu()
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    dist.all_reduce(work, op=op)
     if work is not tensor:
         tensor.copy_(work)
     return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes in place and return it (no-op for one process)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``tensor`` over all processes, in place (no-op for one)."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
+
+
+def gather_object(obj: Any, dst: int = 0) -> Optional[List[Any]]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank ``dst`` and None elsewhere; call
+    on every rank. One process: ``[obj]``. Objects are pickled (e.g. RNG states)."""
+    if not is_dist():
+        return [obj]
+    rank = dist.get_rank()
+    out = [None] * dist.get_world_size() if rank == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
 
 
 def barrier() -> None:
@@ -135,7 +155,7 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.distributed:
         return model
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("wrap_ddp: the model has no trainable parameters; "
+        raise UsageError("wrap_ddp: the model has no trainable parameters; "
                          "nothing for DistributedDataParallel to synchronise")
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,

@@ -3,7 +3,13 @@
 A run folder holds ``config.json`` (the resolved configuration plus git commit, torch
 version and command line), ``log.jsonl`` (one JSON object per epoch) and whatever JSON
 results a pipeline writes. Only the main process writes; on other ranks every writing
-method is a no-op, so training loops call them unconditionally.
+method is a no-op, so training loops call them unconditionally. The folder itself is
+created by the first write (or :meth:`RunDir.create`), never by the constructor, so a run
+refused while it checks its settings leaves nothing behind.
+
+Atomic writes go through a temporary file ``.<name>.<random>.tmp`` in the destination
+folder; a process killed mid-write leaves one behind, which
+:func:`remove_stale_temp_files` clears when the next run starts in that folder.
 
 JSON written here is strict: NaN/inf become ``null`` (e.g. the IoU of a class absent
 from the evaluation set), tensors and numpy scalars become numbers.
@@ -14,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,9 +31,11 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Unio
 
 import torch
 
+from common.errors import DataError, DivergedError, MissingFileError
+
 __all__ = [
     "atomic_write_bytes", "atomic_write_json", "to_jsonable", "git_commit", "RunDir",
-    "SmoothedValue", "MetricLogger", "check_finite",
+    "SmoothedValue", "MetricLogger", "check_finite", "non_finite_message", "remove_stale_temp_files",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -60,6 +69,28 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
             pass
         raise
     return path
+
+
+# The names atomic_write_bytes gives its temporary files: "." + target name + "." +
+# mkstemp's random part + ".tmp".
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
+
+
+def remove_stale_temp_files(folder: PathLike) -> List[Path]:
+    """Delete the temporary files of atomic writes that a killed process left in
+    ``folder`` (not in sub-folders); returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if _TEMP_RE.match(path.name) and path.is_file():
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -115,8 +146,28 @@ class RunDir:
     def __init__(self, path: PathLike, is_main: bool = True):
         self.path = Path(path)
         self.is_main = is_main
-        if is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
+
+    def create(self) -> bool:
+        """Create the folder (main process only); True when this call created it."""
+        if not self.is_main or self.path.is_dir():
+            return False
+        self.path.mkdir(parents=True, exist_ok=True)
+        return True
+
+    def discard(self, names: Iterable[str] = ()) -> bool:
+        """Remove a folder this run created and that holds nothing but run files
+        (config.json, log.jsonl, ``names``, leftovers of atomic writes); True when removed.
+        Anything else in it (a user's file) keeps the folder."""
+        if not self.is_main or not self.path.is_dir():
+            return False
+        ours = {self.CONFIG, self.LOG, *names}
+        entries = list(self.path.iterdir())
+        if any(not (p.is_file() and (p.name in ours or _TEMP_RE.match(p.name))) for p in entries):
+            return False
+        for p in entries:
+            p.unlink()
+        self.path.rmdir()
+        return True
 
     def file(self, name: str) -> Path:
         """Path of ``name`` inside the run folder."""
@@ -147,9 +198,9 @@ class RunDir:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path} does not exist") from None
+            raise MissingFileError(f"{path} does not exist") from None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+            raise DataError(f"{path} is not valid JSON: {exc}") from exc
 
     def write_json(self, name: str, obj: Any) -> Path:
         """Write ``obj`` to ``name`` in the run folder atomically (strict JSON)."""
@@ -162,6 +213,7 @@ class RunDir:
         if not self.is_main:
             return
         line = json.dumps(to_jsonable(record), allow_nan=False)
+        self.path.mkdir(parents=True, exist_ok=True)
         with open(self.file(self.LOG), "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
@@ -179,8 +231,19 @@ class RunDir:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {lineno} is not valid JSON: {exc}") from exc
+                raise DataError(f"{path} line {lineno} is not valid JSON: {exc}") from exc
         return records
+
+    def write_log(self, records: Iterable[Dict[str, Any]]) -> None:
+        """Replace log.jsonl by exactly ``records`` (atomically).
+
+        A resumed run writes the epochs its checkpoint holds, so the log never repeats
+        an epoch or keeps one that the checkpoint lost.
+        """
+        if not self.is_main:
+            return
+        text = "".join(json.dumps(to_jsonable(r), allow_nan=False) + "\n" for r in records)
+        atomic_write_bytes(self.file(self.LOG), text.encode("utf-8"))
 
     def trim_log(self, before_epoch: int, key: str = "epoch") -> None:
         """Keep only records with ``record[key] < before_epoch``.
@@ -190,9 +253,7 @@ class RunDir:
         """
         if not self.is_main or not self.file(self.LOG).exists():
             return
-        kept = [r for r in self.read_log() if r.get(key, -1) < before_epoch]
-        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept)
-        atomic_write_bytes(self.file(self.LOG), text.encode("utf-8"))
+        self.write_log(r for r in self.read_log() if r.get(key, -1) < before_epoch)
 
 
 class SmoothedValue:
@@ -309,11 +370,19 @@ class MetricLogger:
                           f"({elapsed / max(steps, 1):.4f} s / it)".strip())
 
 
+def non_finite_message(value: Any, step: int, epoch: Optional[int] = None, detail: str = "") -> str:
+    where = f"at epoch {epoch} step {step}" if epoch is not None else f"at step {step}"
+    return (f"non-finite loss {value} {where}{detail}; stopping the run "
+            f"(lower the learning rate or check the data)")
+
+
 def check_finite(loss: Any, step: int, epoch: Optional[int] = None) -> float:
-    """Return ``loss`` as a float, or raise FloatingPointError naming where it went bad."""
+    """Return ``loss`` as a float, or raise :class:`DivergedError` naming where it went bad.
+
+    Reads the value on the host; training loops use the device-side guard of
+    :mod:`common.engine` instead, which needs no synchronisation per step.
+    """
     value = _number(loss)
     if not math.isfinite(value):
-        where = f"at epoch {epoch} step {step}" if epoch is not None else f"at step {step}"
-        raise FloatingPointError(f"non-finite loss {value} {where}; stopping the run "
-                                 f"(lower the learning rate or check the data)")
+        raise DivergedError(non_finite_message(value, step, epoch))
     return value

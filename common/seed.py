@@ -17,6 +17,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from common.errors import UsageError
+
 __all__ = ["seed_everything", "worker_init_fn", "epoch_seed", "epoch_generator",
            "reseed_loader"]
 
@@ -31,7 +33,7 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     """
     value = int(seed) + int(rank)
     if value < 0:
-        raise ValueError(f"seed + rank must be >= 0, got {seed} + {rank}")
+        raise UsageError(f"seed + rank must be >= 0, got {seed} + {rank}")
     random.seed(value)
     np.random.seed(value % 2**32)
     torch.manual_seed(value)  # also seeds every CUDA device

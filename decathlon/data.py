@@ -260,6 +260,9 @@ def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Prepare ``loader`` for ``epoch``: sampler order, worker seeds (for transforms that
     use the global generators) and the dataset's per-sample augmentation seed."""
+    if not isinstance(loader, DataLoader):  # e.g. decathlon.device_loader.DeviceBatches
+        loader.set_epoch(epoch)
+        return
     seed, rank = getattr(loader, "seed_and_rank", (0, 0))
     if loader.generator is not None:
         reseed_loader(loader, seed, epoch, rank)

@@ -18,16 +18,17 @@ import torch.nn as nn
 
 from common.amp import maybe_channels_last
 from common.cli import add_common_args, run_cli
-from common.distributed import DistInfo, cleanup, init_distributed, wrap_ddp
+from common.distributed import DistInfo, cleanup, init_distributed
+from common.heads import get_classifier
+from common.methods import OPTIMIZERS, make_optimizer
 from common.runlog import RunDir
 from common.seed import seed_everything
-from decathlon.engine import FitState, fit
-from decathlon.methods import OPTIMIZERS, make_optimizer, replace_head
+from decathlon.engine import make_precision, train_classifier, use_compile
+from decathlon.methods import replace_head
 from decathlon.models import create_model, model_names, open_backbone, save_backbone
 from decathlon.tasks import SOURCE_TASK, TASK_NAMES, get_task
-from decathlon.train import (DATA_ROOT_ENV, DEFAULT_DATA_ROOT, add_data_args, check_data_args,
-                             file_sha256, make_loaders, make_precision, make_schedulers,
-                             override_help)
+from decathlon.train import (DATA_ROOT_ENV, DEFAULT_DATA_ROOT, MAY_CHANGE_ON_RESUME, absolute_paths,
+                             add_data_args, check_data_args, file_sha256, make_loaders, override_help)
 
 __all__ = ["get_args_parser", "check_args", "build_model", "pretrain", "main"]
 
@@ -43,8 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     override_help(p, {"backbone": "start from these weights instead of random ones: a "
                                   "decathlon.pretrain backbone.pt, or an external WRN state "
                                   "dict imported by key mapping (default: random init)",
-                      "arch": "network to train (default: wrn28_4; with --backbone, the "
-                              "file's architecture)"})
+                      "arch": f"network to train: one of {', '.join(model_names())} (default: "
+                              f"wrn28_4; with --backbone, the file's architecture)"})
     p.set_defaults(arch=None)
     p.add_argument("--task", default=SOURCE_TASK, choices=TASK_NAMES, metavar="TASK",
                    help=f"task to train the backbone on (default: {SOURCE_TASK})")
@@ -71,11 +72,6 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     return args
 
 
-_SETTINGS = ("task", "arch", "backbone_sha256", "seed", "batch_size", "world_size", "optimizer",
-             "lr", "weight_decay", "lr_steps", "lr_gamma", "resize", "crop", "hflip",
-             "amp_used", "channels_last_used")
-
-
 def build_model(args, num_classes: int, log) -> nn.Module:
     """Random ``--arch`` weights, or ``--backbone`` (e.g. imported weights to adapt to
     64 x 64 inputs) with a classifier of ``num_classes``; sets ``args.arch``."""
@@ -84,7 +80,7 @@ def build_model(args, num_classes: int, log) -> nn.Module:
         return create_model(args.arch, num_classes)
     model, meta = open_backbone(args.backbone, args.arch, log=log)
     args.arch = meta["arch"]
-    return model if model.fc.out_features == num_classes else replace_head(model, num_classes)
+    return model if get_classifier(model)[1].out_features == num_classes else replace_head(model, num_classes)
 
 
 def pretrain(args: argparse.Namespace, dist: DistInfo) -> Dict[str, Any]:
@@ -96,24 +92,25 @@ def pretrain(args: argparse.Namespace, dist: DistInfo) -> Dict[str, Any]:
     prec = make_precision(args, dist)
     model = build_model(args, spec.num_classes, log)
     model = maybe_channels_last(model.to(prec.device), prec.channels_last)
-    optimizers = [make_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)]
-    state = FitState(model, wrap_ddp(model, dist), optimizers, make_schedulers(optimizers, args))
+    optimizers = {"main": make_optimizer(args.optimizer, model.parameters(), lr=args.lr,
+                                         weight_decay=args.weight_decay)}
     train_loader, val_loader = make_loaders(args, args.task, "train", dist)
-    config = dict(vars(args), world_size=dist.world_size, amp_used=prec.amp,
-                  channels_last_used=prec.channels_last,
+    config = absolute_paths(vars(args), ("data_root", "out", "cache_dir", "backbone"))
+    config.update(world_size=dist.world_size, amp_used=prec.amp, channels_last_used=prec.channels_last,
+                  compile_used=use_compile(args, dist),
                   backbone_sha256=file_sha256(args.backbone) if args.backbone else None,
                   train_images=len(train_loader.dataset), val_images=len(val_loader.dataset))
-    settings = dict({k: config[k] for k in _SETTINGS}, scale=list(args.scale))
     log(f"pretraining {args.arch} on {args.task}: {len(train_loader.dataset)} train / "
         f"{len(val_loader.dataset)} val images, device {prec.device}")
     t0 = time.time()
-    last = fit(run, state, train_loader, val_loader, epochs=args.epochs, prec=prec, dist=dist,
-               settings=settings, config=config, print_freq=args.print_freq,
-               header=f"[{args.task}] ", log=log)
+    result = train_classifier(run, model, optimizers, args, dist=dist, prec=prec, train_loader=train_loader,
+                              val_loader=val_loader, num_classes=spec.num_classes, config=config,
+                              may_change=MAY_CHANGE_ON_RESUME, header=f"[{args.task}] ", log=log)
+    last = result.record
     metrics = {"task": args.task, "arch": args.arch, "num_classes": spec.num_classes,
                "epochs": args.epochs, "val_top1": last["val_top1"],
                "val_count": last["val_count"], "train_top1": last["train_top1"],
-               "train_loss": last["train_loss"], "time_s": time.time() - t0}
+               "train_loss": last["train_loss"], "time_s": time.time() - t0, "collapse": result.collapse}
     if dist.is_main:
         save_backbone(run.file("backbone.pt"), model, args.arch, task=args.task,
                       epochs=args.epochs, val_top1=last["val_top1"], seed=args.seed,

@@ -10,34 +10,43 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
-import torch
 import torch.nn as nn
 
 from common.accounting import sparsity
-from common.amp import default_amp, default_channels_last, maybe_channels_last
+from common.amp import SWITCH_CHOICES, maybe_channels_last
 from common.cli import add_common_args, run_cli
-from common.distributed import DistInfo, barrier, cleanup, init_distributed, wrap_ddp
-from common.maskfile import save_masks
+from common.distributed import DistInfo, barrier, cleanup, init_distributed, make_sampler
+from common.heads import get_classifier
+from common.maskfile import RESERVED_KEYS, save_masks
+from common.masking import MASK_INITS
+from common.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from common.runlog import RunDir, atomic_write_json
 from common.seed import seed_everything
+from common.weightsfile import save_weights_file
 from decathlon.data import DecathlonDataset, build_loader, build_transforms
-from decathlon.engine import FitState, Precision, fit
-from decathlon.methods import METHODS, OPTIMIZERS, get_method, make_optimizer, replace_head
-from decathlon.models import create_model, model_names, open_backbone, save_weights
+from decathlon.device_loader import DeviceBatches, SquareImages
+from decathlon.engine import COMPILE_CHOICES, make_precision, make_schedulers, train_classifier, use_compile
+from decathlon.methods import METHODS, OPTIMIZERS, build_optimizers, get_method, replace_head
+from decathlon.models import WEIGHTS_FORMAT, create_model, model_names, open_backbone
 from decathlon.tasks import MASK_TASKS, TASK_NAMES, get_task
 
 __all__ = ["get_args_parser", "main", "run_task", "make_loaders", "make_precision",
-           "make_schedulers", "file_sha256", "DATA_ROOT_ENV", "DEFAULT_DATA_ROOT"]
+           "make_schedulers", "file_sha256", "absolute_paths", "DATA_ROOT_ENV", "DEFAULT_DATA_ROOT"]
 
 DATA_ROOT_ENV = "DECATHLON_ROOT"
 DEFAULT_DATA_ROOT = "data/decathlon-1.0"
-_SWITCH = ("auto", "on", "off")
+_SWITCH = SWITCH_CHOICES
+_MASK_FLAGS = ("threshold", "mask_init", "mask_scale", "mask_spread")
+# Paths whose content is identified otherwise (the backbone by its SHA-256): a resumed
+# run may find the file elsewhere.
+MAY_CHANGE_ON_RESUME = ("backbone",)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -57,11 +66,26 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="keep decoded images in uint8 memory-mapped files here, so epochs "
                         "after the first decode no JPEG (default: off)")
     g.add_argument("--amp", choices=_SWITCH, default="auto",
-                   help="bf16 autocast; auto = on for CUDA devices with bf16 (default: auto)")
+                   help="bf16 autocast; auto = off: on an H100 it made WRN-28-4 mask training "
+                        "slower in eager mode (8,882 against 9,612 images/s at batch 128) and "
+                        "gained 3%% when compiled (BENCHMARKS-gpu.md) (default: auto)")
     g.add_argument("--channels-last", choices=_SWITCH, default="auto",
-                   help="channels_last memory format; auto = on for CUDA (default: auto)")
+                   help="channels_last memory format; auto = off, for the same measurement as "
+                        "--amp (the two were timed together) (default: auto)")
+    g.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                   help="torch.compile the network for training and evaluation, once per run: on "
+                        "(default mode), cudagraphs (mode reduce-overhead: CUDA graphs, 2.1x the "
+                        "compiled step rate at batch 32 on an H100), off; auto = on for CUDA, off "
+                        "for the CPU (default: auto)")
+    g.add_argument("--loader", choices=("auto", "workers", "device"), default="auto",
+                   help="device: every image resized once to --resize px into one uint8 array (in "
+                        "--cache-dir when given), batches gathered in a background thread and "
+                        "cropped, flipped and normalised on the device; workers: DataLoader "
+                        "workers decode and augment on the CPU (needed for --scale); auto = "
+                        "device on CUDA unless --scale is set (default: auto)")
     g.add_argument("--print-freq", type=int, default=50,
-                   help="steps between progress lines (default: 50)")
+                   help="steps between progress lines, and between the loss checks (non-finite "
+                        "loss, collapse) that read the device (default: 50)")
 
 
 SEED_HELP = ("random seed of initialisation, data order and augmentation; augmentation is "
@@ -84,6 +108,8 @@ def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error(f"--scale {args.scale[0]} {args.scale[1]}: need 0 < LO <= HI")
     if args.print_freq < 1:
         p.error("--print-freq must be >= 1")
+    if args.loader == "device" and tuple(args.scale) != (1.0, 1.0):
+        p.error("--loader device does not rescale images: drop --scale or use --loader workers")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -115,13 +141,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                    + " (default: piggyback)")
     p.add_argument("--trainval", action="store_true",
                    help="train on train+val (for final models; val top-1 is then not held out)")
-    m = p.add_argument_group("masks")
-    m.add_argument("--threshold", type=float, default=5e-3,
-                   help="binarizer threshold tau of eq. 4 (default: 5e-3)")
-    m.add_argument("--mask-init", default="constant", choices=["constant", "uniform", "weight"],
-                   help="initialisation of the real-valued masks (default: constant)")
-    m.add_argument("--mask-scale", type=float, default=1e-2,
-                   help="initial real-valued mask value (default: 1e-2)")
+    m = p.add_argument_group("masks (piggyback)")
+    m.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                   help="mask recipe giving the defaults of the mask flags, --optimizer and --lr "
+                        "for --method piggyback: " + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
+                        + f" (default: {DEFAULT_RECIPE})")
+    m.add_argument("--threshold", type=float, default=None,
+                   help="binarizer threshold tau of eq. 4 (default: from --recipe)")
+    m.add_argument("--mask-init", default=None, choices=sorted(MASK_INITS),
+                   help="initialisation of the real-valued masks (default: from --recipe)")
+    m.add_argument("--mask-scale", type=float, default=None,
+                   help="initial real-valued mask value (default: from --recipe)")
+    m.add_argument("--mask-spread", type=float, default=None,
+                   help="half-width of the uniform spread around --mask-scale of --mask-init "
+                        "spread (default: from --recipe)")
     m.add_argument("--ternary", action="store_true",
                    help="ternary masks {-1, 0, 1} (cut-offs at +-threshold) instead of binary")
     m.add_argument("--train-bn", action="store_true",
@@ -129,13 +162,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "feature only")
     o = p.add_argument_group("optimisation")
     o.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),
-                   help="optimiser of the masks / backbone weights (default: per method: "
-                        + ", ".join(f"{k} {v.optimizer}" for k, v in METHODS.items()
-                                    if k != "feature") + ")")
+                   help="optimiser of the masks / backbone weights (default: piggyback from "
+                        "--recipe, " + ", ".join(f"{k} {v.optimizer}" for k, v in METHODS.items()
+                                                 if v.optimizer) + ")")
     o.add_argument("--lr", type=float, default=None,
-                   help="learning rate of the masks / backbone weights (default: per method: "
-                        + ", ".join(f"{k} {v.lr:g}" for k, v in METHODS.items()
-                                    if k != "feature") + ")")
+                   help="learning rate of the masks / backbone weights (default: piggyback from "
+                        "--recipe, " + ", ".join(f"{k} {v.lr:g}" for k, v in METHODS.items()
+                                                 if v.lr) + ")")
     o.add_argument("--weight-decay", type=float, default=None,
                    help="weight decay of the masks / backbone weights (default: per method)")
     o.add_argument("--head-optimizer", default="adam", choices=list(OPTIMIZERS),
@@ -154,10 +187,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Refuse conflicting flags; fill in the defaults of the method and the recipe."""
     method = get_method(args.method)
     if args.ternary and method.name != "piggyback":
         p.error("--ternary needs --method piggyback")
-    if args.train_bn and method.name in ("finetune", "scratch"):
+    if args.train_bn and not method.supports_train_bn:
         p.error(f"--train-bn: BN layers already train with --method {method.name}")
     if method.needs_backbone and not args.backbone:
         p.error(f"--method {method.name} needs --backbone (a file from python -m decathlon.pretrain "
@@ -166,24 +200,38 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
         p.error("--method scratch starts from random weights; drop --backbone")
     if method.name == "feature" and (args.lr is not None or args.optimizer or args.weight_decay is not None):
         p.error("--method feature trains only the classifier: use --head-lr/--head-optimizer")
+    given = [f"--{k.replace('_', '-')}" for k in _MASK_FLAGS if getattr(args, k) is not None]
+    if not method.uses_masks and given:
+        p.error(f"{', '.join(given)} only apply to --method piggyback")
     if args.arch is not None and args.arch not in model_names():
         p.error(f"--arch {args.arch!r} is unknown; valid: {', '.join(model_names())}")
     check_data_args(p, args)
-    args.optimizer = args.optimizer or method.optimizer
-    args.lr = method.lr if args.lr is None else args.lr
+    if method.uses_masks:
+        recipe = get_recipe(args.recipe)
+        for key, value in recipe.mask_options().items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        args.optimizer = args.optimizer or recipe.mask_optimizer
+        args.lr = recipe.mask_lr if args.lr is None else args.lr
+    else:
+        args.optimizer = args.optimizer or method.optimizer
+        args.lr = method.lr if args.lr is None else args.lr
     args.weight_decay = method.weight_decay if args.weight_decay is None else args.weight_decay
+    for key in ("lr", "head_lr", "threshold", "mask_scale"):
+        value = getattr(args, key)
+        if value is not None and not value > 0:
+            p.error(f"--{key.replace('_', '-')} must be positive, got {value}")
+    for key in ("weight_decay", "head_weight_decay", "mask_spread"):
+        value = getattr(args, key)
+        if value is not None and value < 0:
+            p.error(f"--{key.replace('_', '-')} must be >= 0, got {value}")
     return args
 
 
-def _switch(value: str, auto: bool) -> bool:
-    return auto if value == "auto" else value == "on"
-
-
-def make_precision(args, dist: DistInfo) -> Precision:
-    if dist.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed 64x64 inputs: autotuning pays off
-    return Precision(dist.device, _switch(args.amp, default_amp(dist.device)),
-                     _switch(args.channels_last, default_channels_last(dist.device)))
+def absolute_paths(config: Dict[str, Any], keys) -> Dict[str, Any]:
+    """``config`` with the paths under ``keys`` made absolute (where set), so that files a
+    run writes are found from any working directory."""
+    return dict(config, **{k: os.path.abspath(config[k]) for k in keys if config.get(k)})
 
 
 def make_loaders(args, task: str, train_split: str, dist: DistInfo):
@@ -205,15 +253,43 @@ def make_loaders(args, task: str, train_split: str, dist: DistInfo):
     train_set, val_set = build()
     if dist.is_main:
         barrier()
+    if use_device_loader(args, dist):
+        return device_loaders(args, train_set, val_set, dist, hflip)
     pin = dist.device.type == "cuda"
     common = dict(batch_size=args.batch_size, workers=args.workers, dist_info=dist,
                   seed=args.seed, pin_memory=pin)
     return build_loader(train_set, train=True, **common), build_loader(val_set, train=False, **common)
 
 
-def make_schedulers(optimizers, args) -> List[Any]:
-    return [torch.optim.lr_scheduler.MultiStepLR(o, milestones=sorted(args.lr_steps), gamma=args.lr_gamma)
-            for o in optimizers]
+def use_device_loader(args, dist: DistInfo) -> bool:
+    """``--loader``: auto = the device loader on CUDA when no random rescaling is asked for."""
+    if args.loader != "auto":
+        return args.loader == "device"
+    return dist.device.type == "cuda" and tuple(args.scale) == (1.0, 1.0)
+
+
+def device_loaders(args, train_set, val_set, dist: DistInfo, hflip):
+    """Train and val batches augmented on the device (decathlon.device_loader); rank 0 fills
+    the square-image arrays first."""
+    spec = train_set.spec
+
+    def square(ds):
+        plain = DecathlonDataset(args.data_root, ds.task, ds.split, cache_dir=args.cache_dir)
+        return SquareImages(plain, args.resize, cache_dir=args.cache_dir, workers=args.workers,
+                            log=print if dist.is_main else (lambda *_: None))
+
+    if not dist.is_main:
+        barrier()
+    images = square(train_set), square(val_set)
+    if dist.is_main:
+        barrier()
+    common = dict(batch_size=args.batch_size, crop=args.crop, mean=spec.mean, std=spec.std, device=dist.device,
+                  seed=args.seed, rank=dist.rank)
+    flips = spec.hflip if hflip is None else hflip
+    return (DeviceBatches(images[0], train_set, train=True, hflip=flips,
+                          sampler=make_sampler(train_set, dist, shuffle=True, seed=args.seed), **common),
+            DeviceBatches(images[1], val_set, train=False, hflip=False,
+                          sampler=make_sampler(val_set, dist, shuffle=False, seed=args.seed), **common))
 
 
 def file_sha256(path) -> str:
@@ -240,53 +316,52 @@ def run_task(args, task: str, dist: DistInfo) -> Dict[str, Any]:
     log = partial(print, flush=True) if dist.is_main else (lambda *_: None)
     run = RunDir(Path(args.out) / task, dist.is_main)
     method = get_method(args.method)
+    spec = get_task(task)
     seed_everything(args.seed, dist.rank)
     model, arch, backbone_meta = _build_model(args, task, log)
     prepared = method.prepare(model, args)
     prec = make_precision(args, dist)
     model = maybe_channels_last(model.to(prec.device), prec.channels_last)
-    optimizers = [make_optimizer(args.head_optimizer, prepared.head, args.head_lr, args.head_weight_decay)]
-    if prepared.main:
-        optimizers.insert(0, make_optimizer(args.optimizer, prepared.main, args.lr, args.weight_decay))
-    state = FitState(model, wrap_ddp(model, dist), optimizers, make_schedulers(optimizers, args),
-                     prepared.frozen_modules)
+    optimizers = build_optimizers(prepared, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                                  head_optimizer=args.head_optimizer, head_lr=args.head_lr,
+                                  head_weight_decay=args.head_weight_decay)
     train_loader, val_loader = make_loaders(args, task, "train+val" if args.trainval else "train", dist)
     backbone_sha = file_sha256(args.backbone) if args.backbone else None
-    config = {k: v for k, v in vars(args).items() if k != "task"}
+    config = absolute_paths({k: v for k, v in vars(args).items() if k != "task"},
+                            ("data_root", "out", "cache_dir", "backbone"))
     config.update(task=task, arch=arch, world_size=dist.world_size, backbone_sha256=backbone_sha,
                   amp_used=prec.amp, channels_last_used=prec.channels_last,
+                  compile_used=use_compile(args, dist), classifier=get_classifier(model)[0],
                   train_images=len(train_loader.dataset), val_images=len(val_loader.dataset))
-    # Everything that changes the result must match when resuming.
-    settings = {k: config[k] for k in (
-        "task", "method", "arch", "seed", "batch_size", "world_size", "trainval", "threshold",
-        "mask_init", "mask_scale", "ternary", "train_bn", "optimizer", "lr", "weight_decay",
-        "head_optimizer", "head_lr", "head_weight_decay", "lr_steps", "lr_gamma", "resize",
-        "crop", "hflip", "scale", "backbone_sha256", "amp_used", "channels_last_used")}
-    settings["scale"] = list(settings["scale"])
-    log(f"[{task}] {method.name} on {arch} ({backbone_meta.get('source', args.backbone)}), "
+    log(f"[{task}] {method.name} on {arch} ({backbone_meta.get('source', config['backbone'])}), "
         f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
         f"{sum(p.numel() for p in prepared.main + prepared.head)} trainable values, device {prec.device}")
     t0 = time.time()
-    last = fit(run, state, train_loader, val_loader, epochs=args.epochs, prec=prec, dist=dist,
-               settings=settings, config=config, print_freq=args.print_freq, header=f"[{task}] ", log=log)
-    meta = dict(task=task, arch=arch, method=method.name, num_classes=get_task(task).num_classes,
+    result = train_classifier(run, model, optimizers, args, dist=dist, prec=prec, train_loader=train_loader,
+                              val_loader=val_loader, num_classes=spec.num_classes, config=config,
+                              frozen_modules=prepared.frozen_modules, may_change=MAY_CHANGE_ON_RESUME,
+                              header=f"[{task}] ", log=log)
+    last = result.record
+    meta = dict(task=task, arch=arch, method=method.name, num_classes=spec.num_classes,
                 epochs=args.epochs, trainval=args.trainval, val_top1=last["val_top1"],
-                train_bn=args.train_bn, backbone=str(args.backbone) if args.backbone else None,
-                backbone_sha256=backbone_sha)
+                train_bn=args.train_bn, backbone=config["backbone"], backbone_sha256=backbone_sha)
     metrics = dict(meta, val_is_held_out=not args.trainval, val_count=last["val_count"],
                    train_top1=last["train_top1"], train_loss=last["train_loss"],
-                   step_time_s=last["step_time_s"], time_s=time.time() - t0)
+                   step_time_s=last["step_time_s"], time_s=time.time() - t0, collapse=result.collapse)
     if dist.is_main:
         if method.uses_masks:
-            save_masks(model, run.file("masks.safetensors"), **meta)
+            # the mask file records train_bn (and the other conversion settings) itself
+            save_masks(model, run.file("masks.safetensors"), **{k: v for k, v in meta.items()
+                                                                 if k not in RESERVED_KEYS})
             metrics.update(sparsity=sparsity(model)["total"], result_file="masks.safetensors")
         else:
-            save_weights(run.file("weights.safetensors"), model, **meta)
+            save_weights_file(run.file("weights.safetensors"), model, format=WEIGHTS_FORMAT, **meta)
             metrics.update(sparsity=None, result_file="weights.safetensors",
                            note=f"--method {method.name} trains no mask: full weights saved")
     run.write_json("metrics.json", metrics)
     log(f"[{task}] done: val top-1 {metrics['val_top1']:.2f}%"
         + (f", mask sparsity {metrics['sparsity']:.4f}" if metrics.get("sparsity") is not None else "")
+        + (f"; COLLAPSE at step {result.collapse['step']}" if result.collapse else "")
         + f"; results in {run.path}")
     return metrics
 

@@ -1,25 +1,33 @@
-"""One training epoch and one evaluation pass of the FCN, plus what they need.
+"""What FCN training adds to the common engine: the loss, the batch step and the
+evaluation pass.
 
-``train_one_epoch`` steps every optimizer of the mixed scheme (masks with Adam, new
-layers with their own optimizer) on a per-pixel cross-entropy that ignores label 255.
-``evaluate`` accumulates one confusion matrix over this process's share of the
-evaluation set, sums it over processes and computes the FCN metrics from the sum.
+``segmentation_loss`` is a per-pixel cross-entropy that ignores label 255. The training
+loop is :func:`common.engine.train_one_epoch`, fed by :class:`SegmentationPipeline`
+(mixed training: every optimizer of the scheme steps on the same loss). ``evaluate``
+accumulates one confusion matrix over this process's share of the evaluation set, sums
+it over processes and computes the FCN metrics from the sum.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from common.amp import autocast
+from common.engine import Pipeline, StepOutput
+from common.engine import train_one_epoch as _train_one_epoch
 from common.metrics import ConfusionMatrix
-from common.runlog import MetricLogger, check_finite
+from common.runlog import MetricLogger
 
 from .data import IGNORE_INDEX
 
-__all__ = ["segmentation_loss", "train_one_epoch", "evaluate", "predict", "summarize"]
+__all__ = ["segmentation_loss", "SegmentationPipeline", "train_one_epoch", "evaluate", "predict",
+           "summarize", "LOG_METRICS"]
+
+# The metrics of each epoch's log record.
+LOG_METRICS = ("pixel_acc", "mean_acc", "mean_iou", "fw_iou")
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -33,29 +41,44 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return total / labelled
 
 
+class SegmentationPipeline(Pipeline):
+    """FCN training step (loss weighted by images per batch) and evaluation on ``val_loader``."""
+
+    def __init__(self, device: torch.device, val_loader=None, num_classes: int = 21, *, amp: bool = False,
+                 print_freq: int = 20, is_main: bool = True, header: str = "eval"):
+        self.device, self.val_loader, self.num_classes, self.amp = device, val_loader, num_classes, amp
+        self.print_freq, self.is_main, self.header = print_freq, is_main, header
+
+    def train_step(self, model: nn.Module, batch: Any) -> StepOutput:
+        images, targets = batch
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        with autocast(self.device, self.amp):
+            logits = model(images)
+        return StepOutput(segmentation_loss(logits, targets), int(images.shape[0]))
+
+    def evaluate(self, model: nn.Module) -> Dict[str, Any]:
+        return evaluate(model, self.val_loader, self.device, self.num_classes, amp=self.amp,
+                        print_freq=self.print_freq, is_main=self.is_main, header=self.header)
+
+    def log_metrics(self, evaluation: Mapping[str, Any]) -> Dict[str, Any]:
+        return {k: evaluation[k] for k in LOG_METRICS}
+
+    def describe(self, record: Mapping[str, Any]) -> str:
+        return (f"train loss {record['train_loss']:.4f}  mean IoU {100 * record['mean_iou']:.2f}  "
+                f"pixel acc {100 * record['pixel_acc']:.2f}")
+
+
 def train_one_epoch(model: nn.Module, loader, optimizers: Mapping[str, torch.optim.Optimizer],
                     device: torch.device, epoch: int, *, amp: bool = False, print_freq: int = 20,
                     is_main: bool = True, header: str = "") -> Dict[str, float]:
-    """Train for one pass over ``loader``; returns the loss averaged over all processes.
-    A non-finite loss raises, naming the epoch and step."""
-    model.train()
-    logger = MetricLogger(is_main=is_main)
-    header = header or f"epoch {epoch}"
-    for step, (images, targets) in enumerate(logger.log_every(loader, print_freq, header)):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = model(images)
-        loss = segmentation_loss(logits, targets)
-        value = check_finite(loss, step, epoch)
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers.values():
-            opt.step()
-        logger.update(n=images.shape[0], loss=value)
-    logger.synchronize()
-    return {"loss": logger.meters["loss"].global_avg}
+    """Train for one pass over ``loader``; returns the loss averaged over all processes
+    (``loss``) with the engine's statistics. A non-finite loss raises
+    :class:`~common.errors.DivergedError`, naming the epoch and step."""
+    stats = _train_one_epoch(model, loader, SegmentationPipeline(device, amp=amp), optimizers, device=device,
+                             epoch=epoch, print_freq=print_freq, is_main=is_main,
+                             header=header or f"epoch {epoch}")
+    return dict(stats, loss=stats["train_loss"])
 
 
 @torch.no_grad()

@@ -15,29 +15,30 @@ on the evaluation set plus a storage report). Multi-GPU:
 from __future__ import annotations
 
 import argparse
-import datetime
+import os
 import sys
-import time
-from pathlib import Path
 from typing import Dict
 
 import torch
 from torch.utils.data import DataLoader
 
 from common.accounting import sparsity
-from common.amp import default_amp
-from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common.amp import SWITCH_CHOICES, default_amp, resolve_switch
 from common.cli import add_common_args, run_cli
-from common.distributed import barrier, cleanup, init_distributed, make_sampler, wrap_ddp
-from common.masking import MASK_INITS, backbone_fingerprint, is_piggybacked, mask_parameters, task_parameters
+from common.distributed import cleanup, init_distributed, make_sampler
+from common.engine import FitState, compile_model, fit
+from common.errors import ResumeError
+from common.masking import MASK_INITS, is_piggybacked
+from common.methods import OPTIMIZERS, build_optimizers as _build_optimizers
+from common.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
 from common.runlog import RunDir
 from common.seed import epoch_generator, reseed_loader, seed_everything, worker_init_fn
 
 from .data import NUM_CLASSES, SPLITS, build_split, class_names, pad_collate
-from .engine import evaluate, summarize, train_one_epoch
-from .model import ARCHS, NEW_LAYERS
+from .engine import SegmentationPipeline, summarize
+from .model import ARCHS
 from .report import format_metrics, format_storage, storage_report
-from .runs import METHODS, build_model, load_trainable_state, save_task_weights, trainable_state
+from .runs import METHODS, prepare_model, save_task_weights
 from .weights import resolve_backbone
 
 __all__ = ["get_args_parser", "check_args", "main", "cli", "build_optimizers", "make_loaders",
@@ -45,28 +46,17 @@ __all__ = ["get_args_parser", "check_args", "main", "cli", "build_optimizers", "
 
 DATA_ROOT_ENV = "PASCAL_ROOT"
 DEFAULT_DATA_ROOT = "data/pascal"
-_SWITCH = ("auto", "on", "off")
-# Per method: optimizer / learning rate / weight decay of the masks (piggyback) or of the
-# backbone weights (finetune). Adam at 1e-4 is the paper's mask setting; the finetuning
-# SGD follows the FCN reference (momentum 0.99, weight decay 5e-4) with its lr of 1e-10
-# on a loss summed over ~2e5 pixels per image turned into 2e-5 for a mean-reduced loss.
+_SWITCH = SWITCH_CHOICES
+# Optimizer / learning rate / weight decay of the backbone weights with --method finetune:
+# the FCN reference's SGD (momentum 0.99, weight decay 5e-4) with its lr of 1e-10 on a
+# loss summed over ~2e5 pixels per image turned into 2e-5 for a mean-reduced loss.
+# Piggyback's masks take theirs from the recipe (common.recipes).
 METHOD_DEFAULTS = {
-    "piggyback": {"optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0},
     "finetune": {"optimizer": "sgd", "lr": 2e-5, "weight_decay": 5e-4},
 }
-OPTIMIZERS = {
-    "sgd": lambda params, lr, wd, momentum: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd),
-    "adam": lambda params, lr, wd, momentum: torch.optim.Adam(params, lr=lr, weight_decay=wd),
-}
-# Settings that change the result: a resumed run must have the same ones.
-RESUME_SETTINGS = ("arch", "method", "split", "val_list", "learn_upsample", "backbone_kind", "input_convention",
-                   "seed", "batch_size", "world_size", "optimizer", "lr", "weight_decay", "head_optimizer",
-                   "head_lr", "head_weight_decay", "momentum", "threshold", "mask_init", "mask_scale", "amp_used")
-MASK_FLAGS = {"threshold": 5e-3, "mask_init": "constant", "mask_scale": 1e-2}
-
-
-class RunError(ValueError):
-    """A run folder that cannot be resumed as asked."""
+MASK_FLAGS = ("threshold", "mask_init", "mask_scale", "mask_spread")
+# The name resume refusals had before the project's errors were unified.
+RunError = ResumeError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -98,15 +88,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     w.add_argument("--random-init", action="store_true",
                    help="random backbone instead of pretrained weights (for tests and demos)")
     m = p.add_argument_group("masks (piggyback)")
-    m.add_argument("--threshold", type=float, default=None, help="binarizer threshold tau of eq. 4 (default: 5e-3)")
+    m.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                   help="mask recipe giving the defaults of the mask flags, --optimizer and --lr: "
+                        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
+                        + f" (default: {DEFAULT_RECIPE})")
+    m.add_argument("--threshold", type=float, default=None,
+                   help="binarizer threshold tau of eq. 4 (default: from --recipe)")
     m.add_argument("--mask-init", choices=sorted(MASK_INITS), default=None,
-                   help="initialisation of the real-valued masks (default: constant)")
-    m.add_argument("--mask-scale", type=float, default=None, help="initial real-valued mask value (default: 1e-2)")
+                   help="initialisation of the real-valued masks (default: from --recipe)")
+    m.add_argument("--mask-scale", type=float, default=None,
+                   help="initial real-valued mask value (default: from --recipe)")
+    m.add_argument("--mask-spread", type=float, default=None,
+                   help="half-width of the uniform spread around --mask-scale of --mask-init spread "
+                        "(default: from --recipe)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None,
-                   help="optimizer of the masks / backbone weights (default: piggyback adam, finetune sgd)")
+                   help="optimizer of the masks / backbone weights (default: piggyback from --recipe, "
+                        "finetune sgd)")
     o.add_argument("--lr", type=float, default=None,
-                   help="learning rate of the masks / backbone weights (default: piggyback 1e-4, finetune 2e-5)")
+                   help="learning rate of the masks / backbone weights (default: piggyback from --recipe, "
+                        "finetune 2e-5)")
     o.add_argument("--weight-decay", type=float, default=None,
                    help="weight decay of the masks / backbone weights (default: piggyback 0, finetune 5e-4)")
     o.add_argument("--head-optimizer", choices=sorted(OPTIMIZERS), default="sgd",
@@ -118,7 +119,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--amp", choices=_SWITCH, default="auto",
                    help="bf16 autocast; auto = on for CUDA devices with bf16 (default: auto)")
-    r.add_argument("--print-freq", type=int, default=20, help="steps between progress lines (default: 20)")
+    r.add_argument("--compile", choices=_SWITCH, default="auto",
+                   help="torch.compile the FCN for training and evaluation, with dynamic image sizes. "
+                        "Images differ in size and inductor specialises FCN training (ceil-mode pooling "
+                        "and its backward) to each size, so 'on' compiles a graph per size up to "
+                        "torch's recompile limit and then runs eagerly; auto = off (default: auto)")
+    r.add_argument("--print-freq", type=int, default=20,
+                   help="steps between progress lines, and between the loss checks (non-finite loss, "
+                        "collapse) that read the device (default: 20)")
     return p
 
 
@@ -135,35 +143,36 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     given_mask_flags = [f"--{k.replace('_', '-')}" for k in MASK_FLAGS if getattr(args, k) is not None]
     if args.method != "piggyback" and given_mask_flags:
         p.error(f"{', '.join(given_mask_flags)} only apply to --method piggyback")
-    for key, default in MASK_FLAGS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
-    for key, default in METHOD_DEFAULTS[args.method].items():
+    if args.method == "piggyback":
+        recipe = get_recipe(args.recipe)
+        for key, value in recipe.mask_options().items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        defaults = {"optimizer": recipe.mask_optimizer, "lr": recipe.mask_lr, "weight_decay": 0.0}
+    else:
+        defaults = METHOD_DEFAULTS[args.method]
+    for key, default in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, default)
     if args.momentum is not None and "sgd" not in (args.optimizer, args.head_optimizer):
         p.error("--momentum only applies to SGD; neither --optimizer nor --head-optimizer is sgd")
     args.momentum = 0.99 if args.momentum is None else args.momentum
     for key in ("lr", "head_lr", "threshold", "mask_scale"):
-        if not getattr(args, key) > 0:
+        if getattr(args, key) is not None and not getattr(args, key) > 0:
             p.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
-    for key in ("weight_decay", "head_weight_decay", "momentum"):
-        if getattr(args, key) < 0:
+    for key in ("weight_decay", "head_weight_decay", "momentum", "mask_spread"):
+        if getattr(args, key) is not None and getattr(args, key) < 0:
             p.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
     if args.print_freq < 1:
         p.error(f"--print-freq must be >= 1, got {args.print_freq}")
     return args
 
 
-def build_optimizers(model: torch.nn.Module, args) -> Dict[str, torch.optim.Optimizer]:
+def build_optimizers(prepared, args) -> Dict[str, torch.optim.Optimizer]:
     """Mixed training: one optimizer for the masks (or backbone weights), one for the new layers."""
-    head = task_parameters(model) if is_piggybacked(model) else [
-        p for name, p in model.named_parameters() if p.requires_grad and name.split(".")[0] in NEW_LAYERS]
-    head_ids = {id(p) for p in head}
-    main = mask_parameters(model) if is_piggybacked(model) else [
-        p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    return {"main": OPTIMIZERS[args.optimizer](main, args.lr, args.weight_decay, args.momentum),
-            "head": OPTIMIZERS[args.head_optimizer](head, args.head_lr, args.head_weight_decay, args.momentum)}
+    return _build_optimizers(prepared, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                             head_optimizer=args.head_optimizer, head_lr=args.head_lr,
+                             head_weight_decay=args.head_weight_decay, momentum=args.momentum)
 
 
 def make_loaders(args, convention: str, dist_info):
@@ -179,28 +188,6 @@ def make_loaders(args, convention: str, dist_info):
     return train_loader, val_loader
 
 
-def _resume(run: RunDir, settings: dict, model, optimizers, fingerprint) -> int:
-    """Load checkpoint.pt (if any) into model and optimizers; returns the epoch to start at."""
-    path = run.file("checkpoint.pt")
-    if not path.exists():
-        return 0
-    ckpt = load_checkpoint(path)
-    changed = {k: (ckpt["settings"].get(k), settings.get(k)) for k in RESUME_SETTINGS
-               if ckpt["settings"].get(k) != settings.get(k)}
-    if changed:
-        raise RunError(f"{path} was written with other settings {changed} (checkpoint, now); "
-                       f"use another --out or the same flags")
-    if ckpt["fingerprint"] != fingerprint:
-        raise RunError(f"{path} was trained on another backbone than {settings['backbone_path']}")
-    load_trainable_state(model, ckpt["model"], str(path))
-    for name, opt in optimizers.items():
-        opt.load_state_dict(ckpt["optimizers"][name])
-    set_rng_state(ckpt["rng"])
-    if run.is_main:
-        print(f"resuming {run.path} after epoch {ckpt['epoch']}")
-    return int(ckpt["epoch"])
-
-
 def main(args: argparse.Namespace) -> dict:
     dist_info = init_distributed(args.device)
     try:
@@ -212,77 +199,63 @@ def main(args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace, dist_info) -> dict:
     device = dist_info.device
     source = resolve_backbone(args.arch, args.backbone, args.caffe_weights, args.random_init)
-    amp = default_amp(device) if args.amp == "auto" else args.amp == "on"
+    amp = resolve_switch(args.amp, default_amp(device))
+    use_compile = resolve_switch(args.compile, False)  # see --compile's help
     config = dict(vars(args))
     # Absolute paths, so that segmentation.evaluate finds everything from any folder.
     for key in ("data_root", "out", "val_list", "backbone", "caffe_weights"):
         if config[key]:
-            config[key] = str(Path(config[key]).resolve())
-    config.update(backbone_kind=source.kind, backbone_path=str(source.path.resolve()) if source.path else None,
+            config[key] = os.path.abspath(config[key])
+    config.update(backbone_kind=source.kind, backbone_path=os.path.abspath(source.path) if source.path else None,
                   input_convention=source.convention, num_classes=NUM_CLASSES, amp_used=amp,
-                  world_size=dist_info.world_size)
+                  compile_used=use_compile, world_size=dist_info.world_size)
 
     # Data first: a missing or malformed file should fail before VGG-16 is built.
     train_loader, val_loader = make_loaders(args, source.convention, dist_info)
     run = RunDir(args.out, dist_info.is_main)
-    model = build_model(args.arch, args.method, source, seed=args.seed, learn_upsample=args.learn_upsample,
-                        mask_options={k: getattr(args, k) for k in MASK_FLAGS}).to(device)
-    optimizers = build_optimizers(model, args)
-    fingerprint = backbone_fingerprint(model) if is_piggybacked(model) else None
+    model, prepared = prepare_model(args.arch, args.method, source, seed=args.seed,
+                                    learn_upsample=args.learn_upsample,
+                                    mask_options={k: getattr(args, k) for k in MASK_FLAGS})
+    model.to(device)
+    optimizers = build_optimizers(prepared, args)
     seed_everything(args.seed, dist_info.rank)
-    start = _resume(run, config, model, optimizers, fingerprint)
-    run.write_config(config)
-    run.trim_log(start + 1)
-    ddp_model = wrap_ddp(model, dist_info)
+    # Variable image sizes: compiled with dynamic shapes from the start.
+    train_model, eval_model = compile_model(model, dist_info, use_compile, dynamic=True)
+    pipeline = SegmentationPipeline(device, val_loader, NUM_CLASSES, amp=amp, print_freq=10 * args.print_freq,
+                                    is_main=dist_info.is_main, header="eval")
+    if dist_info.is_main and use_compile:
+        print("--compile on: inductor compiles FCN training once per distinct input size (H x W); "
+              "expect a compilation at each new size until torch's recompile limit")
     if dist_info.is_main:
         print(f"{args.method} FCN-32s on {args.arch} from {source.describe()}; --split {args.split}: "
               f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} eval images; "
               f"{dist_info.world_size} process(es) on {device}")
-
-    metrics, t_run = None, time.perf_counter()
-    for epoch in range(start, args.epochs):
-        reseed_loader(train_loader, args.seed, epoch, dist_info.rank)
-        t0 = time.perf_counter()
-        header = f"epoch {epoch + 1}/{args.epochs}"
-        stats = train_one_epoch(ddp_model, train_loader, optimizers, device, epoch + 1, amp=amp,
-                                print_freq=args.print_freq, is_main=dist_info.is_main, header=header)
-        metrics = evaluate(model, val_loader, device, NUM_CLASSES, amp=amp, print_freq=10 * args.print_freq,
-                           is_main=dist_info.is_main, header=f"eval {epoch + 1}/{args.epochs}")
-        record = {"epoch": epoch + 1, "train_loss": stats["loss"],
-                  **{k: metrics[k] for k in ("pixel_acc", "mean_acc", "mean_iou", "fw_iou")},
-                  "lr": {k: o.param_groups[0]["lr"] for k, o in optimizers.items()},
-                  "epoch_time_s": time.perf_counter() - t0}
-        if is_piggybacked(model):
-            record["sparsity"] = sparsity(model)["total"]
-        run.log_epoch(record)
-        if dist_info.is_main:
-            save_checkpoint(run.file("checkpoint.pt"), {
-                "model": trainable_state(model), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "epoch": epoch + 1, "rng": rng_state(), "settings": config, "fingerprint": fingerprint})
-            per_epoch = (time.perf_counter() - t_run) / (epoch + 1 - start)
-            eta = datetime.timedelta(seconds=int(per_epoch * (args.epochs - epoch - 1)))
-            print(f"{header}: train loss {stats['loss']:.4f}  mean IoU {100 * metrics['mean_iou']:.2f}  "
-                  f"pixel acc {100 * metrics['pixel_acc']:.2f}  ({record['epoch_time_s']:.1f}s, ETA {eta})")
-        barrier()
+    result = fit(run, FitState(model, optimizers, train_model=train_model, eval_model=eval_model,
+                               frozen_modules=prepared.frozen_modules),
+                 pipeline, train_loader, epochs=args.epochs, config=config, dist=dist_info,
+                 set_epoch=lambda epoch: reseed_loader(train_loader, args.seed, epoch, dist_info.rank),
+                 print_freq=args.print_freq, log=print)
+    metrics = result.evaluation
     if metrics is None:  # the checkpoint already holds the last epoch
-        metrics = evaluate(model, val_loader, device, NUM_CLASSES, amp=amp, is_main=dist_info.is_main)
-    return _finish(run, model, config, metrics, val_loader.dataset)
+        eval_model.eval()
+        metrics = pipeline.evaluate(eval_model)
+    return _finish(run, model, config, metrics, val_loader.dataset, result.collapse)
 
 
-def _finish(run: RunDir, model, config: dict, metrics: dict, val_set) -> dict:
+def _finish(run: RunDir, model, config: dict, metrics: dict, val_set, collapse=None) -> dict:
     """Write the task's weights and metrics.json (main process); returns the metrics."""
     names = class_names()
     storage = storage_report(model)
     result = {"split": config["split"], "method": config["method"], "arch": config["arch"],
               "backbone": config["backbone_kind"], "epochs": config["epochs"], "eval_images": len(val_set),
-              **summarize(metrics, names), "storage": storage}
+              **summarize(metrics, names), "storage": storage, "collapse": collapse}
     if getattr(val_set, "listed", None) is not None:
         result["eval_listed"] = val_set.listed
     if is_piggybacked(model):
         result["sparsity"] = sparsity(model)["total"]
     if run.is_main:
         meta = {k: config[k] for k in ("arch", "method", "split", "learn_upsample", "input_convention",
-                                       "backbone_kind", "num_classes", "seed")}
+                                       "backbone_kind", "num_classes", "seed", "backbone_path")}
         path = save_task_weights(model, run.path, config["method"], meta)
         result.update(weights_file=path.name, weights_file_bytes=path.stat().st_size)
         run.write_json("metrics.json", result)

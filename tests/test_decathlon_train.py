@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import ResumeError
 from common.masking import piggyback
 from common.maskfile import load_masks, read_mask_file
 from decathlon.data import DecathlonDataset, build_loader, build_transforms
@@ -90,11 +91,12 @@ def test_piggyback_run_folder_and_mask_file(world, piggy_run):
     assert config["data_root"] == str(world["root"]) and "git_commit" in config
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
-    assert [r["lr"][0] for r in log] == pytest.approx([1e-2, 1e-2, 1e-3])  # /10 after --lr-steps 2
+    assert [r["lr"]["main"] for r in log] == pytest.approx([1e-2, 1e-2, 1e-3])  # /10 after --lr-steps 2
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["task"] == "dtd" and metrics["method"] == "piggyback" and metrics["epochs"] == 3
     assert metrics["trainval"] is False and metrics["val_top1"] == log[-1]["val_top1"]
     assert 0.0 < metrics["sparsity"] < 1.0
+    assert metrics["collapse"] is None and all("collapse" not in r for r in log)  # no false alarm
     assert sha(world["backbone"]) == world["backbone_sha"]
 
     # The mask file on the untouched backbone reproduces the reported validation top-1.
@@ -127,8 +129,11 @@ def test_killed_run_resumes_to_the_same_mask(world, piggy_run):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
     assert ckpt.exists() and not (out / "dtd" / "metrics.json").exists()  # really interrupted
 
+    leftover = out / "dtd" / ".checkpoint.pt.abcd1234.tmp"  # what a kill during a write leaves
+    leftover.write_bytes(b"partial")
     resumed = run("decathlon.train", *cmd[3:])
     assert "resumed from" in resumed.stdout
+    assert not leftover.exists() and not list((out / "dtd").glob(".*.tmp"))
     ref_masks, ref_state, _ = _mask_state(piggy_run[0])
     masks, state, _ = _mask_state(out / "dtd")
     assert masks.keys() == ref_masks.keys() and all(torch.equal(masks[k], ref_masks[k]) for k in masks)
@@ -136,12 +141,21 @@ def test_killed_run_resumes_to_the_same_mask(world, piggy_run):
     logs = [[json.loads(x)["train_loss"] for x in (f / "log.jsonl").read_text().splitlines()]
             for f in (piggy_run[0], out / "dtd")]
     assert logs[0] == logs[1]
+    epochs = [json.loads(x)["epoch"] for x in (out / "dtd" / "log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]  # each epoch once, whatever the kill interrupted
 
-    # Resuming with other settings is refused rather than mixed.
-    args = train_mod.get_args_parser().parse_args(cmd[3:] + ["--lr", "5e-3"])
-    with pytest.raises(ValueError, match="other settings.*lr"):
-        train_mod.main(train_mod.check_args(train_mod.get_args_parser(), args))
+    # Resuming with other settings is refused rather than mixed; so is a flag that
+    # changes results but is in no hand-kept list (--hflip), and fewer epochs.
+    parser = train_mod.get_args_parser()
+    for extra, message in ((["--lr", "5e-3"], "other settings.*lr"), (["--hflip", "on"], "other settings.*hflip"),
+                           (["--epochs", "2"], "holds 3 epochs; --epochs 2 is fewer")):
+        args = parser.parse_args(cmd[3:] + extra)
+        with pytest.raises(ResumeError, match=message):
+            train_mod.main(train_mod.check_args(parser, args))
     assert json.loads((out / "dtd" / "config.json").read_text())["lr"] == 1e-2  # left alone
+    # What may change: workers, print frequency, more epochs (here: none left to run).
+    again = run("decathlon.train", *cmd[3:], "--print-freq", "7", "--compile", "off")
+    assert "resumed from" in again.stdout
 
 
 def test_torchrun_two_gloo_processes_match_one_process(world, piggy_run):
@@ -171,7 +185,8 @@ def test_torchrun_two_gloo_processes_match_one_process(world, piggy_run):
 ])
 def test_baseline_methods_end_to_end(world, method, extra):
     out = world["base"] / method
-    backbone = [] if method == "scratch" else ["--backbone", world["backbone"]]
+    # a backbone path relative to the working directory is recorded absolute
+    backbone = [] if method == "scratch" else ["--backbone", os.path.relpath(world["backbone"], REPO)]
     extra = [str(out / "cache") if a == "CACHE" else a for a in extra]
     run("decathlon.train", "--task", "svhn", "--method", method, "--epochs", "1",
         "--batch-size", "8", "--workers", "1", "--data-root", world["root"], "--out", out,
@@ -184,6 +199,8 @@ def test_baseline_methods_end_to_end(world, method, extra):
     model, meta = load_weights(folder / "weights.safetensors")
     assert meta["method"] == method and model.fc.out_features == 10
     config = json.loads((folder / "config.json").read_text())
+    if method != "scratch":
+        assert config["backbone"] == meta["backbone"] == str(world["backbone"])
     sizes = world["tasks"]["svhn"]
     assert config["train_images"] == sizes["train"] + (sizes["val"] if "--trainval" in extra else 0)
     assert sha(world["backbone"]) == world["backbone_sha"]
@@ -200,7 +217,7 @@ def test_non_finite_loss_stops_naming_the_step(world):
                        "--data-root", str(world["root"]), "--out", str(out),
                        "--backbone", str(world["backbone"])])
     assert re.search(r"non-finite loss .* at epoch 1 step [0-9]+", str(stop.value))
-    assert not (out / "svhn" / "metrics.json").exists()
+    assert not (out / "svhn").exists()  # failed before its first checkpoint: nothing left
 
 
 def test_pretrain_then_train_all_tasks(world):
@@ -233,6 +250,26 @@ def test_pretrain_then_train_all_tasks(world):
         assert meta["task"] == task and meta["ternary"] is True and summary[task]["epochs"] == 1
 
 
+def test_recipe_gives_mask_defaults_and_explicit_flags_win():
+    parser = train_mod.get_args_parser()
+
+    def resolved(*argv):
+        return train_mod.check_args(parser, parser.parse_args(["--task", "dtd", "--backbone", "x.pt", *argv]))
+
+    paper = resolved("--recipe", "paper")
+    assert (paper.mask_init, paper.mask_scale, paper.mask_spread, paper.threshold, paper.optimizer, paper.lr) == \
+        ("constant", 1e-2, 0.0, 5e-3, "adam", 1e-4)
+    default = resolved()
+    assert default.recipe == "default" and default.mask_init == "spread" and default.mask_spread > 0
+    mine = resolved("--recipe", "paper", "--mask-init", "uniform", "--mask-scale", "2e-3", "--threshold", "1e-3",
+                    "--lr", "3e-4", "--optimizer", "sgd")
+    assert (mine.mask_init, mine.mask_scale, mine.threshold, mine.lr, mine.optimizer) == \
+        ("uniform", 2e-3, 1e-3, 3e-4, "sgd")
+    finetune = resolved("--method", "finetune")
+    assert finetune.mask_init is None and (finetune.optimizer, finetune.lr) == ("sgd", 1e-2)
+    assert resolved("--compile", "on").compile == "on"
+
+
 def test_bad_command_lines_are_refused(world, capsys):
     parser = train_mod.get_args_parser()
 
@@ -246,12 +283,33 @@ def test_bad_command_lines_are_refused(world, capsys):
     assert "--ternary needs --method piggyback" in refused("--task", "dtd", "--method", "finetune",
                                                            "--backbone", "x.pt", "--ternary")
     assert "invalid choice" in refused("--task", "mnist", "--backbone", "x.pt")
+    assert "only apply to --method piggyback" in refused("--task", "dtd", "--method", "finetune",
+                                                         "--backbone", "x.pt", "--mask-init", "constant")
+    assert "invalid choice" in refused("--task", "dtd", "--backbone", "x.pt", "--recipe", "other")
     help_text = parser.format_help()
     for flag in ("--data-root", "--arch", "--backbone", "--epochs", "--batch-size", "--out",
                  "--seed", "--workers", "--device", "--train-bn", "--ternary", "--trainval",
-                 "--head-lr", "--lr-steps", "--cache-dir", "--amp", "--channels-last"):
+                 "--head-lr", "--lr-steps", "--cache-dir", "--amp", "--channels-last", "--compile",
+                 "--recipe", "--mask-spread"):
         assert flag in help_text
     with pytest.raises(SystemExit) as stop:
         train_mod.cli(["--task", "dtd", "--backbone", str(world["backbone"]), "--workers", "0",
                        "--data-root", str(world["base"] / "nowhere"), "--out", str(world["base"] / "x")])
     assert "nowhere" in str(stop.value) and "decathlon-1.0" in str(stop.value)
+    assert not (world["base"] / "x").exists()  # a refused run leaves no folder
+
+
+def test_device_loader_run_resumes_to_the_same_masks(world, tmp_path):
+    """--loader device (batches augmented on the device, here the CPU) trains, writes the
+    square-image cache once, and a run resumed after epoch 1 ends with the same masks."""
+    args = [*PIGGY, "--backbone", world["backbone"], "--data-root", world["root"], "--loader", "device",
+            "--cache-dir", tmp_path / "cache"]
+    run("decathlon.train", *args, "--out", tmp_path / "full")
+    run("decathlon.train", *[a if a != "3" else "1" for a in args], "--out", tmp_path / "cut")
+    run("decathlon.train", *args, "--out", tmp_path / "cut")
+    full, cut = _mask_state(tmp_path / "full" / "dtd"), _mask_state(tmp_path / "cut" / "dtd")
+    assert all(torch.equal(full[0][k], cut[0][k]) for k in full[0])
+    assert json.loads((tmp_path / "full" / "dtd" / "config.json").read_text())["loader"] == "device"
+    assert len(list((tmp_path / "cache").glob("dtd_train_square72.u8"))) == 1
+    bad = run("decathlon.train", *args, "--scale", "0.8", "1.2", "--out", tmp_path / "bad", ok=False)
+    assert bad.returncode == 2 and "--loader device does not rescale" in bad.stderr

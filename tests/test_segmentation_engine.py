@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.errors import DivergedError
 from segmentation.data import IGNORE_INDEX
 from segmentation.engine import evaluate, segmentation_loss, summarize, train_one_epoch
 
@@ -66,5 +67,24 @@ def test_train_one_epoch_steps_every_optimizer_and_stops_on_nan():
     bad = [_batch([[1, 2]], [[1, 2]])]
     with torch.no_grad():
         model.scale.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="epoch 3 step 0"):
+    with pytest.raises(DivergedError, match="epoch 3 step 0"):
         train_one_epoch(model, bad, opts, torch.device("cpu"), 3, is_main=False)
+
+
+def test_recipe_gives_mask_defaults_and_explicit_flags_win():
+    from segmentation import train as train_cli
+    parser = train_cli.get_args_parser()
+
+    def resolved(*argv):
+        return train_cli.check_args(parser, parser.parse_args(["--random-init", *argv]))
+
+    paper = resolved("--recipe", "paper")
+    assert (paper.mask_init, paper.mask_scale, paper.mask_spread, paper.threshold, paper.optimizer, paper.lr) == \
+        ("constant", 1e-2, 0.0, 5e-3, "adam", 1e-4)
+    assert resolved().mask_init == "spread"
+    mine = resolved("--recipe", "paper", "--mask-init", "weight", "--threshold", "1e-3", "--lr", "2e-4",
+                    "--optimizer", "adamw")
+    assert (mine.mask_init, mine.threshold, mine.lr, mine.optimizer) == ("weight", 1e-3, 2e-4, "adamw")
+    finetune = resolved("--method", "finetune")
+    assert finetune.mask_init is None and (finetune.optimizer, finetune.lr, finetune.momentum) == ("sgd", 2e-5, 0.99)
+    assert resolved("--compile", "on").compile == "on"

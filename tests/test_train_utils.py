@@ -20,11 +20,11 @@ from common.amp import autocast, default_amp, maybe_channels_last
 from common.checkpoint import (CHECKPOINT_VERSION, CheckpointError, load_checkpoint,
                                rng_state, save_checkpoint, set_rng_state)
 from common.cli import add_common_args, resolve_device
+from common.errors import DivergedError, UsageError
 from common.distributed import (DistInfo, EpochSampler, ShardSampler, init_distributed,
                                 make_sampler, unwrap, wrap_ddp)
 from common.runlog import MetricLogger, RunDir, check_finite
 from common.seed import epoch_generator, reseed_loader, seed_everything, worker_init_fn
-from conftest import free_port
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -182,8 +182,9 @@ def test_run_dir_on_other_ranks_writes_nothing(tmp_path):
 
 def test_check_finite_names_epoch_and_step():
     assert check_finite(torch.tensor(1.5), step=3) == 1.5
-    with pytest.raises(FloatingPointError, match="non-finite loss nan at epoch 2 step 17"):
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at epoch 2 step 17") as err:
         check_finite(torch.tensor(float("nan")), step=17, epoch=2)
+    assert isinstance(err.value, DivergedError)
     with pytest.raises(FloatingPointError, match="at step 5"):
         check_finite(float("inf"), 5)
 
@@ -347,7 +348,7 @@ def test_single_process_fallback_and_bad_env(monkeypatch):
     model = nn.Linear(2, 2)
     assert wrap_ddp(model, info) is model and unwrap(model) is model
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(RuntimeError, match="WORLD_SIZE"):
+    with pytest.raises(UsageError, match="WORLD_SIZE"):
         init_distributed("cpu")
 
 
@@ -367,8 +368,12 @@ def _batch(rank):
 
 
 def _ddp_worker(rank, world_size, port, out_dir):
+    # The test process hosts the rendezvous store (as torchrun's agent does), so no port
+    # is left free between choosing it and binding it for another process to take.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      TORCHELASTIC_USE_AGENT_STORE="True")
+    torch.set_num_threads(1)
     from common.distributed import all_reduce_sum, barrier, cleanup
     info = init_distributed("cpu")
     model, _ = _tiny_masked_model()
@@ -379,14 +384,18 @@ def _ddp_worker(rank, world_size, port, out_dir):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen_grads = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
     total = all_reduce_sum(torch.tensor([float(rank + 1)]))
-    barrier()
     torch.save({"grads": grads, "frozen_grads": frozen_grads, "total": total.item()},
                os.path.join(out_dir, f"rank{rank}.pt"))
+    del ddp
+    # Nobody leaves the group while a peer may still talk to it.
+    barrier()
     cleanup()
 
 
 def test_ddp_on_masked_model_averages_gradients_like_one_big_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    mp.spawn(_ddp_worker, args=(2, store.port, str(tmp_path)), nprocs=2, join=True)
+    del store
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     model, masks = _tiny_masked_model()
     x = torch.cat([_batch(0)[0], _batch(1)[0]])

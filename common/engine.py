@@ -1,0 +1,351 @@
+"""The training engine every pipeline uses: one epoch loop, one resumable ``fit``.
+
+A pipeline supplies a :class:`Pipeline` (its batch step, its evaluation, how its epoch
+metrics read) and a :class:`FitState` (model, optimizers, schedulers); the engine does
+the rest the same way for decathlon, segmentation and classification:
+
+- **No host synchronisation per step.** The loss sum, the example count and the
+  pipeline's counts (e.g. correct predictions) are summed on the device. They are read
+  every ``print_freq`` steps and at the end of the epoch (one read each), which is when
+  the progress line is printed, the non-finite-loss guard is checked and the collapse
+  monitor (:mod:`common.collapse`) sees a window. The guard keeps, on the device, the
+  index and value of the first step whose loss was not finite, so the
+  :class:`DivergedError` names that exact step even though it is read later.
+- **Resume.** ``fit`` writes a training checkpoint (:mod:`common.checkpoint`) after every
+  epoch. Run again on the same folder it compares *every* setting of the new config with
+  the checkpoint's, except those listed in :data:`MAY_CHANGE_ON_RESUME`, restores model,
+  optimizers, schedulers, collapse monitor and each rank's own RNG state, rewrites
+  log.jsonl to exactly the epochs the checkpoint holds, and continues at the next epoch.
+- **Run folder hygiene.** Nothing is written before the settings are accepted; leftovers
+  of killed atomic writes are removed on start; a folder this call created is removed
+  again when the run fails before its first checkpoint.
+- **torch.compile** (``compile_model``): the model is compiled once; training (through
+  DDP when distributed) and evaluation call the same compiled module, so there is one
+  graph for training mode and one for evaluation, and none per step, epoch or task.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from common.accounting import sparsity
+from common.checkpoint import (changed_settings, load_trainable_state, load_training_checkpoint,
+                               rng_state, save_training_checkpoint, set_rng_state, trainable_state)
+from common.collapse import CollapseMonitor
+from common.distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, gather_object, wrap_ddp
+from common.errors import DivergedError, ResumeError
+from common.masking import backbone_fingerprint, is_piggybacked
+from common.runlog import MetricLogger, RunDir, non_finite_message, remove_stale_temp_files, to_jsonable
+
+__all__ = ["StepOutput", "Pipeline", "FitState", "FitResult", "train_one_epoch", "fit",
+           "MAY_CHANGE_ON_RESUME", "compile_model", "CHECKPOINT"]
+
+CHECKPOINT = "checkpoint.pt"
+# Settings that may differ when a run is resumed: they change where and how fast it runs,
+# not what it computes. ``epochs`` may only grow.
+MAY_CHANGE_ON_RESUME = frozenset({"workers", "print_freq", "device", "out", "data_root",
+                                  "cache_dir", "compile", "compile_used", "loader", "epochs"})
+_NO_BAD_STEP = 2 ** 62
+
+
+@dataclass
+class StepOutput:
+    """One training batch: its mean ``loss`` (with graph), its number of examples
+    (``count``, the loss's weight in the epoch mean) and counts to sum over the epoch
+    on the device (e.g. ``{"correct": tensor}``)."""
+
+    loss: torch.Tensor
+    count: int
+    sums: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Pipeline:
+    """What a pipeline supplies to the engine (subclass and override).
+
+    ``chance`` and ``accuracy_key`` switch on the accuracy check of the collapse monitor:
+    ``sums[accuracy_key] / count`` is the training accuracy, ``chance`` that of guessing.
+    """
+
+    chance: Optional[float] = None
+    accuracy_key: Optional[str] = None
+
+    def train_step(self, model: nn.Module, batch: Any) -> StepOutput:
+        """Forward one batch (moving it to the device) and return its loss."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> Dict[str, Any]:
+        """Metrics of ``model`` (in eval mode) on the evaluation set, reduced over ranks."""
+        raise NotImplementedError
+
+    def train_metrics(self, sums: Dict[str, float], count: float) -> Dict[str, float]:
+        """Epoch training metrics from the reduced ``sums`` (the loss is the engine's)."""
+        return {}
+
+    def log_metrics(self, evaluation: Mapping[str, Any]) -> Dict[str, Any]:
+        """What of ``evaluate``'s result goes into the epoch's log record."""
+        return {k: v for k, v in evaluation.items() if v is None or isinstance(v, (bool, int, float, str))}
+
+    def describe(self, record: Mapping[str, Any]) -> str:
+        """The end-of-epoch line's metrics."""
+        return f"train loss {record['train_loss']:.4f}"
+
+
+@dataclass
+class FitState:
+    """What ``fit`` trains and checkpoints. ``model`` is the bare model (its trainable
+    state goes into the checkpoint); ``train_model``/``eval_model`` are what the loops
+    call (DDP and/or compiled wrappers; default ``model``)."""
+
+    model: nn.Module
+    optimizers: Dict[str, torch.optim.Optimizer]
+    schedulers: Dict[str, Any] = field(default_factory=dict)
+    train_model: Optional[nn.Module] = None
+    eval_model: Optional[nn.Module] = None
+    frozen_modules: Sequence[nn.Module] = ()
+
+    def __post_init__(self):
+        self.train_model = self.train_model if self.train_model is not None else self.model
+        self.eval_model = self.eval_model if self.eval_model is not None else self.model
+
+
+@dataclass
+class FitResult:
+    record: Dict[str, Any]  # the last epoch's log record
+    history: List[Dict[str, Any]]  # every epoch's record
+    evaluation: Optional[Dict[str, Any]]  # evaluate() of the last epoch run by this call, if any
+    collapse: Optional[Dict[str, Any]]  # the first collapse seen, if any
+    start_epoch: int  # epochs the checkpoint held when this call started
+
+
+def compile_model(model: nn.Module, dist: DistInfo, enabled, *, backend: Optional[str] = None,
+                  dynamic: Optional[bool] = None):
+    """(train_model, eval_model): ``model`` compiled once when ``enabled`` and wrapped in
+    DDP for training when the run is distributed; evaluation calls the same compiled
+    module (one more graph, for eval mode without gradients, compiled on first use).
+    ``dynamic=True`` compiles for varying input sizes from the start (segmentation)."""
+    if not enabled:
+        return wrap_ddp(model, dist), model
+    options = {"backend": backend} if backend else {}
+    if isinstance(enabled, str):  # a torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
+        options["mode"] = enabled
+    compiled = torch.compile(model, dynamic=dynamic, **options)
+    return wrap_ddp(compiled, dist), compiled
+
+
+class _Accumulator:
+    """Device-side sums of one epoch, and the guard on the first non-finite loss."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.sums: Dict[str, torch.Tensor] = {}
+        # Also on the device (a host number would need a copy to be reduced over ranks).
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.step = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def add(self, out: StepOutput) -> None:
+        loss = out.loss.detach()
+        newly_bad = (~torch.isfinite(loss)) & (self.first_bad < 0)
+        self.first_bad = torch.where(newly_bad, self.step, self.first_bad)
+        self.bad_value = torch.where(newly_bad, loss.float(), self.bad_value)
+        self.step += 1
+        self.loss_sum += loss.double() * out.count
+        self.count += out.count
+        for key, value in out.sums.items():
+            value = value.detach().double()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def read(self) -> Dict[str, Any]:
+        """One host read of everything, reduced over ranks (first bad step: the minimum)."""
+        keys = sorted(self.sums)
+        totals = all_reduce_sum(torch.stack([self.loss_sum, *(self.sums[k] for k in keys), self.count]))
+        bad = torch.where(self.first_bad < 0, torch.full_like(self.first_bad, _NO_BAD_STEP), self.first_bad)
+        worst = all_reduce_max(torch.stack([-bad]))
+        values = torch.cat([totals, worst.double(), bad.double().view(1), self.bad_value.double().view(1)]).tolist()
+        n = len(keys)
+        first_bad = int(-values[n + 2])
+        return {"loss_sum": values[0], "sums": dict(zip(keys, values[1:n + 1])), "count": values[n + 1],
+                "first_bad": None if first_bad >= _NO_BAD_STEP else first_bad,
+                "bad_here": int(values[n + 3]) == first_bad, "bad_value": values[n + 4]}
+
+
+def _set_train_mode(model: nn.Module, frozen: Sequence[nn.Module]) -> None:
+    model.train()
+    # Layers a method keeps fixed (BN of the classifier-only baseline) keep using their
+    # running statistics.
+    for m in frozen:
+        m.eval()
+
+
+def train_one_epoch(model: nn.Module, loader, pipeline: Pipeline,
+                    optimizers: Mapping[str, torch.optim.Optimizer], *, device: torch.device, epoch: int,
+                    step_offset: int = 0, frozen_modules: Sequence[nn.Module] = (), print_freq: int = 50,
+                    is_main: bool = True, header: str = "", log: Callable[[str], None] = print,
+                    monitor: Optional[CollapseMonitor] = None) -> Dict[str, Any]:
+    """One pass over ``loader``; returns the epoch's mean ``train_loss``, the pipeline's
+    ``train_metrics``, ``steps``, ``step_time_s`` and any ``collapse`` seen, all reduced
+    over processes. ``epoch`` is 1-based; steps are counted from 0 within the epoch, and
+    from ``step_offset`` over the run (the collapse step). A non-finite loss raises
+    :class:`DivergedError` naming the first step where it happened."""
+    if print_freq < 1:
+        raise ValueError(f"print_freq must be >= 1, got {print_freq}")
+    _set_train_mode(model, frozen_modules)
+    optimizers = list(optimizers.values())
+    logger = MetricLogger(is_main=is_main, print_fn=log)
+    acc = _Accumulator(device)
+    total = len(loader)
+    last = {"loss_sum": 0.0, "sums": {}, "count": 0.0}
+    window_start, steps, collapse = 0, 0, None
+    start = time.perf_counter()
+    for i, batch in enumerate(logger.log_every(loader, print_freq, header)):
+        out = pipeline.train_step(model, batch)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        for opt in optimizers:
+            opt.step()
+        acc.add(out)
+        steps = i + 1
+        if i % print_freq != 0 and i != total - 1:
+            continue
+        # A window ends: the one host read of the window (log_every prints right after).
+        now = acc.read()
+        if now["first_bad"] is not None:
+            detail = "" if now["bad_here"] else " (on another process)"
+            value = now["bad_value"] if now["bad_here"] else float("nan")
+            raise DivergedError(non_finite_message(value, now["first_bad"], epoch, detail))
+        n = now["count"] - last["count"]
+        window_loss = (now["loss_sum"] - last["loss_sum"]) / n if n else float("nan")
+        meters = {"loss": window_loss}
+        accuracy = None
+        key = pipeline.accuracy_key
+        if key is not None and key in now["sums"] and n:
+            accuracy = (now["sums"][key] - last["sums"].get(key, 0.0)) / n
+            meters["acc"] = 100 * accuracy
+        logger.update(n=max(int(n), 1), **meters)
+        if monitor is not None:
+            event = monitor.update(loss=window_loss, steps=steps - window_start, step=step_offset + i,
+                                   epoch=epoch, accuracy=accuracy, examples=int(n))
+            if event is not None:
+                collapse = event
+                if is_main:
+                    log(f"{header} COLLAPSE at step {event['step']} (epoch {epoch} step {i}): {event['reason']}")
+        last, window_start = now, steps
+    elapsed = time.perf_counter() - start
+    count = last["count"]
+    stats = {"train_loss": last["loss_sum"] / count if count else float("nan"),
+             **pipeline.train_metrics(last["sums"], count),
+             "steps": steps, "step_time_s": elapsed / max(steps, 1)}
+    if collapse is not None:
+        stats["collapse"] = collapse
+    return stats
+
+
+def _resume_point(run: RunDir, config: Dict[str, Any], epochs: int, fingerprint, may_change) -> Optional[dict]:
+    """The checkpoint to resume from (None for a fresh run), after every check passed."""
+    path = run.file(CHECKPOINT)
+    if not path.exists():
+        return None
+    ckpt = load_training_checkpoint(path)
+    differ = changed_settings(ckpt["settings"], config, may_change)
+    if differ:
+        raise ResumeError(f"{path} was written with other settings ({'; '.join(differ)}); run with "
+                          f"the same flags to resume, or choose another --out")
+    if ckpt["fingerprint"] != fingerprint:
+        raise ResumeError(f"{path} was trained on another backbone (fingerprint {ckpt['fingerprint']}, "
+                          f"now {fingerprint}); use the backbone it was trained on or another --out")
+    if epochs < int(ckpt["epoch"]):
+        raise ResumeError(f"{path} already holds {ckpt['epoch']} epochs; --epochs {epochs} is fewer. "
+                          f"Pass --epochs {ckpt['epoch']} or more to resume, or choose another --out")
+    return ckpt
+
+
+def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epochs: int,
+        config: Mapping[str, Any], dist: DistInfo, set_epoch: Callable[[int], None],
+        print_freq: int = 50, header: str = "", log: Callable[[str], None] = print,
+        may_change: Sequence[str] = (), monitor: Optional[CollapseMonitor] = None) -> FitResult:
+    """Train to ``epochs`` in ``run`` (resuming from its checkpoint when one exists).
+
+    ``config`` is the run's resolved configuration: it is written to config.json, and a
+    resume is refused when any key differs from the checkpoint's except
+    :data:`MAY_CHANGE_ON_RESUME` and ``may_change``. ``set_epoch(e)`` prepares the
+    loader for 0-based epoch ``e`` (sampler order, worker seeds). The model is expected
+    on its device already.
+    """
+    config = to_jsonable(dict(config))
+    may_change = MAY_CHANGE_ON_RESUME | set(may_change)
+    model = state.model
+    fingerprint = backbone_fingerprint(model) if is_piggybacked(model) else None
+    ckpt = _resume_point(run, config, epochs, fingerprint, may_change)
+    monitor = monitor or CollapseMonitor(pipeline.chance)
+    history: List[Dict[str, Any]] = []
+    start = 0
+    if ckpt is not None:
+        load_trainable_state(model, ckpt["model"], str(run.file(CHECKPOINT)))
+        for name, opt in state.optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+        for name, sch in state.schedulers.items():
+            sch.load_state_dict(ckpt["schedulers"][name])
+        monitor.load_state_dict(ckpt["monitor"])
+        history, start = list(ckpt["history"]), int(ckpt["epoch"])
+        set_rng_state(ckpt["rng"][dist.rank], dist.device)  # each rank its own generators
+    created = run.create()
+    saved = False
+    try:
+        if run.is_main:
+            remove_stale_temp_files(run.path)
+            run.write_config(config)
+            run.write_log(history)
+        if ckpt is not None and dist.is_main:
+            log(f"{header}resumed from {run.file(CHECKPOINT)} after epoch {start}")
+        steps_per_epoch = len(train_loader)
+        evaluation, t_run = None, time.perf_counter()
+        for epoch in range(start, epochs):
+            set_epoch(epoch)
+            t0 = time.perf_counter()
+            stats = train_one_epoch(state.train_model, train_loader, pipeline, state.optimizers,
+                                    device=dist.device, epoch=epoch + 1, step_offset=epoch * steps_per_epoch,
+                                    frozen_modules=state.frozen_modules, print_freq=print_freq,
+                                    is_main=dist.is_main, header=f"{header}epoch {epoch + 1}/{epochs}",
+                                    log=log, monitor=monitor)
+            lrs = {name: opt.param_groups[0]["lr"] for name, opt in state.optimizers.items()}
+            for sch in state.schedulers.values():
+                sch.step()
+            state.eval_model.eval()
+            evaluation = pipeline.evaluate(state.eval_model)
+            collapse = stats.pop("collapse", None)
+            record = {"epoch": epoch + 1, **stats, **pipeline.log_metrics(evaluation), "lr": lrs,
+                      "epoch_time_s": time.perf_counter() - t0}
+            if is_piggybacked(model):
+                record["sparsity"] = sparsity(model)["total"]
+            if collapse is not None:
+                record["collapse"] = collapse
+            record = to_jsonable(record)
+            history.append(record)
+            rngs = gather_object(rng_state(dist.device))
+            if dist.is_main:
+                save_training_checkpoint(run.file(CHECKPOINT), epoch=epoch + 1, model=trainable_state(model),
+                                         optimizers=state.optimizers, schedulers=state.schedulers, rng=rngs,
+                                         config=config, history=history, monitor=monitor.state_dict(),
+                                         fingerprint=fingerprint)
+                run.log_epoch(record)  # after the checkpoint: the log never runs ahead of it
+            saved = True
+            barrier()
+            per_epoch = (time.perf_counter() - t_run) / (epoch + 1 - start)
+            eta = datetime.timedelta(seconds=int(per_epoch * (epochs - epoch - 1)))
+            if dist.is_main:
+                log(f"{header}epoch {epoch + 1}/{epochs}: {pipeline.describe(record)}  "
+                    f"({record['epoch_time_s']:.1f}s, ETA {eta})")
+    except BaseException:
+        if created and not saved:
+            run.discard()
+        raise
+    return FitResult(record=history[-1], history=history, evaluation=evaluation,
+                     collapse=monitor.event, start_epoch=start)

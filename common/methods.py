@@ -1,0 +1,166 @@
+"""The ways of training a task on a pretrained network, and the optimizers they use.
+
+One registry for every pipeline. A :class:`Method` turns a network whose new layers
+(``head``: the task's classifier, FCN's score layers) are already in place into a
+trainable model, and splits the trainable parameters into two groups that get their own
+optimizer: ``main`` (masks, or backbone weights) and ``head`` (the new layers and, with
+task-specific batch-norm, the norm layers).
+
+- ``piggyback``: binary (or ternary) masks on every conv/linear of the frozen backbone
+  (eq. 4-7); its optimizer and learning rate come from the recipe (:mod:`common.recipes`).
+- ``finetune``: every weight trains (weights the model builder froze stay frozen, e.g.
+  FCN's fixed bilinear upsampling).
+- ``feature``: the new layers alone train on frozen features ("classifier only").
+- ``scratch``: the same network from random initialisation, every weight trains.
+
+``train_bn`` is a modifier of ``piggyback`` and ``feature``: batch-norm layers become
+per-task state (paper section 5.3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from common.errors import UsageError
+from common.masking import NORM_TYPES, mask_parameters, piggyback, task_parameters
+
+__all__ = ["Method", "Prepared", "METHODS", "get_method", "OPTIMIZERS", "make_optimizer",
+           "build_optimizers"]
+
+
+@dataclass
+class Prepared:
+    """The two parameter groups of a prepared model, and the modules that must stay in
+    eval mode while training (frozen batch-norm of the ``feature`` baseline)."""
+
+    main: List[nn.Parameter]
+    head: List[nn.Parameter]
+    frozen_modules: List[nn.Module] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    needs_backbone: bool  # starts from pretrained weights
+    uses_masks: bool  # the result is a mask file, not full weights
+    supports_train_bn: bool  # --train-bn is meaningful (BN is frozen otherwise)
+    optimizer: Optional[str]  # default of the main group; None: from the recipe / no main group
+    lr: Optional[float]
+    weight_decay: float
+    _prepare: Callable[..., Prepared] = field(repr=False, compare=False)
+
+    def prepare(self, model: nn.Module, *, head: Sequence[str], mask_options: Optional[Mapping] = None,
+                ternary: bool = False, train_bn: bool = False) -> Prepared:
+        """Make ``model`` trainable for this method in place. ``head`` names the task's
+        new modules; ``mask_options`` are ``piggyback``'s mask keywords (threshold,
+        mask_init, mask_scale, mask_spread)."""
+        if train_bn and not self.supports_train_bn:
+            raise UsageError(f"train_bn: batch-norm layers already train with method {self.name}")
+        if ternary and not self.uses_masks:
+            raise UsageError(f"ternary masks need method piggyback, not {self.name}")
+        names = dict(model.named_modules())
+        missing = [h for h in head if h not in names]
+        if missing:
+            raise UsageError(f"head modules {missing} are not in {type(model).__name__}")
+        return self._prepare(model, tuple(head), dict(mask_options or {}), ternary, train_bn)
+
+
+def _in_head(name: str, head: Sequence[str]) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in head)
+
+
+def _split(model: nn.Module, head: Sequence[str]) -> Prepared:
+    main, new = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (new if _in_head(name, head) else main).append(p)
+    return Prepared(main=main, head=new)
+
+
+def _prepare_piggyback(model, head, mask_options, ternary, train_bn) -> Prepared:
+    piggyback(model, **mask_options, ternary=ternary, train_bn=train_bn, skip=head)
+    return Prepared(main=mask_parameters(model), head=task_parameters(model))
+
+
+def _prepare_full(model, head, mask_options, ternary, train_bn) -> Prepared:
+    return _split(model, head)
+
+
+def _prepare_feature(model, head, mask_options, ternary, train_bn) -> Prepared:
+    trainable = {id(p) for name, p in model.named_parameters() if p.requires_grad and _in_head(name, head)}
+    norms = [m for name, m in model.named_modules()
+             if isinstance(m, NORM_TYPES) and not _in_head(name, head)]
+    if train_bn:  # classifier plus task-specific BN
+        trainable |= {id(p) for m in norms for p in m.parameters(recurse=False)}
+        norms = []
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    return Prepared(main=[], head=[p for p in model.parameters() if p.requires_grad],
+                    frozen_modules=[m for m in norms if isinstance(m, nn.modules.batchnorm._NormBase)])
+
+
+METHODS: Dict[str, Method] = {m.name: m for m in (
+    Method("piggyback", "binary masks on the frozen backbone + new classifier", True, True, True,
+           None, None, 0.0, _prepare_piggyback),
+    Method("finetune", "all weights from the backbone + new classifier", True, False, False,
+           "sgd", 1e-2, 5e-4, _prepare_full),
+    Method("feature", "new classifier on frozen backbone features", True, False, True,
+           None, None, 0.0, _prepare_feature),
+    Method("scratch", "the same network from random initialisation", False, False, False,
+           "sgd", 0.1, 5e-4, _prepare_full),
+)}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}; valid: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _sgd(params, lr, weight_decay, momentum):
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _adam(params, lr, weight_decay, momentum):
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def _adamw(params, lr, weight_decay, momentum):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+# One signature for all: (params, lr, weight_decay, momentum); Adam's betas stay at
+# their defaults and momentum only concerns SGD.
+OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, weight_decay: float = 0.0,
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
+    """``name`` (sgd with ``momentum``, adam, adamw) over ``params``."""
+    if name not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    params = list(params)
+    if not params:
+        raise UsageError(f"optimizer {name}: no parameters to train")
+    return OPTIMIZERS[name](params, lr, weight_decay, momentum)
+
+
+def build_optimizers(prepared: Prepared, *, optimizer: str, lr: float, weight_decay: float,
+                     head_optimizer: str, head_lr: float, head_weight_decay: float,
+                     momentum: float = 0.9) -> Dict[str, torch.optim.Optimizer]:
+    """``{"main": ..., "head": ...}`` for the two groups (a group without parameters,
+    like ``feature``'s main group, gets no optimizer)."""
+    optimizers = {}
+    if prepared.main:
+        optimizers["main"] = make_optimizer(optimizer, prepared.main, lr=lr, weight_decay=weight_decay,
+                                            momentum=momentum)
+    if prepared.head:
+        optimizers["head"] = make_optimizer(head_optimizer, prepared.head, lr=head_lr,
+                                            weight_decay=head_weight_decay, momentum=momentum)
+    if not optimizers:
+        raise UsageError("the model has no trainable parameters")
+    return optimizers

@@ -1,0 +1,294 @@
+"""The common training engine: no host reads per step, the device-side non-finite guard,
+collapse detection, resume (every setting compared, log rewritten, leftovers removed,
+bit-identical continuation), run-folder hygiene, the optimizer table and the full-weight
+file."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.amp import Precision
+from common.checkpoint import load_training_checkpoint
+from common.classify import ClassificationPipeline
+from common.collapse import CollapseMonitor
+from common.distributed import DistInfo, EpochSampler
+from common.engine import FitState, fit, train_one_epoch
+from common.errors import DataError, DivergedError, PiggybackError, ResumeError, UsageError, WeightsFileError
+from common.methods import METHODS, OPTIMIZERS, build_optimizers, make_optimizer
+from common.runlog import RunDir
+from common.weightsfile import load_weights_file, read_weights_file, save_weights_file
+
+CPU = Precision(torch.device("cpu"))
+ONE = DistInfo()
+
+
+def _data(n=24, classes=3, seed=0, bad_batch=None, batch=4):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 6, generator=g), torch.randint(0, classes, (n,), generator=g)
+    if bad_batch is not None:
+        x[bad_batch * batch] = float("nan")
+    return TensorDataset(x, y)
+
+
+def _mlp(classes=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, classes))
+
+
+def _loaders(data, seed=0, batch=4):
+    sampler = EpochSampler(data, shuffle=True, seed=seed)
+    return DataLoader(data, batch_size=batch, sampler=sampler), DataLoader(data, batch_size=8)
+
+
+def _fit(out, epochs, *, config=None, model=None, pipeline=None, data=None, perturb=False, print_freq=100):
+    data = data or _data()
+    model = model or _mlp()
+    train, val = _loaders(data)
+    opt = {"main": torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)}
+    sched = {"main": torch.optim.lr_scheduler.StepLR(opt["main"], 1, gamma=0.5)}
+    if perturb:  # a new process starts from other RNG states
+        torch.manual_seed(1234)
+    else:
+        torch.manual_seed(7)
+    result = fit(RunDir(out), FitState(model, opt, sched), pipeline or ClassificationPipeline(CPU, val, 3),
+                 train, epochs=epochs, config=config or {"lr": 0.1, "epochs": epochs}, dist=ONE,
+                 set_epoch=train.sampler.set_epoch, print_freq=print_freq, log=lambda *_: None)
+    return model, result
+
+
+# ----------------------------------------------------------------- host reads per step
+
+TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+
+
+def _count_host_reads(monkeypatch):
+    """Calls that read a tensor on the host, made from any code but torch's own (the
+    optimizers read their CPU-side step counters, which is no device synchronisation)."""
+    calls = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if not caller.startswith(TORCH_DIR):
+                calls.append(f"{_name} at {caller}:{sys._getframe(1).f_lineno}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_no_host_read_per_training_step(monkeypatch, masked):
+    def epoch_reads(steps):
+        model = _mlp()
+        prepared = METHODS["piggyback" if masked else "finetune"].prepare(model, head=("3",))
+        opt = build_optimizers(prepared, optimizer="adam", lr=1e-3, weight_decay=0, head_optimizer="adam",
+                               head_lr=1e-3, head_weight_decay=0)
+        loader = DataLoader(_data(n=4 * steps), batch_size=4)
+        calls = _count_host_reads(monkeypatch)
+        stats = train_one_epoch(model, loader, ClassificationPipeline(CPU, None, 3), opt, device=CPU.device,
+                                epoch=1, print_freq=1000, is_main=False)
+        monkeypatch.undo()
+        assert stats["steps"] == steps
+        return list(calls)
+
+    few, many = epoch_reads(3), epoch_reads(12)
+    # One read at the first step's window and one at the epoch's end, however many steps.
+    assert len(few) == len(many) <= 2, many
+
+
+# ----------------------------------------------------------------- non-finite guard
+
+def test_non_finite_loss_names_the_first_bad_step_read_later():
+    model = _mlp()
+    loader = DataLoader(_data(n=32, bad_batch=5), batch_size=4)  # batch 5 holds a NaN input
+    opt = {"main": torch.optim.SGD(model.parameters(), lr=0.1)}
+    with pytest.raises(DivergedError, match=r"non-finite loss nan at epoch 2 step 5;") as err:
+        # read at step 0 and at the end (step 7) only: the device remembered step 5
+        train_one_epoch(model, loader, ClassificationPipeline(CPU, None, 3), opt, device=CPU.device,
+                        epoch=2, print_freq=100, is_main=False)
+    assert isinstance(err.value, FloatingPointError) and isinstance(err.value, PiggybackError)
+
+
+# ----------------------------------------------------------------- collapse
+
+def test_collapse_monitor_loss_jump_and_accuracy_fall():
+    mon = CollapseMonitor(chance=0.1)
+    losses = [2.3, 1.5, 1.0, 0.7, 0.6, 0.55, 0.5]
+    for i, loss in enumerate(losses):
+        assert mon.update(loss=loss, steps=10, step=10 * i + 9, epoch=1, accuracy=0.2 + 0.1 * i, examples=640) is None
+    event = None
+    for i, loss in enumerate([2.3, 2.3, 2.3], start=len(losses)):
+        event = event or mon.update(loss=loss, steps=10, step=10 * i + 9, epoch=2, accuracy=0.1, examples=640)
+    assert event is not None and event["step"] == 79 and event["epoch"] == 2 and "loss" in event["reason"]
+    assert mon.update(loss=5.0, steps=10, step=200, epoch=3) is None  # reported once
+    restored = CollapseMonitor(chance=0.1)
+    restored.load_state_dict(mon.state_dict())
+    assert restored.event == event
+
+    acc = CollapseMonitor(chance=0.1, loss_ratio=100)  # loss rule out of the way
+    for i in range(6):
+        acc.update(loss=1.0, steps=10, step=i, epoch=1, accuracy=0.6, examples=640)
+    falls = [acc.update(loss=1.0, steps=10, step=10 + i, epoch=1, accuracy=0.05, examples=640) for i in range(4)]
+    assert any(e and "accuracy fell" in e["reason"] for e in falls)
+    noisy = CollapseMonitor(chance=0.1, loss_ratio=100)
+    for i in range(10):  # tiny windows: too few examples to judge accuracy
+        assert noisy.update(loss=1.0, steps=1, step=i, epoch=1, accuracy=float(i % 2), examples=4) is None
+
+
+class _Collapsing(ClassificationPipeline):
+    """Learns, then from the 61st step on (epoch 4) something breaks: the network's
+    output is scrambled (as when a mask switches a layer off)."""
+
+    def __init__(self, val):
+        super().__init__(CPU, val, 3)
+        self.calls = 0
+
+    def train_step(self, model, batch):
+        self.calls += 1
+        if self.calls > 60:
+            images, targets = batch
+            batch = images, (targets + 1) % 3
+        return super().train_step(model, batch)
+
+
+def test_collapse_reported_in_log_line_log_and_result(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 6, generator=g)
+    data = TensorDataset(4 * x, x[:, :3].argmax(dim=1))  # easily learnt
+    model = _mlp()
+    train, val = _loaders(data, batch=4)
+    lines = []
+    opt = {"main": torch.optim.Adam(model.parameters(), lr=1e-2)}
+    result = fit(RunDir(tmp_path / "run"), FitState(model, opt), _Collapsing(val), train, epochs=5,
+                 config={}, dist=ONE, set_epoch=train.sampler.set_epoch, print_freq=5, log=lines.append)
+    history = [r["train_loss"] for r in result.history]
+    assert history[3] > 2 * history[2], history
+    assert result.collapse is not None and result.collapse["epoch"] == 4, result.collapse
+    assert 60 <= result.collapse["step"] < 80
+    log = RunDir(tmp_path / "run").read_log()
+    assert [r["epoch"] for r in log if "collapse" in r] == [4]
+    assert any("COLLAPSE at step" in line for line in lines)
+
+
+# ----------------------------------------------------------------- resume
+
+def test_resume_continues_bit_identically_and_rewrites_the_log(tmp_path):
+    full, ref = _fit(tmp_path / "full", 3)
+    _fit(tmp_path / "split", 1)
+    folder = tmp_path / "split"
+    # A kill during a write: leftovers, and a log that ran ahead of the checkpoint.
+    (folder / ".checkpoint.pt.k2j3h4_x.tmp").write_bytes(b"partial")
+    (folder / ".log.jsonl.abcdefgh.tmp").write_bytes(b"partial")
+    with open(folder / "log.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 1, "train_loss": 9.9}) + "\n" + json.dumps({"epoch": 2}) + "\n")
+    (folder / "notes.txt").write_text("a user's file stays")
+    resumed, res = _fit(folder, 3, perturb=True)
+    assert res.start_epoch == 1 and [r["epoch"] for r in res.history] == [1, 2, 3]
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["train_loss"] for r in res.history] == [r["train_loss"] for r in ref.history]
+    assert RunDir(folder).read_log() == res.history  # exactly the checkpoint's epochs, once each
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "config.json", "log.jsonl", "notes.txt"]
+    ckpt = load_training_checkpoint(folder / "checkpoint.pt")
+    assert ckpt["epoch"] == 3 and len(ckpt["rng"]) == 1 and ckpt["history"] == res.history
+
+
+def test_resume_compares_every_setting_but_the_allowed_ones(tmp_path):
+    config = {"lr": 0.1, "new_flag": "a", "workers": 2, "print_freq": 5, "device": "cpu", "out": "/x",
+              "data_root": "/d", "cache_dir": None, "compile": "auto", "epochs": 2}
+    _fit(tmp_path / "r", 2, config=config)
+    with pytest.raises(ResumeError, match="other settings.*new_flag: 'a' there, 'b' now"):
+        _fit(tmp_path / "r", 2, config=dict(config, new_flag="b"))
+    with pytest.raises(ResumeError, match="extra"):
+        _fit(tmp_path / "r", 2, config=dict(config, extra=1))  # a key the checkpoint lacks
+    with pytest.raises(ResumeError, match="holds 2 epochs; --epochs 1 is fewer"):
+        _fit(tmp_path / "r", 1, config=dict(config, epochs=1))
+    moved = dict(config, workers=0, print_freq=9, device="cuda", out="/y", data_root="/e", cache_dir="/c",
+                 compile="on", epochs=3)
+    _, res = _fit(tmp_path / "r", 3, config=moved)
+    assert res.start_epoch == 2 and len(res.history) == 3
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["workers"] == 0
+
+
+class _Failing(ClassificationPipeline):
+    def train_step(self, model, batch):
+        raise DataError("a corrupt image")
+
+
+def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(tmp_path):
+    data = _data()
+    train, val = _loaders(data)
+    with pytest.raises(DataError):
+        _fit(tmp_path / "new", 2, pipeline=_Failing(CPU, val, 3))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()  # a folder that was there before is never removed
+    with pytest.raises(DataError):
+        _fit(tmp_path / "mine", 2, pipeline=_Failing(CPU, val, 3))
+    assert (tmp_path / "mine").is_dir()
+    # A refused resume writes nothing.
+    _fit(tmp_path / "done", 1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir()}
+    with pytest.raises(ResumeError):
+        _fit(tmp_path / "done", 2, config={"lr": 0.5})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir()} == before
+
+
+# ----------------------------------------------------------------- registry, optimizers, weights files
+
+def test_one_optimizer_table_with_one_signature():
+    params = [nn.Parameter(torch.zeros(2))]
+    assert set(OPTIMIZERS) == {"sgd", "adam", "adamw"}
+    sgd = make_optimizer("sgd", params, lr=0.1, weight_decay=1e-4, momentum=0.99)
+    assert sgd.param_groups[0]["momentum"] == 0.99 and sgd.param_groups[0]["weight_decay"] == 1e-4
+    assert isinstance(make_optimizer("adamw", params, lr=0.1), torch.optim.AdamW)
+    with pytest.raises(UsageError, match="unknown optimizer 'rmsprop'; valid: sgd, adam, adamw"):
+        make_optimizer("rmsprop", params, lr=0.1)
+
+
+def test_methods_split_head_and_train_bn_modifier():
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+
+    model = net()
+    model(torch.randn(1, 3, 5, 5))
+    p = METHODS["feature"].prepare(model, head=("3",), train_bn=False)
+    assert p.main == [] and len(p.head) == 2 and p.frozen_modules == [model[1]]
+    model = net()
+    model(torch.randn(1, 3, 5, 5))
+    p = METHODS["feature"].prepare(model, head=("3",), train_bn=True)
+    assert len(p.head) == 4 and p.frozen_modules == []
+    with pytest.raises(UsageError, match="already train"):
+        METHODS["finetune"].prepare(net(), head=("3",), train_bn=True)
+    model = net()
+    model(torch.randn(1, 3, 5, 5))
+    p = METHODS["piggyback"].prepare(model, head=("3",), mask_options={"mask_init": "constant"}, train_bn=True)
+    assert len(p.main) == 1 and {id(q) for q in p.head} == {id(q) for q in (*model[1].parameters(), *model[3].parameters())}
+
+
+def test_weights_file_round_trip_and_refusals(tmp_path):
+    model = nn.Linear(3, 2)
+    path = save_weights_file(tmp_path / "w.safetensors", model, format="test-weights", task="t", epochs=2)
+    tensors, meta = read_weights_file(path, "test-weights")
+    assert meta == {"task": "t", "epochs": 2} and torch.equal(tensors["weight"], model.weight)
+    other = nn.Linear(3, 2)
+    assert load_weights_file(other, path, "test-weights")["task"] == "t"
+    assert torch.equal(other.weight, model.weight)
+    with pytest.raises(WeightsFileError, match="not a other-weights file"):
+        read_weights_file(path, "other-weights")
+    with pytest.raises(WeightsFileError, match="does not fit"):
+        load_weights_file(nn.Linear(3, 3), path)
+    from safetensors.torch import save_file  # files written before the common writer
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old.safetensors"),
+              metadata={"user": json.dumps({"method": "finetune"})})
+    assert read_weights_file(tmp_path / "old.safetensors", "test-weights")[1] == {"method": "finetune"}
+    with pytest.raises(FileNotFoundError):
+        read_weights_file(tmp_path / "missing.safetensors")

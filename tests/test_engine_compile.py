@@ -1,0 +1,56 @@
+"""torch.compile in the engine: a compiled piggyback run gives the eager run's losses, and
+nothing is compiled again after the first epoch (training and evaluation graphs are made
+once per model)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.amp import Precision
+from common.classify import ClassificationPipeline
+from common.distributed import DistInfo, EpochSampler
+from common.engine import FitState, compile_model, fit
+from common.methods import METHODS, build_optimizers
+from common.runlog import RunDir
+from decathlon.models import create_model
+from decathlon.methods import replace_head
+
+CPU = Precision(torch.device("cpu"))
+
+
+def _run(out, compiled: bool, epochs: int = 2):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = replace_head(create_model("wrn10_1", 10), 5)
+    prepared = METHODS["piggyback"].prepare(model, head=("fc",), mask_options={"mask_init": "constant"})
+    opt = build_optimizers(prepared, optimizer="adam", lr=1e-2, weight_decay=0.0, head_optimizer="adam",
+                           head_lr=1e-2, head_weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(12, 3, 16, 16, generator=g), torch.randint(0, 5, (12,), generator=g))
+    train = DataLoader(data, batch_size=4, sampler=EpochSampler(data, seed=0))
+    val = DataLoader(data, batch_size=6)
+    train_model, eval_model = compile_model(model, DistInfo(), compiled)
+    graphs = []
+
+    def set_epoch(epoch):
+        train.sampler.set_epoch(epoch)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+    torch.manual_seed(0)
+    result = fit(RunDir(out), FitState(model, opt, train_model=train_model, eval_model=eval_model),
+                 ClassificationPipeline(CPU, val, 5), train, epochs=epochs, config={}, dist=DistInfo(),
+                 set_epoch=set_epoch, print_freq=100, log=lambda *_: None)
+    graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    return result, graphs
+
+
+def test_compiled_run_matches_eager_and_compiles_once(tmp_path):
+    pytest.importorskip("torch._inductor")
+    eager, _ = _run(tmp_path / "eager", False)
+    compiled, graphs = _run(tmp_path / "compiled", True)
+    for e, c in zip(eager.history, compiled.history):
+        assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4, abs=1e-5)
+        assert c["val_loss"] == pytest.approx(e["val_loss"], rel=1e-4, abs=1e-5)
+    # graphs[0]: before training; [1]: after epoch 1 (train + eval compiled); [2]: after epoch 2
+    assert graphs[1] > graphs[0] and graphs[2] == graphs[1], graphs
