@@ -172,15 +172,17 @@ class _MultiheadAttentionMixin(MaskedLayer):
 
 class _GenericMixin(MaskedLayer):
     """For conv/linear subclasses with a forward of their own (timm's same-padding and
-    weight-standardised convs): their forward runs with ``weight`` reading ``weight * m``.
-    The masked tensor shadows the parameter in the instance dict for the call alone."""
+    weight-standardised convs): their forward runs unchanged and reads ``weight``, which
+    for these classes alone is a property giving ``weight * m``; the frozen tensor stays
+    the ``weight`` parameter (``_parameters["weight"]``, the key in ``state_dict``).
+    Nothing is written to the module during the call, which ``torch.compile`` needs."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.masked_weight()
 
     def forward(self, *args, **kwargs):
-        self.__dict__["weight"] = self.masked_weight()
-        try:
-            return self._plain_class.forward(self, *args, **kwargs)
-        finally:
-            del self.__dict__["weight"]
+        return self._plain_class.forward(self, *args, **kwargs)
 
 
 _FAMILIES: Tuple[Tuple[type, type], ...] = (
