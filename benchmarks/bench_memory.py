@@ -148,8 +148,8 @@ def _findings(results: dict) -> str:
         "moments, since Adam optimises the masks) plus the real-valued masks themselves, so its "
         "persistent state is four weight-sized tensors against three. Its transient share also "
         "holds the masked weights W*m (one more weight-sized tensor: the convolutions need them "
-        "for the backward pass, and the training path of `common.masking` keeps that buffer "
-        "between steps to avoid reallocating it, so it is also alive during the optimiser step). "
+        "for the backward pass; the masked layers keep nothing between steps, so it is freed "
+        "with the graph). "
         + " ".join(parts) +
         " The bf16 rows cast `mask_real` to bf16 before the optimiser is made (autograd hands "
         "eq. 7's gradient over in the parameter's dtype, so the optimiser state follows); nothing "

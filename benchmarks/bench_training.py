@@ -87,8 +87,8 @@ def run(quick: bool, context: dict) -> Section:
                   ["workload", "optimiser", "BN", "method", "forward", "backward", "optimiser step"],
                   phase_rows)
     section.table("The elementwise work masking adds to a step, over all masked layers, written "
-                  "several ways (median ms; the training path of `common.masking` selects into a "
-                  "buffer reused across steps and forms eq. 7 in place):",
+                  "several ways (median ms; the training path of `common.masking` is stateless: one "
+                  "select into a new tensor for eq. 4, one product into a new tensor for eq. 7):",
                   ["workload", "kernel", "ms per step"],
                   [[name, kernel, fmt(1e3 * median(v))] for (name, kernel), v in kernel_rows.items()])
     _diagnose(section, kernel_rows, phase_times)

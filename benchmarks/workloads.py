@@ -144,8 +144,8 @@ def timed_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
 def masking_kernels(model: nn.Module) -> Dict[str, Callable[[], None]]:
     """The elementwise work masking adds to a training step, over every masked layer,
     written several ways, for diagnosis: eq. 4 as a float mask times the weight, as one
-    select (``common.masking.apply_mask``) into a new tensor or into reused memory, and
-    the eq. 7 product into a new tensor or in place. On large layers the difference
+    select (``common.masking.apply_mask``, what training runs) into a new tensor or into
+    reused memory, and the eq. 7 product into a new tensor (what training runs) or in place. On large layers the difference
     between the forms is allocating and first touching fresh memory (page faults)."""
     from common.masking import apply_mask, binarize
     layers = [layer for _, layer in masked_modules(model)]
@@ -162,7 +162,7 @@ def masking_kernels(model: nn.Module) -> Dict[str, Callable[[], None]]:
 
     def select_reused():
         for o, layer in zip(out, layers):
-            apply_mask(layer.weight, layer.mask_real, layer.threshold, layer.ternary, out=o)
+            torch.where(layer.mask_real >= layer.threshold, layer.weight, torch.zeros((), dtype=o.dtype), out=o)
 
     def eq7_new():
         for g, layer in zip(grads, layers):

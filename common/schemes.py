@@ -23,6 +23,11 @@ from .errors import UsageError
 __all__ = ["MaskScheme", "BinaryScheme", "TernaryScheme", "SCHEMES", "get_scheme", "BINARY", "TERNARY"]
 
 
+def _is_transformed(t: torch.Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(t))
+
+
 class _StraightThrough(torch.autograd.Function):
     """Forward: ``weight * m(mask_real)``. Backward (eq. 5-7): the gradient of ``m`` is
     handed unchanged to ``mask_real``, so dE/d(mask_real) = dE/d(W*m) * W. The frozen
@@ -42,8 +47,16 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (weight,) = ctx.saved_tensors
-        grad_mask = grad_output * weight if ctx.needs_input_grad[1] else None
-        return None, grad_mask, None
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        # The incoming gradient is the layer's fresh weight gradient, read by nothing else:
+        # forming eq. 7 in it saves a weight-sized allocation per layer and step (103 M
+        # values for VGG's fc6). Not when a higher-order graph is being built, nor under
+        # torch.func transforms, where the plain product is used.
+        if (torch.is_grad_enabled() or not grad_output.is_contiguous()
+                or grad_output.shape != weight.shape or _is_transformed(grad_output)):
+            return None, grad_output * weight, None
+        return None, grad_output.mul_(weight), None
 
 
 class _BinaryMaskedWeight(_StraightThrough):
