@@ -63,7 +63,7 @@ class _BinaryMaskedWeight(_StraightThrough):
     @staticmethod
     def forward(weight, mask_real, threshold):
         # eq. 4: m = 1 where mask_real >= threshold; selecting is one pass, no product
-        return torch.where(mask_real >= threshold, weight, torch.zeros_like(weight))
+        return torch.where(mask_real >= threshold, weight, 0.0)
 
 
 class _TernaryMaskedWeight(_StraightThrough):

