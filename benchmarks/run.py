@@ -62,6 +62,19 @@ def run_benchmarks(names, quick: bool, threads: int):
     return sections
 
 
+def keep_transfer_section(path: Path, text: str) -> str:
+    """``text`` followed by the real-data section that ``benchmarks.transfer`` wrote into
+    ``path`` (between its markers), which this command does not measure."""
+    import re
+    from benchmarks.transfer import BEGIN, END, replace_section
+    try:
+        old = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return text
+    found = re.search(re.escape(BEGIN) + r".*?" + re.escape(END), old, re.S)
+    return replace_section(text, found.group(0) + "\n") if found else text
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
     torch.set_num_threads(args.threads)
@@ -75,6 +88,7 @@ def main(args: argparse.Namespace) -> int:
                 f"side by side in one process; figures are medians of repeated runs. "
                 f"The machine's 2 cores may be shared with other work, which shows as noise.")
     text = render_markdown(sections, machine_info(), title="Benchmarks", preamble=preamble)
+    text = keep_transfer_section(args.out, text)
     atomic_write_bytes(args.out, text.encode("utf-8"))
     print(f"[benchmarks] wrote {args.out} ({total:.0f} s)")
     return 0

@@ -250,7 +250,7 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, dict]]:
     plot = None
     if layers:
         plot_path = Path(args.plot)
-        plot_sparsity(layers, plot_path, title=f"MobileNetV2, default recipe: weights masked out per layer")
+        plot_sparsity(layers, plot_path, title="MobileNetV2, default recipe: weights masked out per layer")
         try:
             plot = plot_path.resolve().relative_to(Path(args.markdown).resolve().parent).as_posix()
         except ValueError:

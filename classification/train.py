@@ -13,7 +13,6 @@ only read. Multi-GPU: ``torchrun --nproc_per_node N -m classification.train ...`
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -33,10 +32,10 @@ from common.engine import FitState, compile_model, fit
 from common.errors import UsageError
 from common.maskfile import RESERVED_KEYS, save_masks
 from common.masking import MASK_INITS
-from common.methods import METHODS, OPTIMIZERS, build_optimizers, get_method
+from common.methods import METHODS, OPTIMIZERS, build_optimizers, get_method, resolve_training_args
 from common.plots import save_run_plots
-from common.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
-from common.runlog import RunDir
+from common.recipes import DEFAULT_RECIPE, RECIPES
+from common.runlog import RunDir, file_sha256
 from common.seed import seed_everything
 from common.weightsfile import save_weights_file
 from classification.data import ClassificationTransform, ImageFolderDataset, build_loader, set_loader_epoch
@@ -168,36 +167,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.print_freq < 1:
         p.error("--print-freq must be >= 1")
-    if method.uses_masks:
-        recipe = get_recipe(args.recipe)
-        for key, value in recipe.mask_options().items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-        args.optimizer = args.optimizer or recipe.mask_optimizer
-        args.lr = recipe.mask_lr if args.lr is None else args.lr
-    else:
-        args.optimizer = args.optimizer or method.optimizer
-        args.lr = method.lr if args.lr is None else args.lr
-    args.weight_decay = method.weight_decay if args.weight_decay is None else args.weight_decay
-    for key in ("lr", "head_lr", "threshold", "mask_scale"):
-        value = getattr(args, key)
-        if value is not None and not value > 0:
-            p.error(f"--{key.replace('_', '-')} must be positive, got {value}")
-    for key in ("weight_decay", "head_weight_decay", "mask_spread"):
-        value = getattr(args, key)
-        if value is not None and value < 0:
-            p.error(f"--{key.replace('_', '-')} must be >= 0, got {value}")
+    resolve_training_args(args, method.uses_masks, {"optimizer": method.optimizer, "lr": method.lr,
+                                                    "weight_decay": method.weight_decay}, p.error)
     args.crop_scale = list(args.crop_scale)
     args.eval_resize = args.eval_resize or int(round(args.size * 256 / 224))
     return args
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_arch(arch: Optional[str], weights: Optional[Path]) -> str:

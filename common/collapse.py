@@ -11,6 +11,10 @@ the running minimum of the one and the maximum of the other (both from the windo
 - the smoothed loss rises above ``loss_ratio`` times its running minimum and by at least
   ``loss_margin`` (a masked network whose masks all switched off predicts a constant:
   its loss returns to about ln(classes)); or
+- for a classifier, the smoothed loss, after having been below the loss of a uniform
+  guess, ln(1 / chance), rises above it by ``chance_margin`` (the network now does worse
+  than guessing: what a collapse early in training looks like, before accuracy had a
+  chance to rise); or
 - the smoothed accuracy, after having risen to ``rise`` times chance or more, falls back
   to at most ``fall`` times chance. Windows of fewer than ``min_examples`` examples do
   not count for accuracy (a handful of examples is too noisy to call a collapse).
@@ -29,8 +33,10 @@ __all__ = ["CollapseMonitor"]
 class CollapseMonitor:
     def __init__(self, chance: Optional[float] = None, *, loss_ratio: float = 2.0,
                  loss_margin: float = 0.5, rise: float = 3.0, fall: float = 1.5,
-                 warmup_windows: int = 2, smoothing: float = 0.5, min_examples: int = 64):
+                 warmup_windows: int = 2, smoothing: float = 0.5, min_examples: int = 64,
+                 chance_margin: float = 0.25):
         self.chance = chance
+        self.chance_margin = float(chance_margin)
         self.loss_ratio, self.loss_margin = float(loss_ratio), float(loss_margin)
         self.rise, self.fall = float(rise), float(fall)
         self.warmup_windows, self.smoothing = int(warmup_windows), float(smoothing)
@@ -62,6 +68,11 @@ class CollapseMonitor:
                 and self.smoothed - self.min_loss >= self.loss_margin:
             reason = (f"smoothed training loss {self.smoothed:.4f} rose above "
                       f"{self.loss_ratio:g}x its minimum {self.min_loss:.4f}")
+        guess = -math.log(self.chance) if self.chance and 0 < self.chance < 1 else None
+        if reason is None and settled and guess is not None and self.min_loss is not None \
+                and self.min_loss < guess and self.smoothed > guess + self.chance_margin:
+            reason = (f"smoothed training loss {self.smoothed:.4f} rose above {guess:.4f}, the loss of a "
+                      f"uniform guess, after reaching {self.min_loss:.4f}")
         if settled:
             self.min_loss = self.smoothed if self.min_loss is None else min(self.min_loss, self.smoothed)
         if accuracy is not None and self.chance and examples >= self.min_examples:

@@ -311,7 +311,7 @@ def _masked_weight_names(module: nn.Module) -> Tuple[str, ...]:
 
 
 def piggyback(model: nn.Module, *, threshold: float = 5e-3, mask_init: str = "spread",
-              mask_scale: float = 1e-2, mask_spread: float = 4e-3, ternary: bool = False,
+              mask_scale: float = 1e-2, mask_spread: float = 3e-3, ternary: bool = False,
               scheme: Optional[str] = None, train_bn: bool = False, skip: Iterable[str] = ()) -> nn.Module:
     """Convert ``model`` in place for piggyback mask training and return it.
 

@@ -28,7 +28,7 @@ from common.errors import UsageError
 from common.masking import NORM_TYPES, mask_parameters, piggyback, task_parameters
 
 __all__ = ["Method", "Prepared", "METHODS", "get_method", "OPTIMIZERS", "make_optimizer",
-           "build_optimizers"]
+           "build_optimizers", "resolve_training_args"]
 
 
 @dataclass
@@ -164,3 +164,30 @@ def build_optimizers(prepared: Prepared, *, optimizer: str, lr: float, weight_de
     if not optimizers:
         raise UsageError("the model has no trainable parameters")
     return optimizers
+
+
+def resolve_training_args(args, uses_masks: bool, defaults: Mapping[str, object], error: Callable[[str], None],
+                          non_negative: Sequence[str] = ("weight_decay", "head_weight_decay", "mask_spread")) -> None:
+    """Fill ``args`` in place as every training command does: for mask training, the mask
+    flags, ``optimizer`` and ``lr`` not given come from ``--recipe``; otherwise from the
+    method's ``defaults`` (keys optimizer, lr, weight_decay). Then refuse, through
+    ``error`` (``parser.error``), learning rates, thresholds and mask scales that are not
+    positive and decays or spreads that are negative."""
+    from common.recipes import get_recipe
+    if uses_masks:
+        recipe = get_recipe(args.recipe)
+        for key, value in recipe.mask_options().items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+        defaults = dict(defaults, optimizer=recipe.mask_optimizer, lr=recipe.mask_lr)
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for key in ("lr", "head_lr", "threshold", "mask_scale"):
+        value = getattr(args, key, None)
+        if value is not None and not value > 0:
+            error(f"--{key.replace('_', '-')} must be positive, got {value}")
+    for key in non_negative:
+        value = getattr(args, key, None)
+        if value is not None and value < 0:
+            error(f"--{key.replace('_', '-')} must be >= 0, got {value}")

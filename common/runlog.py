@@ -35,7 +35,7 @@ from common.errors import DataError, DivergedError, MissingFileError
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_json", "to_jsonable", "git_commit", "RunDir",
-    "SmoothedValue", "MetricLogger", "check_finite", "non_finite_message", "remove_stale_temp_files",
+    "SmoothedValue", "MetricLogger", "check_finite", "file_sha256", "non_finite_message", "remove_stale_temp_files",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -386,3 +386,13 @@ def check_finite(loss: Any, step: int, epoch: Optional[int] = None) -> float:
     if not math.isfinite(value):
         raise DivergedError(non_finite_message(value, step, epoch))
     return value
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes (identifies a backbone or weight file wherever it lies)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

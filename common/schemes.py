@@ -52,8 +52,8 @@ class _StraightThrough(torch.autograd.Function):
         # The incoming gradient is the layer's fresh weight gradient, read by nothing else:
         # forming eq. 7 in it saves a weight-sized allocation per layer and step (103 M
         # values for VGG's fc6). Not when a higher-order graph is being built, nor under
-        # torch.func transforms, where the plain product is used.
-        if (torch.is_grad_enabled() or not grad_output.is_contiguous()
+        # torch.func transforms or torch.compile (which fuses the product anyway).
+        if (torch.compiler.is_compiling() or torch.is_grad_enabled() or not grad_output.is_contiguous()
                 or grad_output.shape != weight.shape or _is_transformed(grad_output)):
             return None, grad_output * weight, None
         return None, grad_output.mul_(weight), None

@@ -9,7 +9,6 @@ only read.  Multi-GPU: ``torchrun --nproc_per_node N -m decathlon.train ...``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -26,8 +25,9 @@ from common.distributed import DistInfo, barrier, cleanup, init_distributed, mak
 from common.heads import get_classifier
 from common.maskfile import RESERVED_KEYS, save_masks
 from common.masking import MASK_INITS
-from common.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
-from common.runlog import RunDir, atomic_write_json
+from common.methods import resolve_training_args
+from common.recipes import DEFAULT_RECIPE, RECIPES
+from common.runlog import RunDir, atomic_write_json, file_sha256
 from common.seed import seed_everything
 from common.weightsfile import save_weights_file
 from decathlon.data import DecathlonDataset, build_loader, build_transforms
@@ -206,25 +206,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     if args.arch is not None and args.arch not in model_names():
         p.error(f"--arch {args.arch!r} is unknown; valid: {', '.join(model_names())}")
     check_data_args(p, args)
-    if method.uses_masks:
-        recipe = get_recipe(args.recipe)
-        for key, value in recipe.mask_options().items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-        args.optimizer = args.optimizer or recipe.mask_optimizer
-        args.lr = recipe.mask_lr if args.lr is None else args.lr
-    else:
-        args.optimizer = args.optimizer or method.optimizer
-        args.lr = method.lr if args.lr is None else args.lr
-    args.weight_decay = method.weight_decay if args.weight_decay is None else args.weight_decay
-    for key in ("lr", "head_lr", "threshold", "mask_scale"):
-        value = getattr(args, key)
-        if value is not None and not value > 0:
-            p.error(f"--{key.replace('_', '-')} must be positive, got {value}")
-    for key in ("weight_decay", "head_weight_decay", "mask_spread"):
-        value = getattr(args, key)
-        if value is not None and value < 0:
-            p.error(f"--{key.replace('_', '-')} must be >= 0, got {value}")
+    resolve_training_args(args, method.uses_masks, {"optimizer": method.optimizer, "lr": method.lr,
+                                                    "weight_decay": method.weight_decay}, p.error)
     return args
 
 
@@ -292,12 +275,6 @@ def device_loaders(args, train_set, val_set, dist: DistInfo, hflip):
                           sampler=make_sampler(val_set, dist, shuffle=False, seed=args.seed), **common))
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _build_model(args, task: str, log) -> Tuple[nn.Module, str, dict]:

@@ -29,8 +29,8 @@ from common.distributed import cleanup, init_distributed, make_sampler
 from common.engine import FitState, compile_model, fit
 from common.errors import ResumeError
 from common.masking import MASK_INITS, is_piggybacked
-from common.methods import OPTIMIZERS, build_optimizers as _build_optimizers
-from common.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+from common.methods import OPTIMIZERS, build_optimizers as _build_optimizers, resolve_training_args
+from common.recipes import DEFAULT_RECIPE, RECIPES
 from common.runlog import RunDir
 from common.seed import epoch_generator, reseed_loader, seed_everything, worker_init_fn
 
@@ -143,26 +143,15 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
     given_mask_flags = [f"--{k.replace('_', '-')}" for k in MASK_FLAGS if getattr(args, k) is not None]
     if args.method != "piggyback" and given_mask_flags:
         p.error(f"{', '.join(given_mask_flags)} only apply to --method piggyback")
-    if args.method == "piggyback":
-        recipe = get_recipe(args.recipe)
-        for key, value in recipe.mask_options().items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-        defaults = {"optimizer": recipe.mask_optimizer, "lr": recipe.mask_lr, "weight_decay": 0.0}
-    else:
-        defaults = METHOD_DEFAULTS[args.method]
-    for key, default in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, default)
+    resolve_training_args(args, args.method == "piggyback", {"weight_decay": 0.0} if args.method == "piggyback"
+                          else METHOD_DEFAULTS[args.method], p.error,
+                          non_negative=("weight_decay", "head_weight_decay", "momentum", "mask_spread"))
     if args.momentum is not None and "sgd" not in (args.optimizer, args.head_optimizer):
         p.error("--momentum only applies to SGD; neither --optimizer nor --head-optimizer is sgd")
     args.momentum = 0.99 if args.momentum is None else args.momentum
-    for key in ("lr", "head_lr", "threshold", "mask_scale"):
-        if getattr(args, key) is not None and not getattr(args, key) > 0:
-            p.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
-    for key in ("weight_decay", "head_weight_decay", "momentum", "mask_spread"):
-        if getattr(args, key) is not None and getattr(args, key) < 0:
-            p.error(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
+    for key in ("momentum",):
+        if getattr(args, key) < 0:
+            p.error(f"--{key} must be >= 0, got {getattr(args, key)}")
     if args.print_freq < 1:
         p.error(f"--print-freq must be >= 1, got {args.print_freq}")
     return args

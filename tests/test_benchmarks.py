@@ -18,3 +18,14 @@ def test_benchmark_command_writes_its_report(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "benchmarks.run", "--only", "nosuch"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "nosuch" in bad.stderr
+
+
+def test_benchmark_command_keeps_the_transfer_section(tmp_path):
+    from benchmarks.run import keep_transfer_section
+    from benchmarks.transfer import BEGIN, END
+    old = tmp_path / "B.md"
+    old.write_text(f"# Benchmarks\nold figures\n{BEGIN}\nreal-data table\n{END}\ntail\n")
+    text = keep_transfer_section(old, "# Benchmarks\nnew figures\n")
+    assert "new figures" in text and "old figures" not in text
+    assert f"{BEGIN}\nreal-data table\n{END}" in text
+    assert keep_transfer_section(tmp_path / "absent.md", "x\n") == "x\n"

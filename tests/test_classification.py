@@ -13,7 +13,7 @@ import torchvision
 
 from classification.data import (ClassificationTransform, ImageFolderDataset, random_resized_crop_box,
                                  resolve_split, subset_indices)
-from classification.models import arch_source, build_model, create_model
+from classification.models import arch_source, create_model
 from classification.weights import LAYOUTS, fit_state_dict, load_pretrained, read_state_dict, resolve_weights
 from common.errors import DataError, MissingFileError, PiggybackError, UsageError, WeightsFileError
 

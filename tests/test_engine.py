@@ -143,6 +143,20 @@ def test_collapse_monitor_loss_jump_and_accuracy_fall():
         assert noisy.update(loss=1.0, steps=1, step=i, epoch=1, accuracy=float(i % 2), examples=4) is None
 
 
+def test_collapse_monitor_catches_an_early_collapse_worse_than_guessing():
+    """The paper recipe on MNIST: loss 2.2 (barely below ln 10 = 2.30, accuracy ~15 %), then the
+    masks switch off together and the loss climbs to 2.7 while accuracy sinks to 10 %."""
+    mon = CollapseMonitor(chance=0.1)
+    seen = [mon.update(loss=loss, steps=10, step=10 * i + 9, epoch=1, accuracy=acc, examples=320)
+            for i, (loss, acc) in enumerate([(2.45, 0.1), (2.3, 0.12), (2.2, 0.15), (2.2, 0.15), (2.5, 0.11),
+                                             (2.7, 0.1), (2.7, 0.1), (2.7, 0.1)])]
+    event = next(e for e in seen if e)
+    assert "uniform guess" in event["reason"] and event["step"] in (59, 69)
+    calm = CollapseMonitor(chance=0.1)  # a new head starting above ln 10, then learning: no collapse
+    for i, loss in enumerate([2.9, 2.6, 2.4, 2.1, 1.8, 1.5, 1.3]):
+        assert calm.update(loss=loss, steps=10, step=i, epoch=1, accuracy=0.1 + 0.1 * i, examples=320) is None
+
+
 class _Collapsing(ClassificationPipeline):
     """Learns, then from the 61st step on (epoch 4) something breaks: the network's
     output is scrambled (as when a mask switches a layer off)."""

@@ -11,7 +11,6 @@ import pickle
 
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from common.masking import fold_masks, is_piggybacked, mask_entries, piggyback
