@@ -31,10 +31,8 @@ from common.distributed import DistInfo, barrier, cleanup, init_distributed
 from common.engine import FitState, compile_model, fit
 from common.errors import UsageError
 from common.maskfile import RESERVED_KEYS, save_masks
-from common.masking import MASK_INITS
-from common.methods import METHODS, OPTIMIZERS, build_optimizers, get_method, resolve_training_args
+from common.methods import METHODS, OPTIMIZERS, build_optimizers, get_method, add_mask_args, resolve_training_args
 from common.plots import save_run_plots
-from common.recipes import DEFAULT_RECIPE, RECIPES
 from common.runlog import RunDir, file_sha256
 from common.seed import seed_everything
 from common.weightsfile import save_weights_file
@@ -78,19 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-bn", action="store_true",
                    help="task-specific batch-norm layers that train (saved with the mask); piggyback "
                         "and feature only")
-    m = p.add_argument_group("masks (piggyback)")
-    m.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
-                   help="mask recipe giving the defaults of the mask flags, --optimizer and --lr: "
-                        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
-                        + f" (default: {DEFAULT_RECIPE})")
-    m.add_argument("--threshold", type=float, default=None, help="threshold tau of eq. 4 (default: from --recipe)")
-    m.add_argument("--mask-init", default=None, choices=sorted(MASK_INITS),
-                   help="initialisation of the real-valued masks (default: from --recipe)")
-    m.add_argument("--mask-scale", type=float, default=None,
-                   help="initial real-valued mask value (default: from --recipe)")
-    m.add_argument("--mask-spread", type=float, default=None,
-                   help="half-width of the uniform spread around --mask-scale of --mask-init spread "
-                        "(default: from --recipe)")
+    m = add_mask_args(p)
     m.add_argument("--ternary", action="store_true", help="ternary masks {-1, 0, 1} instead of binary")
     o = p.add_argument_group("optimisation (paper: 30 epochs, learning rates /10 after 15)")
     o.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),

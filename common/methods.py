@@ -28,7 +28,7 @@ from common.errors import UsageError
 from common.masking import NORM_TYPES, mask_parameters, piggyback, task_parameters
 
 __all__ = ["Method", "Prepared", "METHODS", "get_method", "OPTIMIZERS", "make_optimizer",
-           "build_optimizers", "resolve_training_args"]
+           "build_optimizers", "resolve_training_args", "add_mask_args"]
 
 
 @dataclass
@@ -191,3 +191,26 @@ def resolve_training_args(args, uses_masks: bool, defaults: Mapping[str, object]
         value = getattr(args, key, None)
         if value is not None and value < 0:
             error(f"--{key.replace('_', '-')} must be >= 0, got {value}")
+
+
+def add_mask_args(parser):
+    """The "masks (piggyback)" flags every training command shares: ``--recipe`` and the
+    mask flags whose defaults it gives. Returns the argument group for a command's own
+    additions (``--ternary``, ``--train-bn``)."""
+    from common.masking import MASK_INITS
+    from common.recipes import DEFAULT_RECIPE, RECIPES
+    m = parser.add_argument_group("masks (piggyback)")
+    m.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                   help="mask recipe giving the defaults of the mask flags, --optimizer and --lr of "
+                        "mask training: " + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
+                        + f" (default: {DEFAULT_RECIPE})")
+    m.add_argument("--threshold", type=float, default=None,
+                   help="binarizer threshold tau of eq. 4 (default: from --recipe)")
+    m.add_argument("--mask-init", choices=sorted(MASK_INITS), default=None,
+                   help="initialisation of the real-valued masks (default: from --recipe)")
+    m.add_argument("--mask-scale", type=float, default=None,
+                   help="initial real-valued mask value (default: from --recipe)")
+    m.add_argument("--mask-spread", type=float, default=None,
+                   help="half-width of the uniform spread around --mask-scale of --mask-init "
+                        "spread (default: from --recipe)")
+    return m

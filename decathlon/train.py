@@ -24,9 +24,7 @@ from common.cli import add_common_args, run_cli
 from common.distributed import DistInfo, barrier, cleanup, init_distributed, make_sampler
 from common.heads import get_classifier
 from common.maskfile import RESERVED_KEYS, save_masks
-from common.masking import MASK_INITS
-from common.methods import resolve_training_args
-from common.recipes import DEFAULT_RECIPE, RECIPES
+from common.methods import add_mask_args, resolve_training_args
 from common.runlog import RunDir, atomic_write_json, file_sha256
 from common.seed import seed_everything
 from common.weightsfile import save_weights_file
@@ -141,20 +139,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    + " (default: piggyback)")
     p.add_argument("--trainval", action="store_true",
                    help="train on train+val (for final models; val top-1 is then not held out)")
-    m = p.add_argument_group("masks (piggyback)")
-    m.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
-                   help="mask recipe giving the defaults of the mask flags, --optimizer and --lr "
-                        "for --method piggyback: " + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
-                        + f" (default: {DEFAULT_RECIPE})")
-    m.add_argument("--threshold", type=float, default=None,
-                   help="binarizer threshold tau of eq. 4 (default: from --recipe)")
-    m.add_argument("--mask-init", default=None, choices=sorted(MASK_INITS),
-                   help="initialisation of the real-valued masks (default: from --recipe)")
-    m.add_argument("--mask-scale", type=float, default=None,
-                   help="initial real-valued mask value (default: from --recipe)")
-    m.add_argument("--mask-spread", type=float, default=None,
-                   help="half-width of the uniform spread around --mask-scale of --mask-init "
-                        "spread (default: from --recipe)")
+    m = add_mask_args(p)
     m.add_argument("--ternary", action="store_true",
                    help="ternary masks {-1, 0, 1} (cut-offs at +-threshold) instead of binary")
     m.add_argument("--train-bn", action="store_true",

@@ -28,9 +28,8 @@ from common.cli import add_common_args, run_cli
 from common.distributed import cleanup, init_distributed, make_sampler
 from common.engine import FitState, compile_model, fit
 from common.errors import ResumeError
-from common.masking import MASK_INITS, is_piggybacked
-from common.methods import OPTIMIZERS, build_optimizers as _build_optimizers, resolve_training_args
-from common.recipes import DEFAULT_RECIPE, RECIPES
+from common.masking import is_piggybacked
+from common.methods import OPTIMIZERS, build_optimizers as _build_optimizers, add_mask_args, resolve_training_args
 from common.runlog import RunDir
 from common.seed import epoch_generator, reseed_loader, seed_everything, worker_init_fn
 
@@ -87,20 +86,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="Caffe-converted VGG-16 weights; the input becomes BGR in 0-255 minus the Caffe mean")
     w.add_argument("--random-init", action="store_true",
                    help="random backbone instead of pretrained weights (for tests and demos)")
-    m = p.add_argument_group("masks (piggyback)")
-    m.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
-                   help="mask recipe giving the defaults of the mask flags, --optimizer and --lr: "
-                        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
-                        + f" (default: {DEFAULT_RECIPE})")
-    m.add_argument("--threshold", type=float, default=None,
-                   help="binarizer threshold tau of eq. 4 (default: from --recipe)")
-    m.add_argument("--mask-init", choices=sorted(MASK_INITS), default=None,
-                   help="initialisation of the real-valued masks (default: from --recipe)")
-    m.add_argument("--mask-scale", type=float, default=None,
-                   help="initial real-valued mask value (default: from --recipe)")
-    m.add_argument("--mask-spread", type=float, default=None,
-                   help="half-width of the uniform spread around --mask-scale of --mask-init spread "
-                        "(default: from --recipe)")
+    add_mask_args(p)
     o = p.add_argument_group("optimisation")
     o.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=None,
                    help="optimizer of the masks / backbone weights (default: piggyback from --recipe, "
