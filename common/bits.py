@@ -1,4 +1,4 @@
-"""Bit packing of binary and ternary masks, on any device.
+"""Bit packing of boolean tensors, on any device (the mask schemes in common.schemes use it).
 
 Bit order matches ``numpy.packbits`` (most significant bit first), so packed masks can be
 read back with numpy alone.
@@ -28,14 +28,3 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError(f"{packed.numel()} packed bytes cannot hold exactly {n} bits")
     weights = _WEIGHTS.to(packed.device)
     return (packed.unsqueeze(1) & weights).ne(0).reshape(-1)[:n]
-
-
-def pack_mask(mask: torch.Tensor, ternary: bool) -> torch.Tensor:
-    """A binary mask as 1 bit per weight; a ternary one as 2 (see common.schemes)."""
-    from .schemes import BINARY, TERNARY
-    return (TERNARY if ternary else BINARY).pack(mask)
-
-
-def unpack_mask(packed: torch.Tensor, shape, ternary: bool, dtype=torch.float32) -> torch.Tensor:
-    from .schemes import BINARY, TERNARY
-    return (TERNARY if ternary else BINARY).unpack(packed, shape, dtype)

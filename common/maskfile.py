@@ -48,7 +48,7 @@ READABLE_VERSIONS = (1, 2)
 ENCODINGS = ("packed", "entropy")
 RESERVED_KEYS = ("threshold", "ternary", "scheme", "mask_scale", "fingerprint", "layers", "skip", "train_bn",
                  "format_version", "file_bytes")
-__all__ = ["save_masks", "load_masks", "read_mask_metadata", "read_mask_file", "task_state", "check_mask_file",
+__all__ = ["save_masks", "load_masks", "read_mask_metadata", "read_mask_file", "task_state",
            "MaskFileError", "FORMAT_VERSION", "safetensors_metadata"]
 
 
@@ -327,14 +327,6 @@ def _fit_heads(model: nn.Module, skip, state: Dict[str, torch.Tensor], path: Pat
             new = new.to(device=module.weight.device, dtype=module.weight.dtype)
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
-def check_mask_file(model: nn.Module, path, *, check_fingerprint: bool = True) -> dict:
-    """Read ``path`` and check it against a converted ``model`` without changing the model;
-    return its metadata. Use it to refuse a bad file before any work starts."""
-    masks, state, meta = read_mask_file(path)
-    _check_compatible(model, path, meta, check_fingerprint, state)
-    return meta
 
 
 @torch.no_grad()
