@@ -54,3 +54,19 @@ def test_compiled_run_matches_eager_and_compiles_once(tmp_path):
         assert c["val_loss"] == pytest.approx(e["val_loss"], rel=1e-4, abs=1e-5)
     # graphs[0]: before training; [1]: after epoch 1 (train + eval compiled); [2]: after epoch 2
     assert graphs[1] > graphs[0] and graphs[2] == graphs[1], graphs
+
+
+def test_compile_flag_values_of_decathlon_train():
+    """--compile: auto follows the device, cudagraphs asks torch.compile for CUDA graphs
+    (mode reduce-overhead), and an unknown value is refused by the parser."""
+    from common.distributed import DistInfo
+    from decathlon.engine import use_compile
+    from decathlon.train import get_args_parser
+    cpu, cuda = DistInfo(device=torch.device("cpu")), DistInfo(device=torch.device("cuda"))
+    parse = get_args_parser().parse_args
+    for value, on_cpu, on_cuda in (("auto", False, True), ("on", True, True), ("off", False, False),
+                                   ("cudagraphs", "reduce-overhead", "reduce-overhead")):
+        args = parse(["--task", "dtd", "--compile", value])
+        assert use_compile(args, cpu) == on_cpu and use_compile(args, cuda) == on_cuda
+    with pytest.raises(SystemExit):
+        parse(["--task", "dtd", "--compile", "fast"])
