@@ -134,7 +134,15 @@ def compile_model(model: nn.Module, dist: DistInfo, enabled, *, backend: Optiona
     if isinstance(enabled, str):  # a torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
         options["mode"] = enabled
     compiled = torch.compile(model, dynamic=dynamic, **options)
+    if options.get("mode") == "reduce-overhead":
+        # Every call of the loops is a new step: CUDA graph outputs of the previous call
+        # may then be overwritten (the loops keep none of them).
+        compiled.register_forward_pre_hook(_new_cudagraph_step)
     return wrap_ddp(compiled, dist), compiled
+
+
+def _new_cudagraph_step(module: nn.Module, args) -> None:
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 class _Accumulator:

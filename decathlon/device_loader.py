@@ -153,15 +153,15 @@ class DeviceBatches:
     def __len__(self) -> int:
         return (len(self.sampler) + self.batch_size - 1) // self.batch_size
 
-    def _draws(self, n: int, g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _draws(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """(3, n) int64: crop tops, crop lefts, flips (0/1) of one batch."""
         span = self.images.size - self.crop
         if not self.train:
-            off = torch.full((n,), span // 2, dtype=torch.int64)
-            return off, off.clone(), torch.zeros(n, dtype=torch.bool)
+            return torch.tensor([span // 2, span // 2, 0], dtype=torch.int64).view(3, 1).expand(3, n)
         tops = torch.randint(0, span + 1, (n,), generator=g)
         lefts = torch.randint(0, span + 1, (n,), generator=g)
         flips = (torch.rand(n, generator=g) < 0.5) & self.hflip
-        return tops, lefts, flips
+        return torch.stack([tops, lefts, flips.long()])
 
     def _produce(self, order: np.ndarray, out: "queue.Queue", stop: threading.Event) -> None:
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
@@ -171,11 +171,11 @@ class DeviceBatches:
                     return
                 idx = order[start:start + self.batch_size]
                 pixels = self.images.gather(idx)
-                targets = self.targets[idx]
-                draws = self._draws(len(idx), g)
-                if self.pin:
-                    pixels, targets = pixels.pin_memory(), targets.pin_memory()
-                out.put((pixels, targets, draws))
+                # targets and the random draws travel as one (4, B) tensor: two copies per batch
+                meta = torch.cat([self.targets[idx].view(1, -1), self._draws(len(idx), g)])
+                if self.pin:  # a copy from pageable memory may wait for the device: pin both
+                    pixels, meta = pixels.pin_memory(), meta.pin_memory()
+                out.put((pixels, meta))
         except BaseException as exc:  # handed to the consumer, which raises it
             out.put(exc)
             return
@@ -194,11 +194,9 @@ class DeviceBatches:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                pixels, targets, (tops, lefts, flips) = item
-                pixels = pixels.to(self.device, non_blocking=True)
-                targets = targets.to(self.device, non_blocking=True)
-                draws = [t.to(self.device, non_blocking=True) for t in (tops, lefts, flips)]
-                yield augment_on_device(pixels, *draws, self.crop, self.mean, self.std), targets
+                pixels, meta = (t.to(self.device, non_blocking=True) for t in item)
+                targets, tops, lefts, flips = meta
+                yield augment_on_device(pixels, tops, lefts, flips.bool(), self.crop, self.mean, self.std), targets
         finally:
             stop.set()
             while worker.is_alive():  # unblock a producer waiting on a full queue

@@ -50,9 +50,12 @@ def make_precision(args, dist: DistInfo) -> Precision:
 
 
 def use_compile(args, dist: DistInfo):
-    """``--compile``: False, True (default mode) or "reduce-overhead" (CUDA graphs);
-    auto = on for CUDA, off for the CPU."""
-    if args.compile == "cudagraphs":
+    """``--compile``: False, True (default mode) or "reduce-overhead" (CUDA graphs).
+    auto = CUDA graphs on a single CUDA device, where they were fastest end to end on an
+    H100 at batch 32 and 128 (BENCHMARKS-gpu.md); the default mode across processes (DDP's
+    gradient hooks); off on the CPU."""
+    if args.compile == "cudagraphs" or (args.compile == "auto" and dist.device.type == "cuda"
+                                        and dist.world_size == 1):
         return "reduce-overhead"
     return resolve_switch(args.compile, dist.device.type == "cuda")
 

@@ -72,9 +72,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "--amp (the two were timed together) (default: auto)")
     g.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                    help="torch.compile the network for training and evaluation, once per run: on "
-                        "(default mode), cudagraphs (mode reduce-overhead: CUDA graphs, 2.1x the "
-                        "compiled step rate at batch 32 on an H100), off; auto = on for CUDA, off "
-                        "for the CPU (default: auto)")
+                        "(default mode), cudagraphs (mode reduce-overhead: CUDA graphs), off; auto "
+                        "= cudagraphs on one CUDA device (on an H100, decathlon.train end to end: "
+                        "2.5x the default mode's images/s at batch 32, 2.0x at 128), on across "
+                        "processes, off for the CPU (default: auto)")
     g.add_argument("--loader", choices=("auto", "workers", "device"), default="auto",
                    help="device: every image resized once to --resize px into one uint8 array (in "
                         "--cache-dir when given), batches gathered in a background thread and "

@@ -1,4 +1,5 @@
 """The benchmark command runs end to end (its figures are measured, not tested here)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,23 @@ def test_benchmark_command_keeps_the_transfer_section(tmp_path):
     assert "new figures" in text and "old figures" not in text
     assert f"{BEGIN}\nreal-data table\n{END}" in text
     assert keep_transfer_section(tmp_path / "absent.md", "x\n") == "x\n"
+
+
+def test_gpu_benchmark_end_to_end_path_runs_decathlon_train(tmp_path):
+    """benchmarks.gpu's part B on the CPU (a code-path check; its rates mean nothing here):
+    it writes a tree and a backbone, runs decathlon.train, and reads the rate from the run's
+    log; a malformed run spec is refused with its text."""
+    out, tree = tmp_path / "G.md", tmp_path / "tree"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--no-steps", "--out", str(out),
+                           "--end-to-end", str(tree), "--e2e-images", "40", "--e2e-epochs", "1",
+                           "--e2e-runs", "8:off:device"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| piggyback, batch 8, eager, device loader |"))
+    rate = float(row.split("|")[2].replace(",", ""))
+    assert rate > 0 and "nine-task recipe projected, batch 32" not in text
+    assert (tmp_path / "piggyback-e2e" / "piggyback_batch_8_eager_device_loader" / "svhn" / "log.jsonl").is_file()
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--e2e-runs", "128:fast:device"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "128:fast:device" in bad.stderr

@@ -90,3 +90,33 @@ def test_augment_on_device_flip_and_normalise():
                             torch.zeros(3), torch.ones(3))
     assert torch.equal(out[0], pixels[0, 0:2, 1:3].permute(2, 0, 1).float())
     assert torch.equal(out[1], pixels[1, 1:3, 0:2].flip(1).permute(2, 0, 1).float())
+
+
+def test_every_copy_to_the_device_is_from_pinned_memory(root, monkeypatch):
+    """On a GPU a non-blocking copy from pageable memory may wait for the device, a stall
+    every step: each batch crosses as two pinned tensors (pixels; targets with the draws)."""
+    ds = DecathlonDataset(root, "dtd", "train")
+    images = SquareImages(ds, 20, log=lambda *_: None)
+    loader = _batches(ds, images, train=True)
+    loader.pin = True  # what a CUDA device selects; pinning itself is faked on this machine
+    pinned, copies = set(), []
+    real_to = torch.Tensor.to
+
+    def fake_pin(t):
+        out = t.clone()
+        pinned.add(out.data_ptr())
+        return out
+
+    def spy_to(t, *args, **kwargs):
+        if kwargs.get("non_blocking"):
+            copies.append(t.data_ptr() in pinned)
+        return real_to(t, *args, **kwargs)
+
+    plain = list(_batches(ds, images, train=True))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    got = list(loader)
+    monkeypatch.undo()
+    assert copies and all(copies) and len(copies) == 2 * len(got)
+    for (a, ya), (b, yb) in zip(got, plain):  # pinning changes nothing in the batches
+        assert torch.equal(a, b) and torch.equal(ya, yb)

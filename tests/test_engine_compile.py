@@ -63,10 +63,32 @@ def test_compile_flag_values_of_decathlon_train():
     from decathlon.engine import use_compile
     from decathlon.train import get_args_parser
     cpu, cuda = DistInfo(device=torch.device("cpu")), DistInfo(device=torch.device("cuda"))
+    ddp = DistInfo(device=torch.device("cuda"), world_size=2)
     parse = get_args_parser().parse_args
-    for value, on_cpu, on_cuda in (("auto", False, True), ("on", True, True), ("off", False, False),
-                                   ("cudagraphs", "reduce-overhead", "reduce-overhead")):
+    for value, on_cpu, on_cuda, on_ddp in (("auto", False, "reduce-overhead", True), ("on", True, True, True),
+                                           ("off", False, False, False),
+                                           ("cudagraphs", "reduce-overhead", "reduce-overhead", "reduce-overhead")):
         args = parse(["--task", "dtd", "--compile", value])
-        assert use_compile(args, cpu) == on_cpu and use_compile(args, cuda) == on_cuda
+        assert (use_compile(args, cpu), use_compile(args, cuda), use_compile(args, ddp)) == (on_cpu, on_cuda, on_ddp)
     with pytest.raises(SystemExit):
         parse(["--task", "dtd", "--compile", "fast"])
+
+
+def test_cuda_graph_mode_marks_a_new_step_on_every_call(monkeypatch):
+    """Under mode reduce-overhead each call of the compiled model (a training or an
+    evaluation step) starts a new CUDA graph step; other modes leave the marker alone."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    torch._dynamo.reset()
+    model = torch.nn.Linear(3, 2)
+    train_model, eval_model = compile_model(model, DistInfo(), "reduce-overhead", backend="eager")
+    x = torch.randn(4, 3)
+    train_model(x).sum().backward()
+    with torch.no_grad():
+        eval_model(x)
+        eval_model(x)
+    assert len(marks) == 3
+    marks.clear()
+    train_model, _ = compile_model(model, DistInfo(), True, backend="eager")
+    train_model(x)
+    assert marks == []
