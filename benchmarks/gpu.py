@@ -268,7 +268,6 @@ def end_to_end(root: Path, task: str, out: Path, runs, epochs: int, extra: List[
         fill()
         if report is not None:
             report(section)
-    fill()
     return section
 
 
@@ -304,6 +303,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device is visible (torch.cuda.is_available() is False); run it on a "
                      "machine with a GPU, or pass --device cpu to check the code path")
+    if args.backbone is not None and not Path(args.backbone).is_file():
+        parser.error(f"--backbone {args.backbone}: no such file (expected a backbone file from "
+                     f"python -m decathlon.pretrain; leave it out for a random WRN-28-4)")
     return args
 
 

@@ -1,4 +1,5 @@
 """The benchmark command runs end to end (its figures are measured, not tested here)."""
+import json
 import os
 import subprocess
 import sys
@@ -46,7 +47,23 @@ def test_gpu_benchmark_end_to_end_path_runs_decathlon_train(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| piggyback, batch 8, eager, device loader |"))
     rate = float(row.split("|")[2].replace(",", ""))
     assert rate > 0 and "nine-task recipe projected, batch 32" not in text
-    assert (tmp_path / "piggyback-e2e" / "piggyback_batch_8_eager_device_loader" / "svhn" / "log.jsonl").is_file()
+    run = tmp_path / "piggyback-e2e" / "piggyback_batch_8_eager_device_loader" / "svhn"
+    written = tmp_path / "piggyback-e2e" / "backbone-wrn28_4-random.pt"
+    assert (run / "log.jsonl").is_file() and json.loads((run / "config.json").read_text())["backbone"] == str(written)
+    # --backbone: the runs train on the given file
+    given = tmp_path / "given.pt"
+    written.rename(given)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--no-steps", "--out", str(out),
+                           "--end-to-end", str(tree), "--e2e-epochs", "1", "--e2e-runs", "8:off:device:finetune",
+                           "--backbone", str(given)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run = tmp_path / "piggyback-e2e" / "finetune_batch_8_eager_device_loader" / "svhn"
+    assert json.loads((run / "config.json").read_text())["backbone"] == str(given) and not written.exists()
     bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--e2e-runs", "128:fast:device"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "128:fast:device" in bad.stderr
+    missing = tmp_path / "no-backbone.pt"
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--no-steps", "--out", str(out),
+                          "--end-to-end", str(tree), "--backbone", str(missing)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and str(missing) in bad.stderr
