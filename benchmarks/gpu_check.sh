@@ -2,7 +2,8 @@
 # The GPU measurements of BENCHMARKS-gpu.md in one go, on a machine with a CUDA device:
 #   bash benchmarks/gpu_check.sh OUTDIR [part]      part: steps | e2e | all (default)
 # steps: the compile paths of the masking test matrix on this torch, then the
-#        training-step benchmark; e2e: decathlon.train end to end on a synthetic tree.
+#        training-step benchmark; e2e: evaluation eager against compiled, then
+#        decathlon.train end to end on a synthetic tree (about 8 minutes on an H100).
 set -uo pipefail
 out="${1:?usage: gpu_check.sh OUTDIR [steps|e2e|all]}"; part="${2:-all}"
 mkdir -p "$out"
@@ -16,10 +17,11 @@ if [[ "$part" != e2e ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_masking_matrix.py -k "compile or inductor" 2>&1 | tail -4
   python3 -m benchmarks.gpu --out "$out/gpu-steps.md" --batches 128 32 --only \
     "piggyback eager" "finetune eager" "original-style layer eager" "piggyback compiled" "finetune compiled" \
-    "piggyback eager bf16+CL" "piggyback compiled bf16+CL" "piggyback CUDA graphs" "finetune CUDA graphs"
+    "piggyback eager bf16+CL" "piggyback compiled bf16+CL" "piggyback CUDA graphs" "finetune CUDA graphs" \
+    "piggyback CUDA graphs bf16+CL"
 fi
 if [[ "$part" != steps ]]; then
   # the report is rewritten after every run, so a run cut short keeps what it measured
-  python3 -m benchmarks.gpu --out "$out/gpu-e2e.md" --no-steps --end-to-end /tmp/piggyback-tree --task svhn
+  python3 -m benchmarks.gpu --out "$out/gpu-e2e.md" --no-steps --eval --end-to-end /tmp/piggyback-tree --task svhn
   for d in "${TMPDIR:-/tmp}"/piggyback-e2e/*/svhn; do n="$out/e2e-runs/$(basename "$(dirname "$d")")"; mkdir -p "$n"; cp "$d"/*.json* "$n/"; done
 fi

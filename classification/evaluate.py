@@ -21,6 +21,7 @@ import torch.nn as nn
 from common.amp import Precision
 from common.classify import evaluate_classifier
 from common.cli import DEVICE_CHOICES_HELP, resolve_device, run_cli
+from common.engine import EVAL_COMPILE_HELP, EVAL_COMPILE_MODES, compile_for_eval
 from common.errors import DataError, MissingFileError, UsageError
 from common.heads import reset_classifier
 from common.maskfile import load_masks, read_mask_metadata
@@ -87,7 +88,7 @@ def load_trained(target, weights=None) -> Tuple[nn.Module, Dict[str, Any]]:
 
 
 def evaluate_target(target, *, split: str = "auto", data_root=None, weights=None, batch_size: int = 64,
-                    workers: int = 0, device: str = "auto", limit=None) -> Dict[str, Any]:
+                    workers: int = 0, device: str = "auto", limit=None, compile: str = "auto") -> Dict[str, Any]:
     """Score ``target`` on ``split`` of the ImageFolder tree it was trained on (or
     ``data_root``); returns {"top1", "count", "split", ...}."""
     model, info = load_trained(target, weights)
@@ -100,7 +101,7 @@ def evaluate_target(target, *, split: str = "auto", data_root=None, weights=None
         raise DataError(f"{Path(root) / dataset.split} has classes {dataset.classes[:5]}... ({dataset.num_classes}); "
                         f"the model was trained on {list(info['classes'])[:5]}... ({len(info['classes'])})")
     prec = Precision(resolve_device(device))
-    model = model.to(prec.device)
+    model = compile_for_eval(model.to(prec.device), compile)
     result = evaluate_classifier(model, build_loader(dataset, batch_size=batch_size, train=False, workers=workers),
                                  prec)
     out = {"target": str(target), "result_file": info["result_file"], "arch": info["arch"],
@@ -127,6 +128,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES_HELP} (default: auto)")
+    p.add_argument("--compile", choices=list(EVAL_COMPILE_MODES), default="auto", help=EVAL_COMPILE_HELP)
     return p
 
 
@@ -138,7 +140,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
 
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     out = evaluate_target(args.target, split=args.split, data_root=args.data_root, weights=args.weights,
-                          batch_size=args.batch_size, workers=args.workers, device=args.device, limit=args.limit)
+                          batch_size=args.batch_size, workers=args.workers, device=args.device, limit=args.limit,
+                          compile=args.compile)
     print(f"{args.target}: {out['split']} top-1 {out['top1']:.2f}% on {out['count']} images of {out['data_root']}")
     return out
 

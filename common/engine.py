@@ -8,9 +8,9 @@ the rest the same way for decathlon, segmentation and classification:
   pipeline's counts (e.g. correct predictions) are summed on the device. They are read
   every ``print_freq`` steps and at the end of the epoch (one read each), which is when
   the progress line is printed, the non-finite-loss guard is checked and the collapse
-  monitor (:mod:`common.collapse`) sees a window. The guard keeps, on the device, the
-  index and value of the first step whose loss was not finite, so the
-  :class:`DivergedError` names that exact step even though it is read later.
+  monitor (:mod:`common.collapse`) sees a window. Each step's loss stays in a device
+  buffer (one copy per step), so the :class:`DivergedError` names the exact first step
+  whose loss was not finite even though it is read later.
 - **Resume.** ``fit`` writes a training checkpoint (:mod:`common.checkpoint`) after every
   epoch. Run again on the same folder it compares *every* setting of the new config with
   the checkpoint's, except those listed in :data:`MAY_CHANGE_ON_RESUME`, restores model,
@@ -43,13 +43,15 @@ from common.masking import backbone_fingerprint, is_piggybacked
 from common.runlog import MetricLogger, RunDir, non_finite_message, remove_stale_temp_files, to_jsonable
 
 __all__ = ["StepOutput", "Pipeline", "FitState", "FitResult", "train_one_epoch", "fit",
-           "MAY_CHANGE_ON_RESUME", "compile_model", "CHECKPOINT"]
+           "MAY_CHANGE_ON_RESUME", "compile_model", "compile_for_eval", "EVAL_COMPILE_MODES", "EVAL_COMPILE_HELP",
+           "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
 # Settings that may differ when a run is resumed: they change where and how fast it runs,
 # not what it computes. ``epochs`` may only grow.
 MAY_CHANGE_ON_RESUME = frozenset({"workers", "print_freq", "device", "out", "data_root",
-                                  "cache_dir", "compile", "compile_used", "loader", "epochs"})
+                                  "cache_dir", "compile", "compile_used", "loader", "images_on_device",
+                                  "epochs"})
 _NO_BAD_STEP = 2 ** 62
 
 
@@ -145,43 +147,82 @@ def _new_cudagraph_step(module: nn.Module, args) -> None:
     torch.compiler.cudagraph_mark_step_begin()
 
 
-class _Accumulator:
-    """Device-side sums of one epoch, and the guard on the first non-finite loss."""
+# --compile of the evaluation entry points: auto = off (see EVAL_COMPILE_HELP)
+EVAL_COMPILE_MODES = {"auto": False, "off": False, "on": True, "cudagraphs": "reduce-overhead"}
+EVAL_COMPILE_HELP = ("torch.compile the network for this evaluation: on (default mode), cudagraphs "
+                     "(mode reduce-overhead), off; auto = off: on an H100, the first batch-256 "
+                     "inference of a compiled WRN-28-4 took 11 s (default mode) or 5 s (CUDA graphs) "
+                     "against 0.7 s eager, which paid back only after 1.3 M or 0.4 M images; a "
+                     "decathlon task's test split holds at most tens of thousands "
+                     "(BENCHMARKS-gpu.md, 6c) (default: auto)")
 
-    def __init__(self, device: torch.device):
+
+def compile_for_eval(model: nn.Module, choice: str, *, dynamic: Optional[bool] = None) -> nn.Module:
+    """``model`` as an evaluation entry point's ``--compile`` asks (``EVAL_COMPILE_MODES``).
+    Graphs of networks compiled before are dropped first: a command that evaluates one
+    network after another (decathlon.submit's tasks) compiles each once, and none of them
+    runs into torch's recompile limit."""
+    if choice not in EVAL_COMPILE_MODES:
+        raise ValueError(f"--compile {choice!r}: expected one of {', '.join(EVAL_COMPILE_MODES)}")
+    enabled = EVAL_COMPILE_MODES[choice]
+    if not enabled:
+        return model
+    torch.compiler.reset()
+    return compile_model(model, DistInfo(), enabled, dynamic=dynamic)[1]
+
+
+class _Accumulator:
+    """Device-side record of one epoch, and the guard on the first non-finite loss.
+
+    Each step costs one copy per recorded value: the loss and each count land in row
+    ``step`` of preallocated device buffers (no reduction or comparison per step: fewer
+    kernel launches in a step that, at batch 32 under CUDA graphs, lasts about 4 ms). The
+    examples per step are host numbers already and stay on the host. ``read`` reduces the buffers:
+    sums, and the first step whose loss was not finite, so the error still names it."""
+
+    def __init__(self, device: torch.device, steps: int):
         self.device = device
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.capacity = max(int(steps), 1)
+        self.losses = torch.zeros(self.capacity, dtype=torch.float64, device=device)
         self.sums: Dict[str, torch.Tensor] = {}
-        # Also on the device (a host number would need a copy to be reduced over ranks).
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
-        self.step = torch.zeros((), dtype=torch.int64, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.bad_value = torch.zeros((), dtype=torch.float32, device=device)
+        self.counts: List[int] = []
+
+    def _grow(self) -> None:  # a loader longer than its len(): rare, doubles the buffers
+        self.capacity *= 2
+        self.losses = torch.cat([self.losses, torch.zeros_like(self.losses)])
+        self.sums = {k: torch.cat([v, torch.zeros_like(v)]) for k, v in self.sums.items()}
 
     def add(self, out: StepOutput) -> None:
-        loss = out.loss.detach()
-        newly_bad = (~torch.isfinite(loss)) & (self.first_bad < 0)
-        self.first_bad = torch.where(newly_bad, self.step, self.first_bad)
-        self.bad_value = torch.where(newly_bad, loss.float(), self.bad_value)
-        self.step += 1
-        self.loss_sum += loss.double() * out.count
-        self.count += out.count
+        step = len(self.counts)
+        if step == self.capacity:
+            self._grow()
+        self.losses[step].copy_(out.loss.detach())
         for key, value in out.sums.items():
-            value = value.detach().double()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
+            if key not in self.sums:
+                self.sums[key] = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
+            self.sums[key][step].copy_(value.detach())
+        self.counts.append(int(out.count))
 
     def read(self) -> Dict[str, Any]:
         """One host read of everything, reduced over ranks (first bad step: the minimum)."""
+        n = len(self.counts)
         keys = sorted(self.sums)
-        totals = all_reduce_sum(torch.stack([self.loss_sum, *(self.sums[k] for k in keys), self.count]))
-        bad = torch.where(self.first_bad < 0, torch.full_like(self.first_bad, _NO_BAD_STEP), self.first_bad)
+        losses = self.losses[:n]
+        counts = torch.tensor(self.counts, dtype=torch.float64).to(self.device)
+        bad_steps = ~torch.isfinite(losses)
+        # argmax returns the first maximum: the first non-finite step, when there is one
+        first = bad_steps.to(torch.int64).argmax() if n else torch.zeros((), dtype=torch.int64, device=self.device)
+        any_bad = bad_steps.any()
+        bad = torch.where(any_bad, first, torch.full_like(first, _NO_BAD_STEP))
+        bad_value = losses[first] if n else torch.zeros((), dtype=torch.float64, device=self.device)
+        totals = all_reduce_sum(torch.stack([(losses * counts).sum(), *(self.sums[k][:n].sum() for k in keys),
+                                             counts.sum()]))
         worst = all_reduce_max(torch.stack([-bad]))
-        values = torch.cat([totals, worst.double(), bad.double().view(1), self.bad_value.double().view(1)]).tolist()
-        n = len(keys)
-        first_bad = int(-values[n + 2])
-        return {"loss_sum": values[0], "sums": dict(zip(keys, values[1:n + 1])), "count": values[n + 1],
-                "first_bad": None if first_bad >= _NO_BAD_STEP else first_bad,
-                "bad_here": int(values[n + 3]) == first_bad, "bad_value": values[n + 4]}
+        values = torch.cat([totals, worst.double(), bad.double().view(1), bad_value.view(1)]).tolist()
+        first_bad = int(-values[len(keys) + 2])
+        return {"loss_sum": values[0], "sums": dict(zip(keys, values[1:len(keys) + 1])),
+                "count": values[len(keys) + 1], "first_bad": None if first_bad >= _NO_BAD_STEP else first_bad,
+                "bad_here": int(values[len(keys) + 3]) == first_bad, "bad_value": values[len(keys) + 4]}
 
 
 def _set_train_mode(model: nn.Module, frozen: Sequence[nn.Module]) -> None:
@@ -207,24 +248,13 @@ def train_one_epoch(model: nn.Module, loader, pipeline: Pipeline,
     _set_train_mode(model, frozen_modules)
     optimizers = list(optimizers.values())
     logger = MetricLogger(is_main=is_main, print_fn=log)
-    acc = _Accumulator(device)
     total = len(loader)
-    last = {"loss_sum": 0.0, "sums": {}, "count": 0.0}
-    window_start, steps, collapse = 0, 0, None
-    start = time.perf_counter()
-    for i, batch in enumerate(logger.log_every(loader, print_freq, header)):
-        out = pipeline.train_step(model, batch)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        for opt in optimizers:
-            opt.step()
-        acc.add(out)
-        steps = i + 1
-        if i % print_freq != 0 and i != total - 1:
-            continue
-        # A window ends: the one host read of the window (log_every prints right after).
-        now = acc.read()
+    acc = _Accumulator(device, total)
+    window = {"last": {"loss_sum": 0.0, "sums": {}, "count": 0.0}, "start": 0, "collapse": None}
+
+    def close_window(i: int) -> None:
+        """The one host read of a window ending at step ``i`` (log_every prints right after)."""
+        last, now = window["last"], acc.read()
         if now["first_bad"] is not None:
             detail = "" if now["bad_here"] else " (on another process)"
             value = now["bad_value"] if now["bad_here"] else float("nan")
@@ -239,14 +269,31 @@ def train_one_epoch(model: nn.Module, loader, pipeline: Pipeline,
             meters["acc"] = 100 * accuracy
         logger.update(n=max(int(n), 1), **meters)
         if monitor is not None:
-            event = monitor.update(loss=window_loss, steps=steps - window_start, step=step_offset + i,
+            event = monitor.update(loss=window_loss, steps=i + 1 - window["start"], step=step_offset + i,
                                    epoch=epoch, accuracy=accuracy, examples=int(n))
             if event is not None:
-                collapse = event
+                window["collapse"] = event
                 if is_main:
                     log(f"{header} COLLAPSE at step {event['step']} (epoch {epoch} step {i}): {event['reason']}")
-        last, window_start = now, steps
+        window.update(last=now, start=i + 1)
+
+    steps = 0
+    start = time.perf_counter()
+    for i, batch in enumerate(logger.log_every(loader, print_freq, header)):
+        out = pipeline.train_step(model, batch)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        for opt in optimizers:
+            opt.step()
+        acc.add(out)
+        steps = i + 1
+        if i % print_freq == 0 or i == total - 1:
+            close_window(i)
+    if steps > window["start"]:  # a loader that ran past its len()
+        close_window(steps - 1)
     elapsed = time.perf_counter() - start
+    last, collapse = window["last"], window["collapse"]
     count = last["count"]
     stats = {"train_loss": last["loss_sum"] / count if count else float("nan"),
              **pipeline.train_metrics(last["sums"], count),

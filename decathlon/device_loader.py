@@ -5,16 +5,18 @@ takes a random ``crop`` px window and (per task) flips it. The resize does not d
 the random draw, so it is done once: :class:`SquareImages` holds every image of a split
 already resized, as one ``(N, resize, resize, 3)`` uint8 array (memory-mapped under
 ``--cache-dir``, filled once by parallel workers, refilled only when the annotation
-file changes). :class:`DeviceBatches` then serves batches: a background thread gathers
-each batch's uint8 pixels into pinned memory, the copy to the device runs asynchronously,
-and crop, flip, conversion and normalisation run there as a few batched kernels. Nothing
-is decoded or resized per epoch, and the host does one small gather per batch.
+file changes). :class:`DeviceBatches` then serves batches. With ``resident`` (decathlon.train's
+``--images-on-device``) the whole array is copied to the device once and each batch is one
+gather there, then a subtraction and a division: no thread, no copy per batch. Otherwise
+a background thread gathers each batch's uint8 pixels into pinned memory, the copy to the
+device runs asynchronously, and crop, flip, conversion and normalisation run there. Nothing
+is decoded or resized per epoch.
 
 The pixels are exactly those of :class:`decathlon.transforms.DecathlonTransform` (same
 resize); evaluation batches are identical to the worker loader's. Random crops and flips
-are drawn per batch from a generator seeded by ``(seed, epoch, rank)``, so a resumed run
-sees the same augmentation as an uninterrupted one. Random rescaling (``--scale``) is
-not done here; the worker loader serves it.
+are drawn per epoch from a generator seeded by ``(seed, epoch, rank)``, so a resumed run
+sees the same augmentation as an uninterrupted one, with the images resident or not.
+Random rescaling (``--scale``) is not done here; the worker loader serves it.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.seed import epoch_seed
 
-__all__ = ["SquareImages", "DeviceBatches", "augment_on_device"]
+__all__ = ["SquareImages", "DeviceBatches", "augment_on_device", "crop_indices", "gather_windows",
+           "images_fit_on_device"]
 
 
 class _Resized(Dataset):
@@ -103,6 +106,10 @@ class SquareImages:
     def __len__(self) -> int:
         return len(self.pixels)
 
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.pixels.shape))
+
     def gather(self, indices: np.ndarray, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The uint8 pixels of ``indices`` as a (B, S, S, 3) tensor (into ``out`` when given)."""
         batch = torch.from_numpy(self.pixels[indices])
@@ -112,28 +119,56 @@ class SquareImages:
         return out[: len(indices)]
 
 
+def crop_indices(tops: torch.Tensor, lefts: torch.Tensor, flips: torch.Tensor, crop: int):
+    """(rows, cols), each (B, crop) int64: the pixel rows and columns of each image's
+    ``crop`` window at (tops, lefts), the columns reversed where ``flips`` is nonzero."""
+    ar = torch.arange(crop, device=tops.device)
+    rows = tops.view(-1, 1) + ar
+    cols = lefts.view(-1, 1) + torch.where(flips.view(-1, 1) != 0, ar.flip(0), ar)
+    return rows, cols
+
+
+def gather_windows(pixels: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mean: torch.Tensor,
+                   std: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Normalised float (B, 3, crop, crop) from uint8 ``pixels`` (B, S, S, 3), or from rows
+    ``index`` of a whole (N, S, S, 3) array: one gather, then ``(x - 255 mean) / (255 std)``
+    (the conversion to float happens inside the subtraction)."""
+    b, crop = rows.shape
+    first = (index if index is not None else torch.arange(b, device=pixels.device)).view(b, 1, 1)
+    window = pixels[first, rows.view(b, crop, 1), cols.view(b, 1, crop)]  # (B, crop, crop, 3)
+    return torch.sub(window.permute(0, 3, 1, 2), mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
+
+
 def augment_on_device(pixels: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, flips: torch.Tensor,
                       crop: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> normalised float (B, 3, crop, crop): a ``crop`` window at
     (tops, lefts) per image, mirrored where ``flips``, then ``(x - 255 mean) / (255 std)``."""
-    b = pixels.shape[0]
-    ar = torch.arange(crop, device=pixels.device)
-    rows = (tops.view(b, 1) + ar).view(b, crop, 1)
-    cols = lefts.view(b, 1) + ar
-    cols = torch.where(flips.view(b, 1), cols.flip(1), cols).view(b, 1, crop)
-    batch = torch.arange(b, device=pixels.device).view(b, 1, 1)
-    window = pixels[batch, rows, cols]  # (B, crop, crop, 3)
-    x = window.permute(0, 3, 1, 2).float()
-    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    rows, cols = crop_indices(tops, lefts, flips, crop)
+    return gather_windows(pixels, rows, cols, mean, std)
+
+
+def images_fit_on_device(images, device: torch.device, share: float = 0.25) -> bool:
+    """Whether the :class:`SquareImages` ``images`` together take at most ``share`` of
+    ``device``'s free memory (the rest is the training's)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(im.nbytes for im in images) <= share * free
 
 
 class DeviceBatches:
     """An iterable of ``(images, targets)`` on ``device``, like a DataLoader (``len``,
-    ``set_epoch``, ``dataset``), fed by :class:`SquareImages`."""
+    ``set_epoch``, ``dataset``), fed by :class:`SquareImages`.
+
+    Each epoch's plan (sample order, targets, crop offsets, flips) is drawn at its start
+    from the ``(seed, epoch, rank)`` generator. With ``resident`` the whole uint8 array is
+    copied to the device once and each batch is gathered there (no thread, no copy per
+    batch); otherwise a background thread gathers each batch's pixels on the host into
+    pinned memory. Both give the same batches."""
 
     def __init__(self, images: SquareImages, dataset, *, batch_size: int, train: bool, crop: int,
                  hflip: bool, mean, std, device: torch.device, sampler, seed: int = 0, rank: int = 0,
-                 prefetch: int = 4):
+                 prefetch: int = 4, resident: bool = False):
         if crop > images.size:
             raise ValueError(f"crop {crop} exceeds the square size {images.size}")
         self.images, self.dataset, self.sampler = images, dataset, sampler
@@ -144,6 +179,8 @@ class DeviceBatches:
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device) * 255.0
         self.epoch = 0
         self.pin = self.device.type == "cuda"
+        self.resident = bool(resident)
+        self._resident_pixels: Optional[torch.Tensor] = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -153,27 +190,33 @@ class DeviceBatches:
     def __len__(self) -> int:
         return (len(self.sampler) + self.batch_size - 1) // self.batch_size
 
-    def _draws(self, n: int, g: torch.Generator) -> torch.Tensor:
-        """(3, n) int64: crop tops, crop lefts, flips (0/1) of one batch."""
-        span = self.images.size - self.crop
-        if not self.train:
-            return torch.tensor([span // 2, span // 2, 0], dtype=torch.int64).view(3, 1).expand(3, n)
-        tops = torch.randint(0, span + 1, (n,), generator=g)
-        lefts = torch.randint(0, span + 1, (n,), generator=g)
-        flips = (torch.rand(n, generator=g) < 0.5) & self.hflip
-        return torch.stack([tops, lefts, flips.long()])
+    def plan(self) -> torch.Tensor:
+        """(5, N) int64, in batch order: sample index, target, crop top, crop left, flip (0/1)."""
+        order = torch.from_numpy(np.fromiter(iter(self.sampler), dtype=np.int64))
+        n, span = len(order), self.images.size - self.crop
+        if self.train:
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
+            tops = torch.randint(0, span + 1, (n,), generator=g)
+            lefts = torch.randint(0, span + 1, (n,), generator=g)
+            flips = ((torch.rand(n, generator=g) < 0.5) & self.hflip).long()
+        else:
+            tops = lefts = torch.full((n,), span // 2, dtype=torch.int64)
+            flips = torch.zeros(n, dtype=torch.int64)
+        return torch.stack([order, self.targets[order], tops, lefts, flips])
 
-    def _produce(self, order: np.ndarray, out: "queue.Queue", stop: threading.Event) -> None:
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        # a non-blocking copy from pageable memory may wait for the device: pin first
+        return t.pin_memory().to(self.device, non_blocking=True) if self.pin else t.to(self.device)
+
+    def _produce(self, plan: torch.Tensor, out: "queue.Queue", stop: threading.Event) -> None:
         try:
-            for start in range(0, len(order), self.batch_size):
+            for start in range(0, plan.shape[1], self.batch_size):
                 if stop.is_set():
                     return
-                idx = order[start:start + self.batch_size]
-                pixels = self.images.gather(idx)
-                # targets and the random draws travel as one (4, B) tensor: two copies per batch
-                meta = torch.cat([self.targets[idx].view(1, -1), self._draws(len(idx), g)])
-                if self.pin:  # a copy from pageable memory may wait for the device: pin both
+                part = plan[:, start:start + self.batch_size]
+                pixels = self.images.gather(part[0].numpy())
+                meta = part[1:].contiguous()  # targets with the draws: one copy per batch
+                if self.pin:
                     pixels, meta = pixels.pin_memory(), meta.pin_memory()
                 out.put((pixels, meta))
         except BaseException as exc:  # handed to the consumer, which raises it
@@ -182,10 +225,13 @@ class DeviceBatches:
         out.put(None)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        order = np.fromiter(iter(self.sampler), dtype=np.int64)
+        plan = self.plan()
+        if self.resident:
+            yield from self._resident_batches(plan)
+            return
         q: "queue.Queue" = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        worker = threading.Thread(target=self._produce, args=(order, q, stop), daemon=True)
+        worker = threading.Thread(target=self._produce, args=(plan, q, stop), daemon=True)
         worker.start()
         try:
             while True:
@@ -196,7 +242,7 @@ class DeviceBatches:
                     raise item
                 pixels, meta = (t.to(self.device, non_blocking=True) for t in item)
                 targets, tops, lefts, flips = meta
-                yield augment_on_device(pixels, tops, lefts, flips.bool(), self.crop, self.mean, self.std), targets
+                yield augment_on_device(pixels, tops, lefts, flips, self.crop, self.mean, self.std), targets
         finally:
             stop.set()
             while worker.is_alive():  # unblock a producer waiting on a full queue
@@ -204,3 +250,14 @@ class DeviceBatches:
                     q.get_nowait()
                 except queue.Empty:
                     worker.join(timeout=0.05)
+
+    def _resident_batches(self, plan: torch.Tensor) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if self._resident_pixels is None:
+            self._resident_pixels = torch.from_numpy(np.asarray(self.images.pixels)).to(self.device)
+        plan = self._to_device(plan)
+        index, targets = plan[0], plan[1]
+        rows, cols = crop_indices(plan[2], plan[3], plan[4], self.crop)  # the whole epoch's windows at once
+        for start in range(0, plan.shape[1], self.batch_size):
+            part = slice(start, start + self.batch_size)
+            yield (gather_windows(self._resident_pixels, rows[part], cols[part], self.mean, self.std,
+                                  index=index[part]), targets[part])

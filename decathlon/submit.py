@@ -44,6 +44,7 @@ from common.plots import plot_grouped_bars, save_run_plots
 from common.runlog import atomic_write_bytes, atomic_write_json
 from decathlon.accounting import decathlon_accounting, mask_file_cost
 from decathlon.data import DecathlonDataset, annotation_path, build_loader, build_transforms
+from common.engine import EVAL_COMPILE_HELP, EVAL_COMPILE_MODES, compile_for_eval
 from decathlon.engine import Precision, predict
 from decathlon.models import open_backbone
 from decathlon.score import (FINETUNE_TOP1, PIGGYBACK_TOP1, SubmissionError, TaskTestSet,
@@ -189,7 +190,8 @@ def predict_tasks(predictor, tasks: List[str], runs: Dict[str, TaskRun], backbon
         dataset = DecathlonDataset(args.data_root, task, "test",
                                    transform=build_transforms(task, False, resize=resize, crop=crop))
         loader = build_loader(dataset, batch_size=args.batch_size, train=False, workers=args.workers)
-        classes = predict(predictor.model_for(task), loader, prec=prec).tolist()
+        model = compile_for_eval(predictor.model_for(task), args.compile)
+        classes = predict(model, loader, prec=prec).tolist()
         pairs += [(i, spec.category_id(c)) for i, c in zip(dataset.image_ids, classes)]
         test_sets[task] = task_test_set(dataset)
         log(f"[{task}] predicted {len(classes)} test images")
@@ -417,6 +419,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "predictions and score 0 (listed in the summary)")
     p.add_argument("--labels", default=None, metavar="DIR",
                    help="also score the submission against labelled <task>_test.json files here")
+    p.add_argument("--compile", choices=list(EVAL_COMPILE_MODES), default="auto",
+                   help=EVAL_COMPILE_HELP.replace("this evaluation", "each task's predictions (once per task)"))
     return p
 
 

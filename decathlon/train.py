@@ -29,7 +29,7 @@ from common.runlog import RunDir, atomic_write_json, file_sha256
 from common.seed import seed_everything
 from common.weightsfile import save_weights_file
 from decathlon.data import DecathlonDataset, build_loader, build_transforms
-from decathlon.device_loader import DeviceBatches, SquareImages
+from decathlon.device_loader import DeviceBatches, SquareImages, images_fit_on_device
 from decathlon.engine import COMPILE_CHOICES, make_precision, make_schedulers, train_classifier, use_compile
 from decathlon.methods import METHODS, OPTIMIZERS, build_optimizers, get_method, replace_head
 from decathlon.models import WEIGHTS_FORMAT, create_model, model_names, open_backbone
@@ -78,10 +78,19 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "processes, off for the CPU (default: auto)")
     g.add_argument("--loader", choices=("auto", "workers", "device"), default="auto",
                    help="device: every image resized once to --resize px into one uint8 array (in "
-                        "--cache-dir when given), batches gathered in a background thread and "
-                        "cropped, flipped and normalised on the device; workers: DataLoader "
+                        "--cache-dir when given), batches gathered on the device (see "
+                        "--images-on-device) or by a background thread, and cropped, flipped and "
+                        "normalised on the device; workers: DataLoader "
                         "workers decode and augment on the CPU (needed for --scale); auto = "
                         "device on CUDA unless --scale is set (default: auto)")
+    g.add_argument("--images-on-device", choices=_SWITCH, default="auto",
+                   help="with --loader device: copy the resized uint8 images to the device once "
+                        "and gather every batch there, with no host thread and no copy per batch "
+                        "(on an H100, 120-210 us of host time per batch against 430-720 us "
+                        "gathered on the host; BENCHMARKS-gpu.md); auto = on when the train and "
+                        "val images take at most a quarter of the device's free memory (the "
+                        "training images of the nine 72 px tasks besides imagenet12: 2.7 GB) "
+                        "(default: auto)")
     g.add_argument("--print-freq", type=int, default=50,
                    help="steps between progress lines, and between the loss checks (non-finite "
                         "loss, collapse) that read the device (default: 50)")
@@ -109,6 +118,8 @@ def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error("--print-freq must be >= 1")
     if args.loader == "device" and tuple(args.scale) != (1.0, 1.0):
         p.error("--loader device does not rescale images: drop --scale or use --loader workers")
+    if args.images_on_device == "on" and args.loader == "workers":
+        p.error("--images-on-device on needs --loader device (or auto)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -252,8 +263,15 @@ def device_loaders(args, train_set, val_set, dist: DistInfo, hflip):
     images = square(train_set), square(val_set)
     if dist.is_main:
         barrier()
+    if args.images_on_device == "auto":
+        resident = images_fit_on_device(images, dist.device)
+    else:
+        resident = args.images_on_device == "on"
+    if resident and dist.is_main:
+        size = sum(im.nbytes for im in images) / 2 ** 20
+        print(f"{train_set.task}: the square images ({size:.0f} MiB) are kept on {dist.device}")
     common = dict(batch_size=args.batch_size, crop=args.crop, mean=spec.mean, std=spec.std, device=dist.device,
-                  seed=args.seed, rank=dist.rank)
+                  seed=args.seed, rank=dist.rank, resident=resident)
     flips = spec.hflip if hflip is None else hflip
     return (DeviceBatches(images[0], train_set, train=True, hflip=flips,
                           sampler=make_sampler(train_set, dist, shuffle=True, seed=args.seed), **common),

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from common.amp import default_amp
 from common.cli import DEVICE_CHOICES_HELP, default_workers, resolve_device, run_cli
 from common.distributed import cleanup, init_distributed, make_sampler
+from common.engine import compile_for_eval
 from common.errors import UsageError
 from common.metrics import ConfusionMatrix
 from common.runlog import RunDir, atomic_write_json
@@ -59,6 +60,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help=f"DataLoader workers (default: {default_workers()})")
     parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                         help="bf16 autocast; auto = on for CUDA devices with bf16 (default: auto)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="torch.compile the FCN for this evaluation, with dynamic image sizes "
+                             "(a graph per distinct size up to torch's recompile limit); auto = off: "
+                             "the evaluation sees each image once, and on an H100 compiling even the "
+                             "smaller WRN-28-4 paid back only after 1.3 M images (BENCHMARKS-gpu.md, "
+                             "6c) (default: auto)")
     return parser
 
 
@@ -149,7 +156,8 @@ def _evaluate_run(args, run: RunDir, config: dict, dist_info) -> dict:
     dataset = build_split(split, "val", args.data_root or config["data_root"], source.convention, val_list)
     loader = DataLoader(dataset, batch_size=1, sampler=make_sampler(dataset, dist_info, False, 0),
                         num_workers=args.workers, collate_fn=pad_collate)
-    metrics = evaluate(model, loader, device, model.num_classes, amp=amp, is_main=dist_info.is_main)
+    metrics = evaluate(compile_for_eval(model, args.compile, dynamic=True), loader, device, model.num_classes, amp=amp,
+                       is_main=dist_info.is_main)
     names = class_names()
     storage = storage_report(model)
     result = {"run": str(run.path), "split": split, "method": config["method"], "arch": config["arch"],

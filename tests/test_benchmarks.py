@@ -36,20 +36,24 @@ def test_benchmark_command_keeps_the_transfer_section(tmp_path):
 def test_gpu_benchmark_end_to_end_path_runs_decathlon_train(tmp_path):
     """benchmarks.gpu's part B on the CPU (a code-path check; its rates mean nothing here):
     it writes a tree and a backbone, runs decathlon.train, and reads the rate from the run's
-    log; a malformed run spec is refused with its text."""
+    log; a malformed run spec is refused with its text. Part C times evaluation."""
     out, tree = tmp_path / "G.md", tmp_path / "tree"
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--no-steps", "--out", str(out),
                            "--end-to-end", str(tree), "--e2e-images", "40", "--e2e-epochs", "1",
-                           "--e2e-runs", "8:off:device"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+                           "--e2e-runs", "8:off:resident", "--eval", "--eval-batch", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = out.read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| piggyback, batch 8, eager, device loader |"))
-    rate = float(row.split("|")[2].replace(",", ""))
-    assert rate > 0 and "nine-task recipe projected, batch 32" not in text
-    run = tmp_path / "piggyback-e2e" / "piggyback_batch_8_eager_device_loader" / "svhn"
+    row = next(line for line in text.splitlines() if line.startswith("| piggyback, batch 8, eager, resident loader |"))
+    rate, ms_per_step = float(row.split("|")[2].replace(",", "")), float(row.split("|")[4])
+    assert rate > 0 and ms_per_step > 0 and "nine-task recipe projected, batch 32" not in text
+    eager_eval = next(line for line in text.splitlines() if line.startswith("| eager |"))
+    assert float(eager_eval.split("|")[3].replace(",", "")) > 0
+    run = tmp_path / "piggyback-e2e" / "piggyback_batch_8_eager_resident_loader" / "svhn"
     written = tmp_path / "piggyback-e2e" / "backbone-wrn28_4-random.pt"
-    assert (run / "log.jsonl").is_file() and json.loads((run / "config.json").read_text())["backbone"] == str(written)
+    config = json.loads((run / "config.json").read_text())
+    assert (run / "log.jsonl").is_file() and config["backbone"] == str(written)
+    assert (config["loader"], config["images_on_device"]) == ("device", "on")
     # --backbone: the runs train on the given file
     given = tmp_path / "given.pt"
     written.rename(given)
@@ -58,7 +62,8 @@ def test_gpu_benchmark_end_to_end_path_runs_decathlon_train(tmp_path):
                            "--backbone", str(given)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = tmp_path / "piggyback-e2e" / "finetune_batch_8_eager_device_loader" / "svhn"
-    assert json.loads((run / "config.json").read_text())["backbone"] == str(given) and not written.exists()
+    config = json.loads((run / "config.json").read_text())
+    assert config["backbone"] == str(given) and not written.exists() and config["images_on_device"] == "off"
     bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--e2e-runs", "128:fast:device"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "128:fast:device" in bad.stderr

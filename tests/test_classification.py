@@ -263,8 +263,9 @@ def test_train_piggyback_writes_the_run_folder_resumes_and_evaluates(tiny):
     assert proc.returncode == 2 and "other settings" in proc.stderr and "Traceback" not in proc.stderr
 
     metrics = json.loads((out / "metrics.json").read_text())
-    for target in (out, out / "masks.safetensors"):
-        proc = _run(["classification.evaluate", str(target), "--data-root", str(tiny / "data"), "--device", "cpu"])
+    for target, compiled in ((out, "off"), (out / "masks.safetensors", "on")):  # on: inductor on the CPU
+        proc = _run(["classification.evaluate", str(target), "--data-root", str(tiny / "data"), "--device", "cpu",
+                     "--compile", compiled])
         assert f"top-1 {metrics['top1']:.2f}%" in proc.stdout
     assert json.loads((out / "eval_test.json").read_text())["top1"] == pytest.approx(metrics["top1"])
 

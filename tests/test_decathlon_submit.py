@@ -155,6 +155,18 @@ def test_fold_and_multitask_modes_agree(setup, tmp_path):
     assert summary["score_source"].startswith("validation") and summary["test_score"] is None
 
 
+def test_compile_flag_compiles_each_task_once_with_the_same_predictions(setup, tmp_path, monkeypatch):
+    """--compile on: every task's network is compiled once, after the graphs of the task
+    before are dropped; the predictions are those of the plain run."""
+    import decathlon.submit as submit
+    asked = []
+    monkeypatch.setattr(submit, "compile_for_eval", lambda model, choice, **kw: (asked.append(choice), model)[1])
+    _run_main(_argv(setup, tmp_path / "plain"))
+    _run_main(_argv(setup, tmp_path / "compiled", "--compile", "on"))
+    assert asked == ["auto"] * len(TASK_NAMES) + ["on"] * len(TASK_NAMES)
+    assert (tmp_path / "plain" / "results.json").read_bytes() == (tmp_path / "compiled" / "results.json").read_bytes()
+
+
 def test_missing_task_refused_unless_allowed(setup, tmp_path):
     runs = tmp_path / "runs"
     for task in MASK_TASKS:

@@ -301,15 +301,20 @@ def test_bad_command_lines_are_refused(world, capsys):
 
 def test_device_loader_run_resumes_to_the_same_masks(world, tmp_path):
     """--loader device (batches augmented on the device, here the CPU) trains, writes the
-    square-image cache once, and a run resumed after epoch 1 ends with the same masks."""
+    square-image cache once, and a run resumed after epoch 1 ends with the same masks, also
+    when the resumed part keeps the images on the device (gathered there, no thread)."""
     args = [*PIGGY, "--backbone", world["backbone"], "--data-root", world["root"], "--loader", "device",
             "--cache-dir", tmp_path / "cache"]
     run("decathlon.train", *args, "--out", tmp_path / "full")
     run("decathlon.train", *[a if a != "3" else "1" for a in args], "--out", tmp_path / "cut")
-    run("decathlon.train", *args, "--out", tmp_path / "cut")
+    resumed = run("decathlon.train", *args, "--images-on-device", "on", "--out", tmp_path / "cut")
+    assert "are kept on cpu" in resumed.stdout
     full, cut = _mask_state(tmp_path / "full" / "dtd"), _mask_state(tmp_path / "cut" / "dtd")
     assert all(torch.equal(full[0][k], cut[0][k]) for k in full[0])
     assert json.loads((tmp_path / "full" / "dtd" / "config.json").read_text())["loader"] == "device"
     assert len(list((tmp_path / "cache").glob("dtd_train_square72.u8"))) == 1
     bad = run("decathlon.train", *args, "--scale", "0.8", "1.2", "--out", tmp_path / "bad", ok=False)
     assert bad.returncode == 2 and "--loader device does not rescale" in bad.stderr
+    bad = run("decathlon.train", *PIGGY, "--backbone", world["backbone"], "--data-root", world["root"],
+              "--loader", "workers", "--images-on-device", "on", "--out", tmp_path / "bad", ok=False)
+    assert bad.returncode == 2 and "--images-on-device on needs --loader device" in bad.stderr

@@ -7,7 +7,7 @@ import torch
 
 from common.distributed import EpochSampler
 from decathlon.data import DecathlonDataset, build_loader
-from decathlon.device_loader import DeviceBatches, SquareImages, augment_on_device
+from decathlon.device_loader import DeviceBatches, SquareImages, augment_on_device, images_fit_on_device
 from decathlon.synthetic import make_synthetic_decathlon
 from decathlon.tasks import get_task
 from decathlon.transforms import build_transforms
@@ -21,11 +21,11 @@ def root(tmp_path_factory):
     return root
 
 
-def _batches(ds, images, train, seed=0, batch_size=6):
+def _batches(ds, images, train, seed=0, batch_size=6, resident=False):
     spec = get_task("dtd")
     return DeviceBatches(images, ds, batch_size=batch_size, train=train, crop=16, hflip=True, mean=spec.mean,
                          std=spec.std, device=torch.device("cpu"), sampler=EpochSampler(ds, shuffle=train, seed=seed),
-                         seed=seed)
+                         seed=seed, resident=resident)
 
 
 def test_eval_batches_equal_the_worker_loader(root):
@@ -120,3 +120,41 @@ def test_every_copy_to_the_device_is_from_pinned_memory(root, monkeypatch):
     assert copies and all(copies) and len(copies) == 2 * len(got)
     for (a, ya), (b, yb) in zip(got, plain):  # pinning changes nothing in the batches
         assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_resident_images_give_the_same_batches_with_one_copy_per_epoch(root, monkeypatch, train):
+    """Images kept on the device: each batch is gathered there, and only the epoch's plan
+    (and, once, the images) crosses from the host."""
+    ds = DecathlonDataset(root, "dtd", "train")
+    images = SquareImages(ds, 20, log=lambda *_: None)
+    host, resident = _batches(ds, images, train=train, seed=2), _batches(ds, images, train=train, seed=2,
+                                                                         resident=True)
+    copies = []
+    real_to = torch.Tensor.to
+
+    def spy_to(t, *args, **kwargs):
+        copies.append(tuple(t.shape))
+        return real_to(t, *args, **kwargs)
+
+    for epoch in (0, 1):
+        host.set_epoch(epoch)
+        resident.set_epoch(epoch)
+        expected = list(host)
+        monkeypatch.setattr(torch.Tensor, "to", spy_to)
+        got = list(resident)
+        monkeypatch.undo()
+        assert len(got) == len(expected) == len(resident) > 1
+        for (a, ya), (b, yb) in zip(got, expected):
+            assert torch.equal(a, b) and torch.equal(ya, yb)
+    # epoch 0: the images and the plan; epoch 1: the plan alone
+    assert copies == [tuple(images.pixels.shape), (5, len(ds)), (5, len(ds))]
+
+
+def test_images_on_device_auto_needs_cuda_and_room(root, monkeypatch):
+    images = SquareImages(DecathlonDataset(root, "dtd", "val"), 20, log=lambda *_: None)
+    assert images.nbytes == len(images) * 20 * 20 * 3
+    assert not images_fit_on_device([images], torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * images.nbytes, 10 ** 12))
+    assert images_fit_on_device([images], torch.device("cuda"))
+    assert not images_fit_on_device([images, images], torch.device("cuda"), share=0.4)

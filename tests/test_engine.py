@@ -18,7 +18,7 @@ from common.checkpoint import load_training_checkpoint
 from common.classify import ClassificationPipeline
 from common.collapse import CollapseMonitor
 from common.distributed import DistInfo, EpochSampler
-from common.engine import FitState, fit, train_one_epoch
+from common.engine import FitState, StepOutput, _Accumulator, fit, train_one_epoch
 from common.errors import DataError, DivergedError, PiggybackError, ResumeError, UsageError, WeightsFileError
 from common.methods import METHODS, OPTIMIZERS, build_optimizers, make_optimizer
 from common.runlog import RunDir
@@ -102,6 +102,58 @@ def test_no_host_read_per_training_step(monkeypatch, masked):
     few, many = epoch_reads(3), epoch_reads(12)
     # One read at the first step's window and one at the epoch's end, however many steps.
     assert len(few) == len(many) <= 2, many
+
+
+def test_engine_bookkeeping_is_one_device_copy_per_recorded_value():
+    """Per step the engine adds to the model's own work only a copy of the loss and of each
+    count into its epoch buffers (a GPU run at batch 32 is bound by such host work)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket not in (torch.ops.aten.select, torch.ops.aten.detach, torch.ops.aten.alias):
+                self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    acc = _Accumulator(CPU.device, steps=4)
+    losses = [0.5, 1.5, float("inf"), 2.0, float("nan")]  # one step past the buffer: it grows
+    for i, loss in enumerate(losses):
+        out = StepOutput(loss=torch.tensor(loss), count=2 + i,
+                         sums={"correct": torch.tensor(float(i)), "other": torch.tensor(1.0)})
+        with Count() as mode:
+            acc.add(out)
+        if 0 < i < 4:  # (the first step allocates the count buffers)
+            assert mode.ops == ["aten.copy_"] * 3, mode.ops
+    now = acc.read()
+    assert now["count"] == sum(range(2, 7)) and now["sums"] == {"correct": 10.0, "other": 5.0}
+    assert now["first_bad"] == 2 and now["bad_here"] and now["bad_value"] == float("inf")
+    acc = _Accumulator(CPU.device, steps=3)
+    for i, loss in enumerate([0.5, 1.5]):
+        acc.add(StepOutput(loss=torch.tensor(loss), count=4))
+    now = acc.read()
+    assert (now["loss_sum"], now["sums"], now["count"], now["first_bad"]) == (8.0, {}, 8.0, None)
+
+
+def test_a_loader_longer_than_its_len_is_recorded_whole():
+    class Longer(list):
+        def __len__(self):
+            return 2
+
+    data = _data(n=24)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    batches = Longer([(data.tensors[0][i:i + 4], data.tensors[1][i:i + 4]) for i in range(0, 24, 4)])
+    stats = train_one_epoch(model, batches, ClassificationPipeline(CPU, None, 3),
+                            {"main": torch.optim.SGD(model.parameters(), lr=0.0)}, device=CPU.device, epoch=1,
+                            print_freq=1000, is_main=False)
+    model.eval()
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model(data.tensors[0]), data.tensors[1]).item()
+    assert stats["steps"] == 6 and stats["train_loss"] == pytest.approx(expected, rel=1e-6)
 
 
 # ----------------------------------------------------------------- non-finite guard

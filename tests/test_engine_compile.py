@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.amp import Precision
 from common.classify import ClassificationPipeline
 from common.distributed import DistInfo, EpochSampler
-from common.engine import FitState, compile_model, fit
+from common.engine import EVAL_COMPILE_MODES, FitState, compile_for_eval, compile_model, fit
 from common.methods import METHODS, build_optimizers
 from common.runlog import RunDir
 from decathlon.models import create_model
@@ -92,3 +92,29 @@ def test_cuda_graph_mode_marks_a_new_step_on_every_call(monkeypatch):
     train_model, _ = compile_model(model, DistInfo(), True, backend="eager")
     train_model(x)
     assert marks == []
+
+
+def test_compile_for_eval_modes(monkeypatch):
+    """The evaluation entry points' --compile: auto and off leave the network alone; on
+    compiles it (same outputs); cudagraphs asks for mode reduce-overhead; each compilation
+    first drops the graphs of earlier networks; an unknown value is refused by name."""
+    pytest.importorskip("torch._inductor")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3)).eval()
+    resets = []
+    real_reset = torch.compiler.reset
+    monkeypatch.setattr(torch.compiler, "reset", lambda: (resets.append(1), real_reset()))
+    assert set(EVAL_COMPILE_MODES) == {"auto", "off", "on", "cudagraphs"}
+    assert compile_for_eval(model, "auto") is model and compile_for_eval(model, "off") is model and not resets
+    x = torch.randn(4, 5)
+    compiled = compile_for_eval(model, "on")
+    assert compiled is not model and resets == [1]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    modes = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: (modes.append(kw.get("mode")), real_compile(m, **kw))[1])
+    compile_for_eval(torch.nn.Linear(2, 2), "cudagraphs")
+    assert modes == ["reduce-overhead"] and resets == [1, 1]
+    with pytest.raises(ValueError, match="'fast'"):
+        compile_for_eval(model, "fast")

@@ -172,7 +172,7 @@ def test_caffe_weights_mask_options_and_amp(pascal, tmp_path):
     assert 0.2 < float(sum((m == 0).sum() for m in masks.values()) / sum(m.numel() for m in masks.values())) < 0.8
 
 
-def test_evaluate_options(pascal, trained_run, tmp_path):
+def test_evaluate_options(pascal, trained_run, tmp_path, monkeypatch):
     layout, backbone = pascal
     moved = tmp_path / "moved.pth"
     moved.write_bytes(backbone.read_bytes())
@@ -184,6 +184,15 @@ def test_evaluate_options(pascal, trained_run, tmp_path):
          "--weights", str(weights), "--output", str(tmp_path / "voc.json"), "--workers", "0", "--amp", "off"])))
     assert result["split"] == "voc" and result["eval_images"] == len(layout.ids["voc_val"])
     assert json.loads((tmp_path / "voc.json").read_text())["mean_iou"] == result["mean_iou"]
+    # --compile on: the FCN is compiled for varying image sizes, the metrics do not change
+    asked = []
+    monkeypatch.setattr(evaluate_cli, "compile_for_eval", lambda m, choice, **kw: (asked.append((choice, kw)), m)[1])
+    again = evaluate_cli.main(evaluate_cli.check_args(parser, parser.parse_args(
+        [str(trained_run), "--split", "voc", "--data-root", str(layout.root), "--backbone", str(moved),
+         "--weights", str(weights), "--output", str(tmp_path / "voc2.json"), "--workers", "0", "--amp", "off",
+         "--compile", "on"])))
+    assert asked == [("on", {"dynamic": True})] and again["mean_iou"] == result["mean_iou"]
+    monkeypatch.undo()
     other = tmp_path / "other.pth"
     write_synthetic_backbone(other, seed=99)
     with pytest.raises(MaskFileError, match="another backbone"):
