@@ -21,7 +21,8 @@ the rest the same way for decathlon, segmentation and classification:
   again when the run fails before its first checkpoint.
 - **torch.compile** (``compile_model``): the model is compiled once; training (through
   DDP when distributed) and evaluation call the same compiled module, so there is one
-  graph for training mode and one for evaluation, and none per step, epoch or task.
+  graph for training mode and one for evaluation, and none per step or epoch. A new
+  network (the next task) starts from an empty compile cache.
 """
 from __future__ import annotations
 
@@ -129,9 +130,15 @@ def compile_model(model: nn.Module, dist: DistInfo, enabled, *, backend: Optiona
     """(train_model, eval_model): ``model`` compiled once when ``enabled`` and wrapped in
     DDP for training when the run is distributed; evaluation calls the same compiled
     module (one more graph, for eval mode without gradients, compiled on first use).
-    ``dynamic=True`` compiles for varying input sizes from the start (segmentation)."""
+    ``dynamic=True`` compiles for varying input sizes from the start (segmentation).
+
+    The graphs of networks compiled before in this process are dropped first. A process
+    trains one network at a time (``decathlon.train --task all``: one per task, in turn),
+    and without the reset every task would add its graphs to the same forward's cache:
+    from the fifth task on, torch's recompile limit (8) would make it run eagerly."""
     if not enabled:
         return wrap_ddp(model, dist), model
+    torch.compiler.reset()
     options = {"backend": backend} if backend else {}
     if isinstance(enabled, str):  # a torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
         options["mode"] = enabled
@@ -159,16 +166,12 @@ EVAL_COMPILE_HELP = ("torch.compile the network for this evaluation: on (default
 
 def compile_for_eval(model: nn.Module, choice: str, *, dynamic: Optional[bool] = None) -> nn.Module:
     """``model`` as an evaluation entry point's ``--compile`` asks (``EVAL_COMPILE_MODES``).
-    Graphs of networks compiled before are dropped first: a command that evaluates one
-    network after another (decathlon.submit's tasks) compiles each once, and none of them
-    runs into torch's recompile limit."""
+    As in :func:`compile_model`, graphs of networks compiled before are dropped first: a
+    command that evaluates one network after another (decathlon.submit's tasks) compiles
+    each once, and none of them runs into torch's recompile limit."""
     if choice not in EVAL_COMPILE_MODES:
         raise ValueError(f"--compile {choice!r}: expected one of {', '.join(EVAL_COMPILE_MODES)}")
-    enabled = EVAL_COMPILE_MODES[choice]
-    if not enabled:
-        return model
-    torch.compiler.reset()
-    return compile_model(model, DistInfo(), enabled, dynamic=dynamic)[1]
+    return compile_model(model, DistInfo(), EVAL_COMPILE_MODES[choice], dynamic=dynamic)[1]
 
 
 class _Accumulator:

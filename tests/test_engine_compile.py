@@ -118,3 +118,30 @@ def test_compile_for_eval_modes(monkeypatch):
     assert modes == ["reduce-overhead"] and resets == [1, 1]
     with pytest.raises(ValueError, match="'fast'"):
         compile_for_eval(model, "fast")
+
+
+def test_networks_compiled_one_after_another_each_get_their_own_graphs():
+    """decathlon.train --task all compiles one network per task in one process: every task
+    must be compiled, not only the first four before torch's recompile limit (8 graphs per
+    forward) sends the rest to eager mode."""
+    from torch._dynamo.utils import counters
+
+    class Net(torch.nn.Module):
+        def __init__(self, classes):
+            super().__init__()
+            self.body, self.fc = torch.nn.Linear(6, 8), torch.nn.Linear(8, classes)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.body(x)))
+
+    x = torch.randn(2, 6)
+    new_graphs = []
+    for task in range(10):
+        train_model, eval_model = compile_model(Net(3 + task), DistInfo(), True, backend="eager")
+        before = counters["stats"]["unique_graphs"]
+        train_model(x).sum().backward()
+        with torch.no_grad():
+            eval_model.eval()
+            eval_model(x)
+        new_graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert new_graphs == [2] * 10, new_graphs
