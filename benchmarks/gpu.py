@@ -13,9 +13,10 @@ device), side by side in one run at batch 32 and 128:
 - CUDA graphs (``torch.compile(mode="reduce-overhead")``) at batch 32.
 
 Part B, end to end (``--end-to-end DIR``, written by ``decathlon.synthetic`` when missing):
-``decathlon.train`` itself, one process per run (``--e2e-runs BATCH:COMPILE:LOADER[:METHOD]``):
-eager, compiled and CUDA graphs; images kept on the device (``resident``), gathered on the
-host (``device``) or the worker loader; piggyback against finetuning. Images per second and
+``decathlon.train`` itself, one process per run (``--e2e-runs
+BATCH:COMPILE:LOADER[:METHOD[:PRECISION]]``): eager, compiled and CUDA graphs; images kept on
+the device (``resident``), gathered on the host (``device``) or the worker loader; piggyback
+against finetuning; fp32 against bf16 autocast with channels_last (``bf16cl``). Images per second and
 milliseconds per step are read from each run's own log, with the projected wall time of the
 nine-task, 60-epoch recipe and the issue's goals. The report is rewritten after every run,
 so a session cut short keeps what it measured. ``--no-steps`` skips part A.
@@ -207,27 +208,32 @@ def run(quick: bool, context: dict, device: str = "cuda", batches=(32, 128), nam
     return section
 
 
-E2E_RUNS = ("32:cudagraphs:resident", "32:cudagraphs:device", "128:cudagraphs:resident", "128:on:resident",
-            "32:on:resident", "128:off:resident", "128:on:resident:finetune")
+E2E_RUNS = ("32:cudagraphs:resident", "32:cudagraphs:device", "32:cudagraphs:resident:piggyback:bf16cl",
+            "128:cudagraphs:resident", "128:on:resident", "128:off:resident", "128:on:resident:finetune")
 # LOADER: resident = images kept on the device; device = gathered on the host, augmented on the device
 LOADERS = {"resident": ["--loader", "device", "--images-on-device", "on"],
            "device": ["--loader", "device", "--images-on-device", "off"], "workers": ["--loader", "workers"]}
+# PRECISION: fp32 (TF32, NCHW: the default) or bf16 autocast with channels_last
+PRECISIONS = {"fp32": [], "bf16cl": ["--amp", "on", "--channels-last", "on"]}
 # The issue's goals for decathlon.train end to end: (images/s, minutes of the nine-task recipe) per batch.
 E2E_GOALS = {128: (15000, 20), 32: (8000, 45)}
 
 
 def parse_run(spec: str):
-    """``BATCH:COMPILE:LOADER[:METHOD]`` -> (label, decathlon.train flags)."""
+    """``BATCH:COMPILE:LOADER[:METHOD[:PRECISION]]`` -> (label, decathlon.train flags)."""
     parts = spec.split(":")
-    if len(parts) not in (3, 4) or not parts[0].isdigit() or parts[1] not in ("on", "off", "cudagraphs") \
-            or parts[2] not in LOADERS:
+    if len(parts) not in (3, 4, 5) or not parts[0].isdigit() or parts[1] not in ("on", "off", "cudagraphs") \
+            or parts[2] not in LOADERS or (len(parts) == 5 and parts[4] not in PRECISIONS):
         raise argparse.ArgumentTypeError(
-            f"end-to-end run {spec!r}: expected BATCH:COMPILE:LOADER[:METHOD], e.g. 128:on:resident or "
-            f"32:cudagraphs:device:finetune (COMPILE on|off|cudagraphs, LOADER {'|'.join(LOADERS)})")
-    method = parts[3] if len(parts) == 4 else "piggyback"
+            f"end-to-end run {spec!r}: expected BATCH:COMPILE:LOADER[:METHOD[:PRECISION]], e.g. 128:on:resident "
+            f"or 32:cudagraphs:device:finetune (COMPILE on|off|cudagraphs, LOADER {'|'.join(LOADERS)}, "
+            f"PRECISION {'|'.join(PRECISIONS)})")
+    method = parts[3] if len(parts) >= 4 else "piggyback"
+    precision = parts[4] if len(parts) == 5 else "fp32"
     mode = {"on": "compiled", "off": "eager", "cudagraphs": "CUDA graphs"}[parts[1]]
-    label = f"{method}, batch {parts[0]}, {mode}, {parts[2]} loader"
-    return label, ["--batch-size", parts[0], "--compile", parts[1], *LOADERS[parts[2]], "--method", method]
+    label = f"{method}, batch {parts[0]}, {mode}, {parts[2]} loader" + ("" if precision == "fp32" else f", {precision}")
+    return label, ["--batch-size", parts[0], "--compile", parts[1], *LOADERS[parts[2]], "--method", method,
+                   *PRECISIONS[precision]]
 
 
 def end_to_end(root: Path, task: str, out: Path, runs, epochs: int, extra: List[str], log=print,
@@ -345,7 +351,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", default="svhn", help="task of the end-to-end runs (default: svhn)")
     parser.add_argument("--e2e-epochs", type=int, default=5, help="epochs of each end-to-end run (default: 5)")
     parser.add_argument("--e2e-runs", type=parse_run, nargs="+", default=[parse_run(r) for r in E2E_RUNS],
-                        metavar="BATCH:COMPILE:LOADER[:METHOD]",
+                        metavar="BATCH:COMPILE:LOADER[:METHOD[:PRECISION]]",
                         help=f"end-to-end runs, in order (default: {' '.join(E2E_RUNS)})")
     parser.add_argument("--e2e-images", type=int, default=20000,
                         help="when the --end-to-end folder does not exist, write a synthetic decathlon tree there "

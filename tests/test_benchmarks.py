@@ -64,9 +64,10 @@ def test_gpu_benchmark_end_to_end_path_runs_decathlon_train(tmp_path):
     run = tmp_path / "piggyback-e2e" / "finetune_batch_8_eager_device_loader" / "svhn"
     config = json.loads((run / "config.json").read_text())
     assert config["backbone"] == str(given) and not written.exists() and config["images_on_device"] == "off"
-    bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--e2e-runs", "128:fast:device"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "128:fast:device" in bad.stderr
+    for spec in ("128:fast:device", "32:on:device:piggyback:fp16"):
+        bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--e2e-runs", spec],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and spec in bad.stderr
     missing = tmp_path / "no-backbone.pt"
     bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--no-steps", "--out", str(out),
                           "--end-to-end", str(tree), "--backbone", str(missing)],
