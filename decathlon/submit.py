@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from common.cli import add_common_args, resolve_device, run_cli
+from common.engine import EVAL_COMPILE_HELP, EVAL_COMPILE_MODES, compile_for_eval
 from common.errors import MissingFileError, UsageError
 from common.heads import classifier_name, reset_classifier
 from common.maskfile import load_masks, read_mask_metadata
@@ -44,7 +45,6 @@ from common.plots import plot_grouped_bars, save_run_plots
 from common.runlog import atomic_write_bytes, atomic_write_json
 from decathlon.accounting import decathlon_accounting, mask_file_cost
 from decathlon.data import DecathlonDataset, annotation_path, build_loader, build_transforms
-from common.engine import EVAL_COMPILE_HELP, EVAL_COMPILE_MODES, compile_for_eval
 from decathlon.engine import Precision, predict
 from decathlon.models import open_backbone
 from decathlon.score import (FINETUNE_TOP1, PIGGYBACK_TOP1, SubmissionError, TaskTestSet,

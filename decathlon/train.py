@@ -19,7 +19,7 @@ from typing import Any, Dict, Tuple
 import torch.nn as nn
 
 from common.accounting import sparsity
-from common.amp import SWITCH_CHOICES, maybe_channels_last
+from common.amp import SWITCH_CHOICES, maybe_channels_last, resolve_switch
 from common.cli import add_common_args, run_cli
 from common.distributed import DistInfo, barrier, cleanup, init_distributed, make_sampler
 from common.heads import get_classifier
@@ -263,10 +263,7 @@ def device_loaders(args, train_set, val_set, dist: DistInfo, hflip):
     images = square(train_set), square(val_set)
     if dist.is_main:
         barrier()
-    if args.images_on_device == "auto":
-        resident = images_fit_on_device(images, dist.device)
-    else:
-        resident = args.images_on_device == "on"
+    resident = resolve_switch(args.images_on_device, images_fit_on_device(images, dist.device))
     if resident and dist.is_main:
         size = sum(im.nbytes for im in images) / 2 ** 20
         print(f"{train_set.task}: the square images ({size:.0f} MiB) are kept on {dist.device}")
