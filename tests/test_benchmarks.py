@@ -58,12 +58,13 @@ def test_gpu_benchmark_end_to_end_path_runs_decathlon_train(tmp_path):
     given = tmp_path / "given.pt"
     written.rename(given)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--no-steps", "--out", str(out),
-                           "--end-to-end", str(tree), "--e2e-epochs", "1", "--e2e-runs", "8:off:device:finetune",
+                           "--end-to-end", str(tree), "--e2e-epochs", "1", "--e2e-runs", "8:off:device:finetune:bf16cl",
                            "--backbone", str(given)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    run = tmp_path / "piggyback-e2e" / "finetune_batch_8_eager_device_loader" / "svhn"
+    run = tmp_path / "piggyback-e2e" / "finetune_batch_8_eager_device_loader_bf16cl" / "svhn"
     config = json.loads((run / "config.json").read_text())
     assert config["backbone"] == str(given) and not written.exists() and config["images_on_device"] == "off"
+    assert (config["amp"], config["channels_last"]) == ("on", "on")  # the PRECISION field
     for spec in ("128:fast:device", "32:on:device:piggyback:fp16"):
         bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--e2e-runs", spec],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
