@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from benchmarks.harness import Section, fmt, machine_info, markdown_path, median, render_markdown
 from benchmarks.workloads import get_workload, make_optimizer, prepare
 from common.amp import autocast, maybe_channels_last
-from common.cli import run_cli
+from common.cli import positive_int, run_cli
 from common.runlog import atomic_write_bytes
 
 # train / val images of the nine mask tasks (the challenge's published split sizes)
@@ -321,11 +321,11 @@ def measure_eval(device: torch.device, batch: int, batches: int = 40, log=print)
                 times.append(time.perf_counter() - t0)
         rates[label] = (batch / median(times), first)
         log(f"  eval {label}: first batch {first:.1f}s, {rates[label][0]:.0f} images/s")
-    eager = rates["eager"][0]
+    eager_rate, eager_first = rates["eager"]
     for label, (rate, first) in rates.items():
-        gain = 1 / eager - 1 / rate
-        pays = f"{(first - rates['eager'][1]) / gain:,.0f}" if label != "eager" and gain > 0 else "never"
-        rows.append([label, f"{first:.1f}", fmt(rate), pays if label != "eager" else ""])
+        gain = 1 / eager_rate - 1 / rate  # seconds saved per image
+        pays = "" if label == "eager" else f"{(first - eager_first) / gain:,.0f}" if gain > 0 else "never"
+        rows.append([label, f"{first:.1f}", fmt(rate), pays])
     section.table("", ["mode", "first batch s", "images/s", "images before compiling pays"], rows)
     return section
 
@@ -344,7 +344,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-steps", action="store_true", help="skip the training-step part (A)")
     parser.add_argument("--eval", action="store_true",
                         help="also time evaluation eager against compiled, compilation included (part C)")
-    parser.add_argument("--eval-batch", type=int, default=256,
+    parser.add_argument("--eval-batch", type=positive_int, default=256,
                         help="batch of part C (default: 256, decathlon.submit's)")
     parser.add_argument("--end-to-end", default=None, metavar="DIR",
                         help="also run decathlon.train on this decathlon tree (part B)")

@@ -65,10 +65,12 @@ def test_gpu_benchmark_end_to_end_path_runs_decathlon_train(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["backbone"] == str(given) and not written.exists() and config["images_on_device"] == "off"
     assert (config["amp"], config["channels_last"]) == ("on", "on")  # the PRECISION field
-    for spec in ("128:fast:device", "32:on:device:piggyback:fp16"):
-        bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--e2e-runs", spec],
+    for flags, named in ((["--e2e-runs", "128:fast:device"], "128:fast:device"),
+                         (["--e2e-runs", "32:on:device:piggyback:fp16"], "32:on:device:piggyback:fp16"),
+                         (["--eval-batch", "0"], "--eval-batch")):
+        bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", *flags],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert bad.returncode == 2 and spec in bad.stderr
+        assert bad.returncode == 2 and named in bad.stderr
     missing = tmp_path / "no-backbone.pt"
     bad = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--no-steps", "--out", str(out),
                           "--end-to-end", str(tree), "--backbone", str(missing)],
