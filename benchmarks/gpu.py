@@ -10,13 +10,15 @@ device), side by side in one run at batch 32 and 128:
 - piggyback with a masked layer written the original code's way (an autograd binarizer
   that makes a new {0, 1} tensor every forward, then ``weight * mask``);
 - bf16 autocast + channels_last against fp32;
-- CUDA graphs (``torch.compile(mode="reduce-overhead")``) at batch 32.
+- CUDA graphs (``torch.compile(mode="reduce-overhead")``) at batch 32, in fp32 NCHW,
+  fp32 channels_last and bf16 + channels_last, and with fused Adam.
 
 Part B, end to end (``--end-to-end DIR``, written by ``decathlon.synthetic`` when missing):
 ``decathlon.train`` itself, one process per run (``--e2e-runs
 BATCH:COMPILE:LOADER[:METHOD[:PRECISION]]``): eager, compiled and CUDA graphs; images kept on
 the device (``resident``), gathered on the host (``device``) or the worker loader; piggyback
-against finetuning; fp32 against bf16 autocast with channels_last (``bf16cl``). Images per second and
+against finetuning; fp32 NCHW against fp32 channels_last (``cl``) and bf16 autocast with
+channels_last (``bf16cl``). Images per second and
 milliseconds per step are read from each run's own log, with the projected wall time of the
 nine-task, 60-epoch recipe and the issue's goals. The report is rewritten after every run,
 so a session cut short keeps what it measured. ``--no-steps`` skips part A.
@@ -93,7 +95,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _contender(plain, method: str, device, batch: int, *, compiled: Optional[str], amp: bool, channels_last: bool):
+def _contender(plain, method: str, device, batch: int, *, compiled: Optional[str], amp: bool, channels_last: bool,
+               fused: bool = False):
     import copy
     workload = get_workload("wrn28_4")
     if method == "original":
@@ -105,7 +108,8 @@ def _contender(plain, method: str, device, batch: int, *, compiled: Optional[str
     else:
         model, params = prepare(plain, method, workload, train_bn=False)
     model = maybe_channels_last(model.to(device), channels_last)
-    opt = make_optimizer("adam", params)
+    # fused: one kernel per Adam step instead of torch's default multi-tensor ("foreach") ops
+    opt = torch.optim.Adam(params, lr=1e-4, fused=True) if fused else make_optimizer("adam", params)
     g = torch.Generator().manual_seed(batch)
     x = maybe_channels_last(torch.randn(batch, 3, 64, 64, generator=g).to(device), channels_last)
     y = torch.randint(0, 100, (batch,), generator=g).to(device)
@@ -121,7 +125,7 @@ def _contender(plain, method: str, device, batch: int, *, compiled: Optional[str
 
 
 CONTENDERS = {
-    # name: (method, compile mode or None, amp, channels_last)
+    # name: (method, compile mode or None, amp, channels_last[, fused Adam])
     "piggyback eager": ("piggyback", None, False, False),
     "piggyback compiled": ("piggyback", "default", False, False),
     "finetune eager": ("finetune", None, False, False),
@@ -130,8 +134,13 @@ CONTENDERS = {
     "piggyback eager bf16+CL": ("piggyback", None, True, True),
     "piggyback compiled bf16+CL": ("piggyback", "default", True, True),
     "piggyback CUDA graphs": ("piggyback", "reduce-overhead", False, False),
+    "piggyback CUDA graphs CL": ("piggyback", "reduce-overhead", False, True),
     "piggyback CUDA graphs bf16+CL": ("piggyback", "reduce-overhead", True, True),
+    "piggyback CUDA graphs fused Adam": ("piggyback", "reduce-overhead", False, False, True),
+    "piggyback CUDA graphs bf16+CL fused Adam": ("piggyback", "reduce-overhead", True, True, True),
     "finetune CUDA graphs": ("finetune", "reduce-overhead", False, False),
+    "finetune CUDA graphs CL": ("finetune", "reduce-overhead", False, True),
+    "finetune CUDA graphs bf16+CL": ("finetune", "reduce-overhead", True, True),
 }
 
 
@@ -142,9 +151,10 @@ def measure_steps(device: torch.device, batch: int, names, steps: int, rounds: i
     plain = workload.build()
     fns: Dict[str, Callable] = {}
     for name in names:
-        method, mode, amp, cl = CONTENDERS[name]
+        method, mode, amp, cl, *fused = CONTENDERS[name]
         t0 = time.perf_counter()
-        fns[name] = _contender(plain, method, device, batch, compiled=mode, amp=amp, channels_last=cl)
+        fns[name] = _contender(plain, method, device, batch, compiled=mode, amp=amp, channels_last=cl,
+                               fused=bool(fused and fused[0]))
         for _ in range(3):  # compile, autotune, allocator warm-up
             fns[name]()
         _sync(device)
@@ -193,7 +203,9 @@ def run(quick: bool, context: dict, device: str = "cuda", batches=(32, 128), nam
             print(f"  batch {batch}: {n}: {rates[(batch, n)]:.0f} images/s "
                   f"(rounds {', '.join(f'{batch / x:.0f}' for x in t[n])})", flush=True)
         for pg, ft in (("piggyback eager", "finetune eager"), ("piggyback compiled", "finetune compiled"),
-                       ("piggyback CUDA graphs", "finetune CUDA graphs")):
+                       ("piggyback CUDA graphs", "finetune CUDA graphs"),
+                       ("piggyback CUDA graphs CL", "finetune CUDA graphs CL"),
+                       ("piggyback CUDA graphs bf16+CL", "finetune CUDA graphs bf16+CL")):
             if (batch, pg) in rates and (batch, ft) in rates:
                 ratio = rates[(batch, ft)] / rates[(batch, pg)]
                 section.check(f"{pg} / {ft} step time, batch {batch}", f"{ratio:.3f}", "<= 1", ratio <= 1.0)
@@ -208,13 +220,16 @@ def run(quick: bool, context: dict, device: str = "cuda", batches=(32, 128), nam
     return section
 
 
-E2E_RUNS = ("32:cudagraphs:resident", "32:cudagraphs:device", "32:cudagraphs:resident:piggyback:bf16cl",
-            "128:cudagraphs:resident", "128:on:resident", "128:off:resident", "128:on:resident:finetune")
+E2E_RUNS = ("32:cudagraphs:resident", "32:cudagraphs:resident:piggyback:fp32", "32:cudagraphs:device",
+            "128:cudagraphs:resident", "128:cudagraphs:resident:piggyback:fp32", "128:on:resident", "128:off:resident",
+            "128:on:resident:finetune")
 # LOADER: resident = images kept on the device; device = gathered on the host, augmented on the device
 LOADERS = {"resident": ["--loader", "device", "--images-on-device", "on"],
            "device": ["--loader", "device", "--images-on-device", "off"], "workers": ["--loader", "workers"]}
-# PRECISION: fp32 (TF32, NCHW: the default) or bf16 autocast with channels_last
-PRECISIONS = {"fp32": [], "bf16cl": ["--amp", "on", "--channels-last", "on"]}
+# PRECISION: decathlon.train's defaults (left out), fp32 (TF32) NCHW, fp32 channels_last (cl),
+# or bf16 autocast with channels_last (bf16cl)
+PRECISIONS = {"default": [], "fp32": ["--amp", "off", "--channels-last", "off"], "cl": ["--amp", "off", "--channels-last", "on"],
+              "bf16cl": ["--amp", "on", "--channels-last", "on"]}
 # The goals for decathlon.train end to end: (images/s, minutes of the nine-task recipe) per batch.
 E2E_GOALS = {128: (15000, 20), 32: (8000, 45)}
 
@@ -229,9 +244,9 @@ def parse_run(spec: str):
             f"or 32:cudagraphs:device:finetune (COMPILE on|off|cudagraphs, LOADER {'|'.join(LOADERS)}, "
             f"PRECISION {'|'.join(PRECISIONS)})")
     method = parts[3] if len(parts) >= 4 else "piggyback"
-    precision = parts[4] if len(parts) == 5 else "fp32"
+    precision = parts[4] if len(parts) == 5 else "default"
     mode = {"on": "compiled", "off": "eager", "cudagraphs": "CUDA graphs"}[parts[1]]
-    label = f"{method}, batch {parts[0]}, {mode}, {parts[2]} loader" + ("" if precision == "fp32" else f", {precision}")
+    label = f"{method}, batch {parts[0]}, {mode}, {parts[2]} loader" + ("" if precision == "default" else f", {precision}")
     return label, ["--batch-size", parts[0], "--compile", parts[1], *LOADERS[parts[2]], "--method", method,
                    *PRECISIONS[precision]]
 

@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_check.sh OUTDIR [part]      part: steps | e2e | all (default)
 # steps: the compile paths of the masking test matrix on this torch, then the
 #        training-step benchmark; e2e: evaluation eager against compiled, then
-#        decathlon.train end to end on a synthetic tree (about 8 minutes on an H100).
+#        decathlon.train end to end on a synthetic tree (about 9 minutes on an H100).
 set -uo pipefail
 out="${1:?usage: gpu_check.sh OUTDIR [steps|e2e|all]}"; part="${2:-all}"
 mkdir -p "$out"
@@ -18,7 +18,8 @@ if [[ "$part" != e2e ]]; then
   python3 -m benchmarks.gpu --out "$out/gpu-steps.md" --batches 128 32 --only \
     "piggyback eager" "finetune eager" "original-style layer eager" "piggyback compiled" "finetune compiled" \
     "piggyback eager bf16+CL" "piggyback compiled bf16+CL" "piggyback CUDA graphs" "finetune CUDA graphs" \
-    "piggyback CUDA graphs bf16+CL"
+    "piggyback CUDA graphs CL" "finetune CUDA graphs CL" "piggyback CUDA graphs bf16+CL" "finetune CUDA graphs bf16+CL" \
+    "piggyback CUDA graphs fused Adam" "piggyback CUDA graphs bf16+CL fused Adam"
 fi
 if [[ "$part" != steps ]]; then
   # the report is rewritten after every run, so a run cut short keeps what it measured

@@ -121,32 +121,46 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def _sgd(params, lr, weight_decay, momentum):
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+def _sgd(params, lr, weight_decay, momentum, **impl):
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **impl)
 
 
-def _adam(params, lr, weight_decay, momentum):
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+def _adam(params, lr, weight_decay, momentum, **impl):
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, **impl)
 
 
-def _adamw(params, lr, weight_decay, momentum):
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+def _adamw(params, lr, weight_decay, momentum, **impl):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **impl)
 
 
-# One signature for all: (params, lr, weight_decay, momentum); Adam's betas stay at
-# their defaults and momentum only concerns SGD.
+# One signature for all: (params, lr, weight_decay, momentum, **implementation); Adam's
+# betas stay at their defaults and momentum only concerns SGD.
 OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+
+
+def fused_implementation(params: Sequence[torch.Tensor]) -> Dict[str, bool]:
+    """``{"fused": True}`` when every parameter is a floating-point CUDA tensor, else ``{}``
+    (torch's default, the multi-tensor "foreach" implementation). The fused kernels update
+    all of a group's parameters in one pass instead of one pass per arithmetic operation,
+    with a few kernel launches instead of dozens. Under CUDA graphs on two H100s, the
+    batch-32 mask training step ran at 1.07x (fp32) and 1.26x (bf16 + channels_last) the
+    images/s with fused Adam, and its rounds varied less (BENCHMARKS-gpu.md). The update is
+    the same algorithm."""
+    if params and all(p.is_cuda and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {}
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, weight_decay: float = 0.0,
                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    """``name`` (sgd with ``momentum``, adam, adamw) over ``params``."""
+    """``name`` (sgd with ``momentum``, adam, adamw) over ``params``; fused kernels where
+    the parameters are on a CUDA device (:func:`fused_implementation`)."""
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
     params = list(params)
     if not params:
         raise UsageError(f"optimizer {name}: no parameters to train")
-    return OPTIMIZERS[name](params, lr, weight_decay, momentum)
+    return OPTIMIZERS[name](params, lr, weight_decay, momentum, **fused_implementation(params))
 
 
 def build_optimizers(prepared: Prepared, *, optimizer: str, lr: float, weight_decay: float,

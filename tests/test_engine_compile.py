@@ -74,6 +74,59 @@ def test_compile_flag_values_of_decathlon_train():
         parse(["--task", "dtd", "--compile", "fast"])
 
 
+def test_precision_defaults_follow_compilation_on_cuda(monkeypatch):
+    """--amp/--channels-last auto: bf16 + channels_last where the network is compiled on a
+    CUDA device (bf16 only where the device supports it), fp32 NCHW eager and on the CPU;
+    on/off override auto either way."""
+    import decathlon.engine as engine
+    from decathlon.train import get_args_parser
+    bf16 = {"ok": True}
+    monkeypatch.setattr(engine, "default_amp", lambda device: bf16["ok"])
+    cpu, cuda = DistInfo(device=torch.device("cpu")), DistInfo(device=torch.device("cuda"))
+    ddp = DistInfo(device=torch.device("cuda"), world_size=2)
+    parse = get_args_parser().parse_args
+
+    def switches(flags, dist):
+        prec = engine.make_precision(parse(["--task", "dtd", *flags]), dist)
+        return prec.amp, prec.channels_last
+
+    for compile_flag, on_cpu, on_cuda, on_ddp in (("auto", (False, False), (True, True), (True, True)),
+                                                  ("cudagraphs", (False, False), (True, True), (True, True)),
+                                                  ("on", (False, False), (True, True), (True, True)),
+                                                  ("off", (False, False), (False, False), (False, False))):
+        flags = ["--compile", compile_flag]
+        assert (switches(flags, cpu), switches(flags, cuda), switches(flags, ddp)) == (on_cpu, on_cuda, on_ddp), \
+            compile_flag
+    assert switches(["--amp", "off"], cuda) == (False, True)
+    assert switches(["--channels-last", "off", "--compile", "off", "--amp", "on"], cuda) == (True, False)
+    assert switches(["--amp", "on", "--channels-last", "on"], cpu) == (True, True)
+    bf16["ok"] = False  # a CUDA device without bf16 keeps fp32, in channels_last
+    assert switches([], cuda) == (False, True)
+
+
+def test_optimizers_use_fused_kernels_only_for_cuda_parameters():
+    """make_optimizer asks torch for its fused kernels when every parameter is a floating
+    CUDA tensor; CPU parameters keep torch's default implementation."""
+    from common.methods import fused_implementation, make_optimizer
+
+    class FakeCuda:
+        is_cuda = True
+
+        def __init__(self, floating=True):
+            self.floating = floating
+
+        def is_floating_point(self):
+            return self.floating
+
+    assert fused_implementation([FakeCuda(), FakeCuda()]) == {"fused": True}
+    assert fused_implementation([FakeCuda(), FakeCuda(floating=False)]) == {}
+    assert fused_implementation([FakeCuda(), torch.zeros(2)]) == {}
+    assert fused_implementation([]) == {}
+    for name in ("adam", "adamw", "sgd"):
+        opt = make_optimizer(name, [torch.nn.Parameter(torch.zeros(3))], lr=0.1)
+        assert not opt.defaults.get("fused"), name
+
+
 def test_cuda_graph_mode_marks_a_new_step_on_every_call(monkeypatch):
     """Under mode reduce-overhead each call of the compiled model (a training or an
     evaluation step) starts a new CUDA graph step; other modes leave the marker alone."""
