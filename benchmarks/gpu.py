@@ -220,8 +220,8 @@ def run(quick: bool, context: dict, device: str = "cuda", batches=(32, 128), nam
     return section
 
 
-E2E_RUNS = ("32:cudagraphs:resident", "32:cudagraphs:resident:piggyback:fp32", "32:cudagraphs:device",
-            "128:cudagraphs:resident", "128:cudagraphs:resident:piggyback:fp32", "128:on:resident", "128:off:resident",
+E2E_RUNS = ("32:cudagraphs:resident", "32:cudagraphs:resident:piggyback:fp32", "32:cudagraphs:resident:piggyback:bf16cl",
+            "128:cudagraphs:resident", "128:cudagraphs:resident:piggyback:bf16cl", "128:on:resident",
             "128:on:resident:finetune")
 # LOADER: resident = images kept on the device; device = gathered on the host, augmented on the device
 LOADERS = {"resident": ["--loader", "device", "--images-on-device", "on"],

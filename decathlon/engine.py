@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Sequence
 import torch
 import torch.nn as nn
 
-from common.amp import Precision, default_amp, resolve_switch
+from common.amp import Precision, resolve_switch
 from common.classify import ClassificationPipeline, evaluate_classifier, predict
 from common.distributed import DistInfo
 from common.engine import FitResult, FitState, compile_model, fit
@@ -39,19 +39,18 @@ COMPILE_CHOICES = ("auto", "on", "off", "cudagraphs")
 
 
 def make_precision(args, dist: DistInfo) -> Precision:
-    """bf16 autocast + channels_last where the network is compiled on a CUDA device, fp32
-    (TF32 matrix units) NCHW otherwise. On an H100 under CUDA graphs (``--compile auto``),
-    ``decathlon.train`` end to end ran at 1.22x the images/s of fp32 NCHW at batch 32 and
-    1.63x those of fp32 channels_last at batch 128 with them; in eager mode they made mask
-    training slower (0.92x at batch 128) (BENCHMARKS-gpu.md). ``--amp`` and
-    ``--channels-last on|off`` override."""
+    """fp32 (TF32 matrix units) by default; channels_last where the network is compiled on
+    a CUDA device; bf16 autocast only when asked (``--amp on``). On an H100 under CUDA
+    graphs, channels_last ran ``decathlon.train`` at 1.06x the images/s of NCHW at batch 32;
+    bf16 autocast on top gave 1.15x more at batch 32 and 1.63x at batch 128, but piggyback
+    masks trained under it lost 0.9 top-1 points on MNIST (mean of 3 seeds, MobileNetV2)
+    (BENCHMARKS-gpu.md, 6d). In eager mode both were slower (0.92x at batch 128)."""
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 64x64 inputs: autotuning pays off
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cuda.matmul.allow_tf32 = True
     compiled = dist.device.type == "cuda" and bool(use_compile(args, dist))
-    return Precision(dist.device, resolve_switch(args.amp, compiled and default_amp(dist.device)),
-                     resolve_switch(args.channels_last, compiled))
+    return Precision(dist.device, resolve_switch(args.amp, False), resolve_switch(args.channels_last, compiled))
 
 
 def use_compile(args, dist: DistInfo):

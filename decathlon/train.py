@@ -64,15 +64,15 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="keep decoded images in uint8 memory-mapped files here, so epochs "
                         "after the first decode no JPEG (default: off)")
     g.add_argument("--amp", choices=_SWITCH, default="auto",
-                   help="bf16 autocast; auto = on where the network is compiled on a CUDA device: on "
-                        "an H100 under CUDA graphs, bf16 with channels_last ran decathlon.train at "
-                        "1.22x the images/s of fp32 at batch 32 and 1.63x those of fp32 "
-                        "channels_last at batch 128; eager, it was slower (0.92x at batch 128) "
-                        "(BENCHMARKS-gpu.md) (default: auto)")
+                   help="bf16 autocast; auto = off. On an H100 under CUDA graphs it ran decathlon.train "
+                        "at 1.15x the images/s of fp32 channels_last at batch 32 and 1.63x at batch "
+                        "128, but piggyback masks trained with it lost 0.9 top-1 points on MNIST "
+                        "(mean of 3 seeds); in eager mode it was slower (BENCHMARKS-gpu.md, 6d) "
+                        "(default: auto)")
     g.add_argument("--channels-last", choices=_SWITCH, default="auto",
                    help="channels_last memory format; auto = on where the network is compiled on a "
-                        "CUDA device (timed together with --amp; fp32 channels_last alone: 1.06x at "
-                        "batch 32) (default: auto)")
+                        "CUDA device (1.06x the images/s of NCHW at batch 32 under CUDA graphs on an "
+                        "H100; MNIST top-1 unchanged), off otherwise (default: auto)")
     g.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                    help="torch.compile the network for training and evaluation, once per run: on "
                         "(default mode), cudagraphs (mode reduce-overhead: CUDA graphs), off; auto "

@@ -65,7 +65,8 @@ def test_transfer_benchmark_quick_writes_only_its_section(tmp_path):
     md = tmp_path / "BENCH.md"
     md.write_text("# Benchmarks\n\nkept before\n\n<!-- transfer:begin -->\nold\n<!-- transfer:end -->\n\nkept after\n")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.transfer", "--quick", "--tasks", "digits",
-                           "--methods", "feature", "piggyback", "finetune", "paper", "--work", str(tmp_path / "work"),
+                           "--methods", "feature", "piggyback", "finetune", "paper", "piggyback_bf16",
+                           "--work", str(tmp_path / "work"),
                            "--markdown", str(md), "--plot", str(tmp_path / "sparsity.png")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -75,4 +76,7 @@ def test_transfer_benchmark_quick_writes_only_its_section(tmp_path):
     assert "| digits (UCI handwritten digits, 8x8 gray) | 160 / 100 |" in text
     assert "piggyback, paper recipe" in text and (tmp_path / "sparsity.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "work" / "summary.json").read_text())
-    assert set(summary["digits"]) == {"feature", "piggyback", "finetune", "paper"}
+    assert set(summary["digits"]) == {"feature", "piggyback", "finetune", "paper", "piggyback_bf16"}
+    # bf16 against fp32: both runs' top-1 and their difference
+    fp32, bf16 = summary["digits"]["piggyback"]["top1"], summary["digits"]["piggyback_bf16"]["top1"]
+    assert f"| digits | {fp32:.2f} | {bf16:.2f} | {bf16 - fp32:+.2f} |\n" in text

@@ -206,3 +206,35 @@ def test_inductor_compiled_training_matches_eager():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for a, b in zip(mask_entries(model), mask_entries(twin)):
         torch.testing.assert_close(a.mask_real.grad, b.mask_real.grad, rtol=1e-4, atol=1e-6)
+
+
+def _relative_error(got, expected):
+    return float((got.double() - expected.double()).norm() / expected.double().norm())
+
+
+def test_bf16_channels_last_keeps_eq7_eager_and_compiled():
+    """``--amp on --channels-last on`` (bf16 autocast, channels_last), eager and under the
+    real compiler: the forward is the fp32 one up to bf16 rounding, and the mask gradients
+    stay eq. 7's up to it (a few percent of their norm here; a gradient missing the factor
+    W or the binarized mask would be off by its whole size)."""
+    from common.amp import autocast, maybe_channels_last
+    model, x = _build("wrn")
+    model, x = maybe_channels_last(model, True), maybe_channels_last(x, True)
+    expected = _reference_grads(model, [x])  # fp32
+    with torch.no_grad():
+        fp32_out = model(x)
+    twin = copy.deepcopy(model)
+    with autocast("cpu", True):
+        eager_out = twin(x)
+    _loss(eager_out.float()).backward()
+    compiled = torch.compile(model)
+    with autocast("cpu", True):
+        out = compiled(x)
+    _loss(out.float()).backward()
+    assert eager_out.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    assert _relative_error(eager_out.detach(), fp32_out) < 1e-2
+    assert _relative_error(out.detach(), eager_out.detach()) < 1e-2
+    for a, b in zip(mask_entries(model), mask_entries(twin)):
+        assert _relative_error(b.mask_real.grad, expected[b.key]) < 0.15, b.key  # eager
+        assert _relative_error(a.mask_real.grad, expected[a.key]) < 0.15, a.key  # compiled
+        assert a.weight.grad is None and b.weight.grad is None
