@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from common.accounting import sparsity
-from common.amp import SWITCH_CHOICES, Precision, default_amp, default_channels_last, maybe_channels_last, \
+from common.amp import SWITCH_CHOICES, TRAIN_AMP_HELP, Precision, default_channels_last, maybe_channels_last, \
     resolve_switch
 from common.classify import ClassificationPipeline
 from common.cli import add_common_args, run_cli
@@ -113,8 +113,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-limit", type=int, default=None, metavar="N",
                    help="evaluate on a class-balanced subset of N images (default: all)")
     r = p.add_argument_group("runtime")
-    r.add_argument("--amp", choices=SWITCH_CHOICES, default="auto",
-                   help="bf16 autocast; auto = on for CUDA devices with bf16 (default: auto)")
+    r.add_argument("--amp", choices=SWITCH_CHOICES, default="auto", help=TRAIN_AMP_HELP)
     r.add_argument("--channels-last", choices=SWITCH_CHOICES, default="auto",
                    help="channels_last memory format; auto = on for CUDA (default: auto)")
     r.add_argument("--compile", choices=SWITCH_CHOICES, default="auto",
@@ -197,7 +196,7 @@ def train(args: argparse.Namespace, dist: DistInfo, log=print) -> Dict[str, Any]
     weights = resolve_weights(args.backbone) if args.backbone else None
     arch = resolve_arch(args.arch, weights)
     seed_everything(args.seed, dist.rank)
-    prec = Precision(dist.device, resolve_switch(args.amp, default_amp(dist.device)),
+    prec = Precision(dist.device, resolve_switch(args.amp, False),
                      resolve_switch(args.channels_last, default_channels_last(dist.device)))
     train_loader, eval_loader = _loaders(args, dist, prec)
     classes = train_loader.dataset.classes

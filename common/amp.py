@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from common.errors import UsageError
 
-__all__ = ["autocast", "default_amp", "default_channels_last", "maybe_channels_last",
+__all__ = ["autocast", "TRAIN_AMP_HELP", "default_amp", "default_channels_last", "maybe_channels_last",
            "Precision", "resolve_switch", "SWITCH_CHOICES"]
 
 SWITCH_CHOICES = ("auto", "on", "off")
@@ -38,6 +38,13 @@ def autocast(device: DeviceLike, enabled: bool,
     if dtype == torch.float16 and dev.type == "cpu":
         raise UsageError("float16 autocast is not supported on the CPU; use bfloat16")
     return torch.autocast(device_type=dev.type, dtype=dtype)
+
+
+# --amp of every training command: mask training stays in fp32 unless asked.
+TRAIN_AMP_HELP = ("bf16 autocast; auto = off: piggyback masks trained under bf16 reached 0.9 top-1 "
+                  "points less on MNIST (MobileNetV2, mean of 3 seeds); on is faster on a GPU "
+                  "(decathlon.train under CUDA graphs on an H100: 1.15x the images/s of fp32 at "
+                  "batch 32, 1.63x at batch 128) (BENCHMARKS-gpu.md, 6d) (default: auto)")
 
 
 def default_amp(device: DeviceLike) -> bool:

@@ -19,7 +19,7 @@ from typing import Any, Dict, Tuple
 import torch.nn as nn
 
 from common.accounting import sparsity
-from common.amp import SWITCH_CHOICES, maybe_channels_last, resolve_switch
+from common.amp import SWITCH_CHOICES, TRAIN_AMP_HELP, maybe_channels_last, resolve_switch
 from common.cli import add_common_args, run_cli
 from common.distributed import DistInfo, barrier, cleanup, init_distributed, make_sampler
 from common.heads import get_classifier
@@ -63,12 +63,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="keep decoded images in uint8 memory-mapped files here, so epochs "
                         "after the first decode no JPEG (default: off)")
-    g.add_argument("--amp", choices=_SWITCH, default="auto",
-                   help="bf16 autocast; auto = off. On an H100 under CUDA graphs it ran decathlon.train "
-                        "at 1.15x the images/s of fp32 channels_last at batch 32 and 1.63x at batch "
-                        "128, but piggyback masks trained with it lost 0.9 top-1 points on MNIST "
-                        "(mean of 3 seeds); in eager mode it was slower (BENCHMARKS-gpu.md, 6d) "
-                        "(default: auto)")
+    g.add_argument("--amp", choices=_SWITCH, default="auto", help=TRAIN_AMP_HELP)
     g.add_argument("--channels-last", choices=_SWITCH, default="auto",
                    help="channels_last memory format; auto = on where the network is compiled on a "
                         "CUDA device (1.06x the images/s of NCHW at batch 32 under CUDA graphs on an "

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.accounting import sparsity
-from common.amp import SWITCH_CHOICES, default_amp, resolve_switch
+from common.amp import SWITCH_CHOICES, TRAIN_AMP_HELP, resolve_switch
 from common.cli import add_common_args, run_cli
 from common.distributed import cleanup, init_distributed, make_sampler
 from common.engine import FitState, compile_model, fit
@@ -103,8 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="weight decay of the new layers (default: 5e-4)")
     o.add_argument("--momentum", type=float, default=None, help="momentum of every SGD optimizer (default: 0.99)")
     r = p.add_argument_group("runtime")
-    r.add_argument("--amp", choices=_SWITCH, default="auto",
-                   help="bf16 autocast; auto = on for CUDA devices with bf16 (default: auto)")
+    r.add_argument("--amp", choices=_SWITCH, default="auto", help=TRAIN_AMP_HELP)
     r.add_argument("--compile", choices=_SWITCH, default="auto",
                    help="torch.compile the FCN for training and evaluation, with dynamic image sizes. "
                         "Images differ in size and inductor specialises FCN training (ceil-mode pooling "
@@ -174,7 +173,7 @@ def main(args: argparse.Namespace) -> dict:
 def _train(args: argparse.Namespace, dist_info) -> dict:
     device = dist_info.device
     source = resolve_backbone(args.arch, args.backbone, args.caffe_weights, args.random_init)
-    amp = resolve_switch(args.amp, default_amp(device))
+    amp = resolve_switch(args.amp, False)
     use_compile = resolve_switch(args.compile, False)  # see --compile's help
     config = dict(vars(args))
     # Absolute paths, so that segmentation.evaluate finds everything from any folder.
