@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -108,8 +108,8 @@ def _contender(plain, method: str, device, batch: int, *, compiled: Optional[str
     else:
         model, params = prepare(plain, method, workload, train_bn=False)
     model = maybe_channels_last(model.to(device), channels_last)
-    # fused: one kernel per Adam step instead of torch's default multi-tensor ("foreach") ops
-    opt = torch.optim.Adam(params, lr=1e-4, fused=True) if fused else make_optimizer("adam", params)
+    # fused: a few kernels per Adam step instead of torch's default multi-tensor ("foreach") ops
+    opt = make_optimizer("adam", params, fused=fused)
     g = torch.Generator().manual_seed(batch)
     x = maybe_channels_last(torch.randn(batch, 3, 64, 64, generator=g).to(device), channels_last)
     y = torch.randint(0, 100, (batch,), generator=g).to(device)
@@ -124,23 +124,30 @@ def _contender(plain, method: str, device, batch: int, *, compiled: Optional[str
     return step
 
 
+class Contender(NamedTuple):
+    method: str
+    mode: Optional[str]  # torch.compile mode, None = eager
+    amp: bool
+    channels_last: bool
+    fused: bool = False  # fused Adam instead of torch's default (foreach)
+
+
 CONTENDERS = {
-    # name: (method, compile mode or None, amp, channels_last[, fused Adam])
-    "piggyback eager": ("piggyback", None, False, False),
-    "piggyback compiled": ("piggyback", "default", False, False),
-    "finetune eager": ("finetune", None, False, False),
-    "finetune compiled": ("finetune", "default", False, False),
-    "original-style layer eager": ("original", None, False, False),
-    "piggyback eager bf16+CL": ("piggyback", None, True, True),
-    "piggyback compiled bf16+CL": ("piggyback", "default", True, True),
-    "piggyback CUDA graphs": ("piggyback", "reduce-overhead", False, False),
-    "piggyback CUDA graphs CL": ("piggyback", "reduce-overhead", False, True),
-    "piggyback CUDA graphs bf16+CL": ("piggyback", "reduce-overhead", True, True),
-    "piggyback CUDA graphs fused Adam": ("piggyback", "reduce-overhead", False, False, True),
-    "piggyback CUDA graphs bf16+CL fused Adam": ("piggyback", "reduce-overhead", True, True, True),
-    "finetune CUDA graphs": ("finetune", "reduce-overhead", False, False),
-    "finetune CUDA graphs CL": ("finetune", "reduce-overhead", False, True),
-    "finetune CUDA graphs bf16+CL": ("finetune", "reduce-overhead", True, True),
+    "piggyback eager": Contender("piggyback", None, False, False),
+    "piggyback compiled": Contender("piggyback", "default", False, False),
+    "finetune eager": Contender("finetune", None, False, False),
+    "finetune compiled": Contender("finetune", "default", False, False),
+    "original-style layer eager": Contender("original", None, False, False),
+    "piggyback eager bf16+CL": Contender("piggyback", None, True, True),
+    "piggyback compiled bf16+CL": Contender("piggyback", "default", True, True),
+    "piggyback CUDA graphs": Contender("piggyback", "reduce-overhead", False, False),
+    "piggyback CUDA graphs CL": Contender("piggyback", "reduce-overhead", False, True),
+    "piggyback CUDA graphs bf16+CL": Contender("piggyback", "reduce-overhead", True, True),
+    "piggyback CUDA graphs fused Adam": Contender("piggyback", "reduce-overhead", False, False, True),
+    "piggyback CUDA graphs bf16+CL fused Adam": Contender("piggyback", "reduce-overhead", True, True, True),
+    "finetune CUDA graphs": Contender("finetune", "reduce-overhead", False, False),
+    "finetune CUDA graphs CL": Contender("finetune", "reduce-overhead", False, True),
+    "finetune CUDA graphs bf16+CL": Contender("finetune", "reduce-overhead", True, True),
 }
 
 
@@ -151,10 +158,10 @@ def measure_steps(device: torch.device, batch: int, names, steps: int, rounds: i
     plain = workload.build()
     fns: Dict[str, Callable] = {}
     for name in names:
-        method, mode, amp, cl, *fused = CONTENDERS[name]
+        c = CONTENDERS[name]
         t0 = time.perf_counter()
-        fns[name] = _contender(plain, method, device, batch, compiled=mode, amp=amp, channels_last=cl,
-                               fused=bool(fused and fused[0]))
+        fns[name] = _contender(plain, c.method, device, batch, compiled=c.mode, amp=c.amp,
+                               channels_last=c.channels_last, fused=c.fused)
         for _ in range(3):  # compile, autotune, allocator warm-up
             fns[name]()
         _sync(device)

@@ -116,13 +116,15 @@ def prepare(plain: nn.Module, method: str, workload: Workload, *, train_bn: bool
     return model, params
 
 
-def make_optimizer(name: str, params: List[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: List[nn.Parameter], fused: bool = False) -> torch.optim.Optimizer:
     """The same optimiser type for both methods: Adam (the paper's piggyback optimiser)
-    or SGD with momentum (the finetuning baselines')."""
+    or SGD with momentum (the finetuning baselines'); torch's fused kernels when ``fused``,
+    its default (foreach) implementation otherwise."""
+    impl = {"fused": True} if fused else {}
     if name == "adam":
-        return torch.optim.Adam(params, lr=1e-4)
+        return torch.optim.Adam(params, lr=1e-4, **impl)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **impl)
     raise ValueError(f"unknown optimizer {name!r}; valid: adam, sgd")
 
 

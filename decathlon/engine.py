@@ -44,7 +44,8 @@ def make_precision(args, dist: DistInfo) -> Precision:
     graphs, channels_last ran ``decathlon.train`` at 1.06x the images/s of NCHW at batch 32;
     bf16 autocast on top gave 1.15x more at batch 32 and 1.63x at batch 128, but piggyback
     masks trained under it lost 0.9 top-1 points on MNIST (mean of 3 seeds, MobileNetV2)
-    (BENCHMARKS-gpu.md, 6d). In eager mode both were slower (0.92x at batch 128)."""
+    (BENCHMARKS-gpu.md, 6d). In eager mode, bf16 with channels_last was slower (0.92x at
+    batch 128)."""
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 64x64 inputs: autotuning pays off
         torch.backends.cudnn.allow_tf32 = True

@@ -76,3 +76,22 @@ def test_gpu_benchmark_end_to_end_path_runs_decathlon_train(tmp_path):
                           "--end-to-end", str(tree), "--backbone", str(missing)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and str(missing) in bad.stderr
+
+
+def test_gpu_benchmark_run_precisions_reach_decathlon_train_as_flags():
+    """An end-to-end run's PRECISION: left out, decathlon.train's own defaults (no flag);
+    fp32, cl and bf16cl name both switches, so a later change of the defaults does not
+    change what they measure."""
+    from benchmarks.gpu import parse_run
+    from decathlon.train import get_args_parser
+
+    def switches(spec):
+        label, flags = parse_run(spec)
+        args = get_args_parser().parse_args(["--task", "svhn", *flags])
+        return label, args.amp, args.channels_last
+
+    assert switches("32:cudagraphs:resident") == ("piggyback, batch 32, CUDA graphs, resident loader", "auto", "auto")
+    assert switches("32:cudagraphs:resident:piggyback:fp32")[1:] == ("off", "off")
+    assert switches("32:cudagraphs:resident:piggyback:cl") == (
+        "piggyback, batch 32, CUDA graphs, resident loader, cl", "off", "on")
+    assert switches("128:on:device:finetune:bf16cl")[1:] == ("on", "on")
