@@ -51,14 +51,16 @@ def task_switch(repeats: int):
     """Median seconds of set_task between the nine decathlon tasks, and of forward
     passes at batch 1 and 32 of the same multi-task model."""
     from common.multitask import MultiTaskModel
-    from decathlon.methods import replace_head
+    from common.heads import reset_classifier
 
     workload = get_workload("wrn28_4")
     torch.manual_seed(0)
     plain = workload.build()
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_decathlon_mask_files(plain, tmp)
-        backbone = piggyback(replace_head(copy.deepcopy(plain), 10), skip=("fc",))
+        backbone = copy.deepcopy(plain)
+        reset_classifier(backbone, 10)
+        backbone = piggyback(backbone, skip=("fc",))
         multi = MultiTaskModel(backbone).eval()
         for task, path in paths.items():
             multi.add_task(task, path)

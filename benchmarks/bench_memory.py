@@ -22,7 +22,7 @@ import sys
 import time
 
 from benchmarks.harness import Section, fmt
-from common.cli import positive_int
+from common.cli import Parser, positive_int
 from common.cli import run_cli
 
 MIB = 2 ** 20
@@ -161,7 +161,7 @@ def _findings(results: dict) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="One memory probe (used by benchmarks.run).")
+    parser = Parser(description="One memory probe (used by benchmarks.run).")
     parser.add_argument("--probe", nargs=2, metavar=("WORKLOAD", "METHOD"), required=True,
                         help="workload (wrn28_4, fcn32s) and method (piggyback, finetune)")
     parser.add_argument("--mask-dtype", choices=("float32", "bfloat16"), default="float32")

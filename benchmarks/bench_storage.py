@@ -41,7 +41,7 @@ def mask_file_bits(path: Path, masked_weights: int):
 
 def file_zero_stats(path: Path):
     """Zero fraction of a mask file and the per-layer entropy bound, in bits per weight."""
-    masks, _, _ = read_mask_file(path)
+    masks = read_mask_file(path).masks
     n = sum(m.numel() for m in masks.values())
     zeros = sum(int((m == 0).sum()) for m in masks.values())
     layer_bound = sum(m.numel() * binary_entropy(float((m == 0).float().mean())) for m in masks.values()) / n
@@ -101,8 +101,8 @@ def _state_shapes(path: Path):
 def ternary_row(section: Section, tmp: Path) -> None:
     workload = get_workload("wrn28_4")
     torch.manual_seed(0)
-    model = piggyback(workload.build(), ternary=True, skip=("fc",))
-    set_random_masks(model, 0.2, ternary=True)
+    model = piggyback(workload.build(), scheme="ternary", skip=("fc",))
+    set_random_masks(model, 0.2, scheme="ternary")
     n = sum(layer.weight.numel() for _, layer in masked_modules(model))
     p = sparsity(model)["total"]
     rows = []

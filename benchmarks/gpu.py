@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from benchmarks.harness import Section, fmt, machine_info, markdown_path, median, render_markdown
 from benchmarks.workloads import get_workload, make_optimizer, prepare
 from common.amp import autocast, maybe_channels_last
-from common.cli import positive_int, run_cli
+from common.config import read_run_config
+from common.cli import Parser, positive_int, run_cli
 from common.runlog import atomic_write_bytes
 
 # train / val images of the nine mask tasks (the challenge's published split sizes)
@@ -298,7 +299,7 @@ def end_to_end(root: Path, task: str, out: Path, runs, epochs: int, extra: List[
             rows.append([label, "failed", "", "", "", f"{time.perf_counter() - t0:.0f}"])
         else:
             records = [json.loads(line) for line in (run_dir / task / "log.jsonl").read_text().splitlines() if line]
-            cfg = json.loads((run_dir / task / "config.json").read_text())
+            cfg = read_run_config(run_dir / task)
             per_epoch = [cfg["train_images"] / r["epoch_time_s"] for r in records]
             steady = records[1:] or records  # epoch 1 holds compilation and the cache fill
             rates[label] = median([cfg["train_images"] / r["epoch_time_s"] for r in steady])
@@ -353,7 +354,7 @@ def measure_eval(device: torch.device, batch: int, batches: int = 40, log=print)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu",
+    parser = Parser(prog="python -m benchmarks.gpu",
                                      description="GPU benchmark of WRN-28-4 mask training (benchmark 6).")
     parser.add_argument("--out", type=markdown_path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS-gpu.md",
                         help="Markdown report to write (default: BENCHMARKS-gpu.md at the repository root)")

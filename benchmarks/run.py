@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import Section, machine_info, markdown_path, render_markdown
-from common.cli import positive_int
+from common.cli import Parser, positive_int
 from common.cli import run_cli
 from common.runlog import atomic_write_bytes
 
@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m benchmarks.run",
         description="Time and size the piggyback toolkit on this machine's CPU; write BENCHMARKS.md.")
     parser.add_argument("--quick", action="store_true",

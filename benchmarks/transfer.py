@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from common.cli import positive_int, run_cli
+from common.cli import Parser, positive_int, run_cli
 from common.runlog import atomic_write_bytes, atomic_write_json
 
 __all__ = ["get_args_parser", "main", "cli", "METHODS", "TASKS", "replace_section", "BEGIN", "END"]
@@ -85,12 +85,11 @@ def run_flags(task: TaskPlan, method: MethodPlan, *, data: Path, weights: Path, 
 
 
 def run_one(flags: List[str], label: str) -> dict:
-    from classification.train import check_args, get_args_parser, train
+    from classification.train import parse_config, train
     from common.distributed import DistInfo
     from common.errors import ResumeError
 
-    parser = get_args_parser()
-    args = check_args(parser, parser.parse_args(flags))
+    args = parse_config(flags)
 
     def log(line: str) -> None:
         if ": train loss" in line or "COLLAPSE" in line or line.startswith("done"):
@@ -212,7 +211,7 @@ def replace_section(text: str, section: str) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.transfer",
+    p = Parser(prog="python -m benchmarks.transfer",
                                 description="The paper's Table 2 (classifier only, piggyback, piggyback with "
                                             "trained BN, finetuning, and the paper's recipe) on MNIST and the UCI "
                                             "digits with a real ImageNet MobileNetV2, on the CPU.")

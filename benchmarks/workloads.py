@@ -156,11 +156,11 @@ def masking_kernels(model: nn.Module) -> Dict[str, Callable[[], None]]:
 
     def float_mask():
         for layer in layers:
-            layer.weight * binarize(layer.mask_real, layer.threshold, layer.ternary).to(layer.weight.dtype)
+            layer.weight * binarize(layer.mask_real, layer.threshold, layer.scheme).to(layer.weight.dtype)
 
     def select_new():
         for layer in layers:
-            apply_mask(layer.weight, layer.mask_real, layer.threshold, layer.ternary)
+            apply_mask(layer.weight, layer.mask_real, layer.threshold, layer.scheme)
 
     def select_reused():
         for o, layer in zip(out, layers):
@@ -188,14 +188,16 @@ GRANULARITY = {"weight": None, "kernel": 2, "filter": 1}
 
 @torch.no_grad()
 def set_random_masks(model: nn.Module, zero_fraction: float, seed: int = 0, *,
-                     ternary: bool = False, granularity: str = "weight") -> None:
+                     scheme: str = "binary", granularity: str = "weight") -> None:
     """Give every masked layer a random mask with about ``zero_fraction`` zeros overall.
 
     Deeper layers get more zeros (a profile rising linearly with depth, the trend of the
     paper's Fig. 3), scaled so that the fraction over all weights is ``zero_fraction``.
     ``granularity`` switches weights off one by one, or whole kernels / filters at once.
-    Ternary masks split the non-zero entries evenly between +1 and -1."""
+    Signed schemes (ternary) split the non-zero entries evenly between +1 and -1."""
     from common.masking import set_binary_mask
+    from common.schemes import get_scheme
+    signed = get_scheme(scheme).signed
     layers = [layer for _, layer in masked_modules(model)]
     sizes = torch.tensor([float(layer.weight.numel()) for layer in layers])
     profile = 0.5 + torch.arange(len(layers), dtype=torch.float64) / max(1, len(layers) - 1)
@@ -206,7 +208,7 @@ def set_random_masks(model: nn.Module, zero_fraction: float, seed: int = 0, *,
         shape = layer.weight.shape if lead is None else layer.weight.shape[:lead]
         u = torch.rand(shape, generator=g).reshape(tuple(shape) + (1,) * (layer.weight.dim() - len(shape)))
         mask = (u >= min(zero_fraction * f, 0.95)).to(torch.float32).expand(layer.weight.shape)
-        if ternary:
+        if signed:
             mask = mask * torch.where(torch.rand(layer.weight.shape, generator=g) < 0.5, -1.0, 1.0)
         set_binary_mask(layer, mask)
 
@@ -219,18 +221,19 @@ def decathlon_zero_fractions() -> Dict[str, float]:
 
 
 def write_decathlon_mask_files(plain: nn.Module, directory, *, compress: bool = False,
-                               ternary: bool = False) -> Dict[str, Path]:
+                               scheme: str = "binary") -> Dict[str, Path]:
     """One mask file per decathlon task on the WRN backbone ``plain``: the task's own
     classifier size, random masks at :func:`decathlon_zero_fractions`. Returns the paths."""
     from common.maskfile import save_masks
-    from decathlon.methods import replace_head
+    from common.heads import reset_classifier
     from decathlon.tasks import get_task
     paths = {}
     for i, (task, p) in enumerate(decathlon_zero_fractions().items()):
-        model = replace_head(copy.deepcopy(plain), get_task(task).num_classes)
-        piggyback(model, ternary=ternary, skip=("fc",))
-        set_random_masks(model, p, seed=i, ternary=ternary)
-        suffix = ("-ternary" if ternary else "") + ("-compressed" if compress else "")
+        model = copy.deepcopy(plain)
+        reset_classifier(model, get_task(task).num_classes)
+        piggyback(model, scheme=scheme, skip=("fc",))
+        set_random_masks(model, p, seed=i, scheme=scheme)
+        suffix = ("" if scheme == "binary" else f"-{scheme}") + ("-compressed" if compress else "")
         paths[task] = save_masks(model, Path(directory) / f"{task}{suffix}.safetensors",
                                  compress=compress, task=task, arch="wrn28_4")
     return paths

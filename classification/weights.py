@@ -24,7 +24,7 @@ from common.errors import MissingFileError, WeightsFileError
 from common.heads import classifier_name
 
 __all__ = ["Layout", "LAYOUTS", "register_layout", "resolve_weights", "read_state_dict",
-           "read_safetensors_metadata", "fit_state_dict", "load_pretrained", "hub_checkpoint_dir"]
+           "check_weights_file", "fit_state_dict", "load_pretrained", "hub_checkpoint_dir"]
 
 StateDict = Dict[str, torch.Tensor]
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
@@ -125,14 +125,38 @@ def _torchvision_default_file(arch: str) -> str:
     return Path(weights.DEFAULT.url).name
 
 
-def read_safetensors_metadata(path: Union[str, Path]) -> Dict[str, str]:
-    from safetensors import safe_open
+def _sniff(path: Path) -> str:
+    """'safetensors', 'torch' or 'other', from the first bytes of the file."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 9 and 2 <= int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"  # torch.save's zip container, or a legacy pickle
+    return "other"
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as exc:  # safetensors raises its own error types
-        raise WeightsFileError(f"{path} is not a readable safetensors file ({exc})") from None
+
+def check_weights_file(path: Union[str, Path]) -> None:
+    """Refuse, with one line saying what the file is, a file that is not pretrained weights:
+    a mask file or a full-weights file of a trained task, a text or other file."""
+    from common.maskfile import MASK_FORMAT
+    from common.weightsfile import safetensors_metadata
+    path = Path(path)
+    kind = _sniff(path)
+    if kind == "other":
+        raise WeightsFileError(f"--weights {path} is not a weight file (neither a torch.save file nor "
+                               f"safetensors); pass an ImageNet weight file of --arch")
+    if kind != "safetensors":
+        return
+    header = safetensors_metadata(path, "weights")
+    if header.get("format") == MASK_FORMAT:
+        import json
+        user = json.loads(header.get("user") or "{}")
+        named = user.get("backbone")
+        raise WeightsFileError(f"--weights {path} is a piggyback mask file (task {user.get('task', '?')!r}), not "
+                               f"ImageNet weights; pass the weight file it was trained on"
+                               + (f", {named}" if named else "")
+                               + f", and evaluate the mask with python -m classification.evaluate {path}")
 
 
 def read_state_dict(path: Union[str, Path]) -> Tuple[StateDict, Dict[str, str]]:
@@ -145,7 +169,8 @@ def read_state_dict(path: Union[str, Path]) -> Tuple[StateDict, Dict[str, str]]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        meta = read_safetensors_metadata(path)
+        from common.weightsfile import safetensors_metadata
+        meta = safetensors_metadata(path, "weights")
         try:
             obj = load_file(str(path), device="cpu")
         except Exception as exc:

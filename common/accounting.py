@@ -14,11 +14,10 @@ import torch
 import torch.nn as nn
 
 from .entropy import binary_entropy  # noqa: F401  (re-exported: H(p), the storage limit)
-from .plots import plot_sparsity  # noqa: F401  (re-exported: the paper's Fig. 3)
 from .masking import conversion_settings, mask_entries, task_state_modules
 
 __all__ = ["sparsity", "sparsity_from_masks", "backbone_parameters", "task_extra_parameters",
-           "task_cost", "parameter_ratio", "binary_entropy", "file_bits_per_weight", "plot_sparsity"]
+           "task_cost", "parameter_ratio", "binary_entropy", "file_bits_per_weight"]
 
 
 def sparsity_from_masks(masks: Mapping[str, torch.Tensor]) -> dict:
@@ -43,12 +42,15 @@ def backbone_parameters(model: nn.Module) -> int:
     parameters; masks and per-task modules excluded)."""
     task = {id(p) for _, m in task_state_modules(model) for p in m.parameters(recurse=False)}
     masks = {id(e.mask_real) for e in mask_entries(model)}
+    masks |= {id(t) for e in mask_entries(model) for t in e.extras.values()}
     return sum(p.numel() for p in model.parameters() if id(p) not in task and id(p) not in masks)
 
 
 def task_extra_parameters(model: nn.Module) -> int:
-    """Per-task 32-bit parameters: new heads and task-specific norm parameters."""
-    return sum(p.numel() for _, m in task_state_modules(model) for p in m.parameters(recurse=False))
+    """Per-task 32-bit parameters: new heads, task-specific norm parameters and the mask
+    scheme's values beside the mask (``affine``'s scalars)."""
+    return (sum(p.numel() for _, m in task_state_modules(model) for p in m.parameters(recurse=False))
+            + sum(t.numel() for e in mask_entries(model) for t in e.extras.values()))
 
 
 def task_cost(model: nn.Module, bits_per_mask_entry: float = None) -> dict:

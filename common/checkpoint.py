@@ -116,11 +116,23 @@ def load_training_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[
     return state
 
 
+def _flatten(settings: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested mappings (config.json's ``resolved``) as ``outer.inner`` keys."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any],
                      may_change: Iterable[str] = ()) -> List[str]:
     """``"key: saved there, now here"`` for every key whose value differs, except those in
     ``may_change``. Every key counts, so a setting added later is compared automatically."""
     allowed = set(may_change)
+    saved, now = _flatten(saved), _flatten(now)
     keys = sorted((set(saved) | set(now)) - allowed)
     missing = object()
     return [f"{k}: {saved.get(k, '<absent>')!r} there, {now.get(k, '<absent>')!r} now"

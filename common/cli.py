@@ -1,30 +1,30 @@
-"""Command-line flags shared by every training entry point, and device resolution.
+"""Running a command: device names, CPU threads and workers, and how a command ends.
 
-Each pipeline's ``get_args_parser()`` calls :func:`add_common_args` with its own
-defaults, then adds its particular flags, so ``--data-root``, ``--epochs``, ``--seed``
-and friends mean the same thing everywhere.
+Every entry point is ``parse -> configuration -> main(configuration)`` through
+:func:`run_cli`, which turns the toolkit's own errors (:class:`common.errors.PiggybackError`)
+into one line on stderr with exit status 2, an interrupt (Ctrl-C) into one line saying how
+to resume, and an operating-system error on a file (a read-only folder, a full disk) into
+one line naming the path; every other exception is a defect and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
-import sys
+import errno
 import os
 import re
+import sys
+from typing import Callable, Optional, Tuple
 
 import torch
 
-from .errors import DeviceError, PiggybackError
+from .errors import DeviceError, PiggybackError, UsageError
 
-__all__ = ["add_common_args", "resolve_device", "default_workers", "run_cli", "USER_ERRORS", "positive_int", "DeviceError",
-           "DEVICE_CHOICES_HELP"]
+__all__ = ["resolve_device", "run_cli", "run_config_cli", "guarded", "Parser", "USER_ERRORS", "positive_int", "DeviceError", "DEVICE_CHOICES_HELP",
+           "check_device_name", "usable_cores", "resolve_workers", "resolve_threads", "apply_threads",
+           "UsageExit", "Interrupted"]
 
 DEVICE_CHOICES_HELP = "auto|cpu|cuda|cuda:N"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
-def default_workers() -> int:
-    """DataLoader workers by default: one per CPU core, at most 8."""
-    return min(8, os.cpu_count() or 1)
 
 
 def positive_int(text: str) -> int:
@@ -37,59 +37,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _device_name(text: str) -> str:
-    if not _DEVICE_RE.match(text):
-        raise argparse.ArgumentTypeError(f"expected {DEVICE_CHOICES_HELP}, got {text!r}")
-    return text
-
-
-def add_common_args(parser: argparse.ArgumentParser, *, data_root_env: str,
-                    default_data_root: str, default_epochs: int, default_batch_size: int,
-                    default_arch: str, default_out: str = "runs/latest") -> argparse.ArgumentParser:
-    """Add the flags every training script shares to ``parser`` and return it.
-
-    ``--data-root`` defaults to the environment variable ``data_root_env`` when it is set
-    (read when this function runs), else to ``default_data_root``.
-    """
-    env_root = os.environ.get(data_root_env)
-    data_root = env_root if env_root else default_data_root
-    g = parser.add_argument_group("common options")
-    g.add_argument("--data-root", default=data_root, metavar="DIR",
-                   help=f"folder holding the dataset (default: ${data_root_env} if set, "
-                        f"else {default_data_root}; now {data_root})")
-    g.add_argument("--arch", default=default_arch, metavar="NAME",
-                   help=f"network architecture to build (default: {default_arch})")
-    g.add_argument("--backbone", default=None, metavar="PATH",
-                   help="local file with the pretrained backbone weights to piggyback on; "
-                        "nothing is ever downloaded (default: none, i.e. the pipeline's "
-                        "own lookup, which fails with instructions when weights are missing)")
-    g.add_argument("--epochs", type=positive_int, default=default_epochs,
-                   help=f"number of training epochs (default: {default_epochs})")
-    g.add_argument("--batch-size", type=positive_int, default=default_batch_size,
-                   help=f"examples per batch on each process (default: {default_batch_size})")
-    g.add_argument("--out", default=default_out, metavar="DIR",
-                   help="run folder for config.json, log.jsonl, checkpoints and results "
-                        f"(default: {default_out})")
-    g.add_argument("--seed", type=int, default=0,
-                   help="random seed for initialisation and data order; rank r uses seed+r "
-                        "for augmentation (default: 0)")
-    g.add_argument("--workers", type=_non_negative_int, default=default_workers(),
-                   help="DataLoader worker processes per training process, 0 loads in the "
-                        f"main process (default: min(8, CPU count) = {default_workers()})")
-    g.add_argument("--device", type=_device_name, default="auto",
-                   help=f"where to run: {DEVICE_CHOICES_HELP}; auto picks CUDA when "
-                        "available, else CPU (default: auto)")
-    return parser
+def check_device_name(name) -> str:
+    if not isinstance(name, str) or not _DEVICE_RE.match(name):
+        raise UsageError(f"--device {name!r}: expected {DEVICE_CHOICES_HELP}")
+    return name
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -102,43 +53,122 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise DeviceError(f"device {name!r} was requested but CUDA is not available "
-                           f"(torch {torch.__version__}); use --device cpu or auto")
+                          f"(torch {torch.__version__}); use --device cpu or auto")
     dev = torch.device(name)
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise DeviceError(f"device {name!r} was requested but only "
-                           f"{torch.cuda.device_count()} CUDA device(s) are visible")
+                          f"{torch.cuda.device_count()} CUDA device(s) are visible")
     return dev
 
+
+# ------------------------------------------------------------------ threads and workers
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask), shared among the processes
+    torchrun started on this machine."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(1, local))
+
+
+def resolve_workers(workers: Optional[int]) -> int:
+    """``--workers``: as given, else half the usable cores, at most 8 (the other half runs
+    torch's threads)."""
+    return int(workers) if workers is not None else min(8, usable_cores() // 2)
+
+
+def resolve_threads(threads: Optional[int], workers: int) -> int:
+    """``--threads``: as given, else the usable cores less the loader workers, at least 1,
+    so that threads and workers together do not oversubscribe the cores."""
+    return int(threads) if threads is not None else max(1, usable_cores() - int(workers))
+
+
+def apply_threads(threads: Optional[int], workers: Optional[int]) -> Tuple[int, int]:
+    """Set torch's CPU threads for this process; returns (workers, threads) as resolved."""
+    w = resolve_workers(workers)
+    t = resolve_threads(threads, w)
+    if torch.get_num_threads() != t:
+        torch.set_num_threads(t)
+    return w, t
+
+
+# ------------------------------------------------------------------ how a command ends
 
 # The toolkit's own errors (bad input, a run that cannot go on) are reported as one line;
 # any other exception is a defect and keeps its traceback.
 USER_ERRORS = (PiggybackError,)
 
 
-def run_cli(parser: argparse.ArgumentParser, main, argv=None, check_args=None) -> int:
-    """Parse ``argv``, validate with ``check_args(parser, args)`` and run ``main(args)``.
-
-    The toolkit's own errors (:class:`common.errors.PiggybackError`) end with
-    ``PROG: error: MESSAGE`` on stderr and exit status 2, as argparse does for bad flags;
-    every other exception propagates with its traceback."""
-    args = parser.parse_args(argv)
-    if check_args is not None:
-        args = check_args(parser, args)
-    try:
-        main(args)
-    except USER_ERRORS as exc:
-        message = f"{parser.prog}: error: {exc}"
-        print(message, file=sys.stderr)
-        raise UsageExit(message) from None
-    return 0
-
-
 class UsageExit(SystemExit):
     """Exit status 2 whose str() is the message that was printed (handy in tests)."""
 
-    def __init__(self, message: str):
-        super().__init__(2)
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(code)
         self.message = message
 
     def __str__(self) -> str:
         return self.message
+
+
+class Interrupted(UsageExit):
+    """Ctrl-C: exit status 130, one line saying where the run stopped."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 130)
+
+
+# OS errors on files that a user's disk or folder causes, not the code
+_DISK_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG,
+                errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors print one usage line and the error, not the whole
+    usage block; ``--help`` shows everything."""
+
+    def error(self, message):
+        self.exit(2, f"usage: {self.prog} [options]  (--help lists them)\n{self.prog}: error: {message}\n")
+
+
+def run_config_cli(build: Callable[[], object], main: Callable[[object], object], prog: str) -> int:
+    """Build a command's configuration with ``build()`` and run ``main(configuration)``,
+    ending as :func:`guarded` says."""
+    return guarded(prog, lambda: main(build()))
+
+
+def run_cli(parser: argparse.ArgumentParser, main, argv=None, check_args=None) -> int:
+    """Parse ``argv``, validate with ``check_args(parser, args)`` and run ``main(args)``
+    (commands with a handful of flags: evaluation, scoring, benchmarks), ending as
+    :func:`guarded` says."""
+    args = parser.parse_args(argv)
+    if check_args is not None:
+        args = check_args(parser, args)
+    return guarded(parser.prog, lambda: main(args))
+
+
+def guarded(prog: str, body: Callable[[], object]) -> int:
+    """Run ``body()``. The toolkit's own errors end with ``PROG: error: MESSAGE`` on stderr
+    and exit status 2 (as argparse does for bad flags); Ctrl-C with one line and status
+    130; an OS error on a file (permission, read-only or full disk) with one line naming
+    the path and the reason. Every other exception propagates with its traceback."""
+    try:
+        body()
+    except USER_ERRORS as exc:
+        message = f"{prog}: error: {exc}"
+        print(message, file=sys.stderr)
+        raise UsageExit(message) from None
+    except KeyboardInterrupt as exc:
+        where = str(exc) if str(exc) else "before training started"
+        message = f"{prog}: interrupted {where}"
+        print(message, file=sys.stderr)
+        raise Interrupted(message) from None
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRNOS or exc.filename is None:
+            raise
+        message = f"{prog}: error: cannot write or read {exc.filename}: {exc.strerror}"
+        print(message, file=sys.stderr)
+        raise UsageExit(message) from None
+    return 0

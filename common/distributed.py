@@ -56,15 +56,20 @@ def _env_int(name: str) -> int:
                          f"(expected the value torchrun sets)") from None
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", *, threads: Optional[int] = None,
+                     workers: Optional[int] = None) -> DistInfo:
     """Join torchrun's process group if one was launched, else describe a single process.
 
     ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``. Under torchrun with CUDA
     each process takes ``cuda:LOCAL_RANK`` (an explicit index is overridden, since every
-    rank receives the same command line).
+    rank receives the same command line). torch's CPU threads are set so that they and the
+    loader ``workers`` fit the cores this process may use (:func:`common.cli.apply_threads`;
+    ``threads`` overrides).
     """
     # Imported here so that common.cli can import this module's siblings freely.
-    from common.cli import resolve_device
+    from common.cli import apply_threads, resolve_device
+
+    apply_threads(threads, workers)
 
     present = [k for k in _ENV_KEYS if k in os.environ]
     if not present:

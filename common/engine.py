@@ -48,11 +48,9 @@ __all__ = ["StepOutput", "Pipeline", "FitState", "FitResult", "train_one_epoch",
            "CHECKPOINT"]
 
 CHECKPOINT = "checkpoint.pt"
-# Settings that may differ when a run is resumed: they change where and how fast it runs,
-# not what it computes. ``epochs`` may only grow.
-MAY_CHANGE_ON_RESUME = frozenset({"workers", "print_freq", "device", "out", "data_root",
-                                  "cache_dir", "compile", "compile_used", "loader", "images_on_device",
-                                  "epochs"})
+# ``epochs`` may only grow; what else may differ on resume is declared with the fields of
+# the run's configuration (common.config: ``resume="free"``) and passed as ``may_change``.
+MAY_CHANGE_ON_RESUME = frozenset({"epochs"})
 _NO_BAD_STEP = 2 ** 62
 
 
@@ -157,11 +155,8 @@ def _new_cudagraph_step(module: nn.Module, args) -> None:
 # --compile of the evaluation entry points: auto = off (see EVAL_COMPILE_HELP)
 EVAL_COMPILE_MODES = {"auto": False, "off": False, "on": True, "cudagraphs": "reduce-overhead"}
 EVAL_COMPILE_HELP = ("torch.compile the network for this evaluation: on (default mode), cudagraphs "
-                     "(mode reduce-overhead), off; auto = off: on an H100, the first batch-256 "
-                     "inference of a compiled WRN-28-4 took 11 s (default mode) or 5 s (CUDA graphs) "
-                     "against 0.7 s eager, which paid back only after 1.3 M or 0.4 M images; a "
-                     "decathlon task's test split holds at most tens of thousands "
-                     "(BENCHMARKS-gpu.md, 6c) (default: auto)")
+                     "(mode reduce-overhead), off; auto = off: compiling pays back only over far more "
+                     "images than an evaluation sees (BENCHMARKS-gpu.md) (default: auto)")
 
 
 def compile_for_eval(model: nn.Module, choice: str, *, dynamic: Optional[bool] = None) -> nn.Module:
@@ -331,9 +326,10 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
         may_change: Sequence[str] = (), monitor: Optional[CollapseMonitor] = None) -> FitResult:
     """Train to ``epochs`` in ``run`` (resuming from its checkpoint when one exists).
 
-    ``config`` is the run's resolved configuration: it is written to config.json, and a
-    resume is refused when any key differs from the checkpoint's except
-    :data:`MAY_CHANGE_ON_RESUME` and ``may_change``. ``set_epoch(e)`` prepares the
+    ``config`` is the run's configuration record (:func:`common.config.config_record`): it
+    is written to config.json, and a resume is refused when any key differs from the
+    checkpoint's except ``epochs`` (which may only grow) and ``may_change`` (the fields the
+    configuration declares free, e.g. ``RunConfig.resume_free()``). ``set_epoch(e)`` prepares the
     loader for 0-based epoch ``e`` (sampler order, worker seeds). The model is expected
     on its device already.
     """
@@ -357,7 +353,7 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
     created = run.create()
     saved = False
     try:
-        if run.is_main:
+        if run.is_main and (ckpt is None or start < epochs):  # a finished run re-run changes nothing
             remove_stale_temp_files(run.path)
             run.write_config(config)
             run.write_log(history)

@@ -10,7 +10,8 @@ its traceback. Each class also derives from the built-in exception a caller woul
 from __future__ import annotations
 
 __all__ = ["PiggybackError", "UsageError", "DataError", "MissingFileError", "MaskFileError",
-           "WeightsFileError", "CheckpointError", "ResumeError", "DivergedError", "DeviceError"]
+           "WeightsFileError", "CheckpointError", "ResumeError", "DivergedError", "DeviceError",
+           "RunLockedError"]
 
 
 class PiggybackError(Exception):
@@ -19,6 +20,10 @@ class PiggybackError(Exception):
 
 class UsageError(PiggybackError, ValueError):
     """A value, flag or combination of settings that cannot be used."""
+
+
+class RunLockedError(UsageError):
+    """A run folder whose lock another live process holds."""
 
 
 class DataError(PiggybackError, ValueError):

@@ -6,11 +6,13 @@ Format: safetensors (no pickle, safe to open from anyone). Tensors:
   (1 bit per weight for binary masks, 2 for ternary; :mod:`common.schemes`) or, with
   ``compress=True``, entropy-coded (:mod:`common.entropy`), as uint8;
 - ``sign/<key>``: signed masks saved compressed: one packed sign bit per non-zero entry;
+- ``extra/<key>/<name>``: the scheme's trained values beside the mask (``affine``'s a, b,
+  c, d), float32;
 - ``state/<key>``: the task's own trained tensors (new heads, task-specific norm layers).
 
 Header (strings; format version 2): ``format``, ``format_version``, ``scheme``,
 ``threshold``, ``mask_scale``, ``fingerprint`` (hash of the frozen backbone), ``layers``
-(JSON: shape and encoding per masked weight), ``skip`` (JSON list of the task's new
+(JSON: shape, encoding and the shapes of the scheme's extras per masked weight), ``skip`` (JSON list of the task's new
 modules), ``train_bn`` (``true``/``false``) and ``user`` (JSON of the keyword arguments
 given to :func:`save_masks`: task, arch, ...). With these, :func:`load_masks` converts a
 plain model from the file alone. Version-1 files (``ternary`` instead of ``scheme``, no
@@ -26,20 +28,21 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .bits import pack_bits, unpack_bits
 from .errors import MaskFileError, MissingFileError, UsageError
-from .masking import (backbone_fingerprint, conversion_settings, is_piggybacked, mask_entries, piggyback,
-                      task_state_modules)
+from .masking import (SETTINGS_ATTR, backbone_fingerprint, conversion_settings, is_piggybacked, mask_entries,
+                      piggyback, set_layer_scheme, task_state_modules)
 from .runlog import atomic_write_bytes
+from .weightsfile import safetensors_metadata
 from .schemes import SCHEMES, get_scheme
 
 FORMAT = "piggyback-masks"
@@ -48,8 +51,21 @@ READABLE_VERSIONS = (1, 2)
 ENCODINGS = ("packed", "entropy")
 RESERVED_KEYS = ("threshold", "ternary", "scheme", "mask_scale", "fingerprint", "layers", "skip", "train_bn",
                  "format_version", "file_bytes")
-__all__ = ["save_masks", "load_masks", "read_mask_metadata", "read_mask_file", "task_state",
-           "MaskFileError", "FORMAT_VERSION", "safetensors_metadata"]
+__all__ = ["save_masks", "load_masks", "read_mask_metadata", "read_mask_file", "MaskFileContents", "task_state",
+           "MaskFileError", "FORMAT_VERSION", "MASK_FORMAT"]
+
+MASK_FORMAT = FORMAT
+
+
+class MaskFileContents(NamedTuple):
+    """What a mask file holds: thresholded masks (float, the scheme's values) by key, the
+    task's own tensors by state_dict key, the checked metadata, and the scheme's extras
+    (``{key: {name: tensor}}``, empty for plain masks)."""
+
+    masks: Dict[str, torch.Tensor]
+    state: Dict[str, torch.Tensor]
+    meta: dict
+    extras: Dict[str, Dict[str, torch.Tensor]]
 
 
 def task_state(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -97,6 +113,11 @@ def save_masks(model: nn.Module, path, *, compress: bool = False, **metadata) ->
         else:
             tensors[f"mask/{e.key}"] = scheme.pack(m)
         info[e.key] = {"shape": list(m.shape), "encoding": "entropy" if compress else "packed"}
+        extras = e.extras
+        if extras:
+            info[e.key]["extras"] = {k: list(t.shape) for k, t in extras.items()}
+            for k, t in extras.items():
+                tensors[f"extra/{e.key}/{k}"] = t.detach().to("cpu", torch.float32).contiguous().clone()
     for key, t in task_state(model).items():
         tensors[f"state/{key}"] = t.cpu().contiguous().clone()
     header = {
@@ -113,21 +134,6 @@ def save_masks(model: nn.Module, path, *, compress: bool = False, **metadata) ->
     }
     atomic_write_bytes(path, st_save(tensors, metadata=header))
     return path
-
-
-def safetensors_metadata(path, what: str = "safetensors") -> Dict[str, str]:
-    """The string metadata of a safetensors file, without reading its tensors; a clear
-    error naming the file when it is missing or not safetensors."""
-    path = Path(path)
-    if path.is_dir():
-        raise MissingFileError(f"{what} file {path} is a folder, not a file")
-    if not path.is_file():
-        raise MissingFileError(f"{what} file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise MaskFileError(f"{path} is not a readable {what} file: {e}") from None
 
 
 # ---------------------------------------------------------------- header checks
@@ -172,11 +178,16 @@ def _check_layers(path: Path, layers: dict) -> None:
             raise MaskFileError(f"{path}: layer {name!r} has shape {shape!r}; expected a list of positive integers")
         if info.get("encoding") not in ENCODINGS:
             raise MaskFileError(f"{path}: layer {name!r} has encoding {info.get('encoding')!r}; expected one of {ENCODINGS}")
+        extras = info.get("extras", {})
+        if not (isinstance(extras, dict) and all(isinstance(k, str) and isinstance(v, list)
+                                                 and all(isinstance(s, int) and s > 0 for s in v)
+                                                 for k, v in extras.items())):
+            raise MaskFileError(f"{path}: layer {name!r} has extras {extras!r}; expected an object of name: shape")
 
 
 def read_mask_metadata(path) -> dict:
     """Metadata of a mask file without loading its tensors, every header key checked: the
-    user's keys (task, arch, ...) plus scheme, ternary, threshold, mask_scale, fingerprint,
+    user's keys (task, arch, ...) plus scheme, threshold, mask_scale, fingerprint,
     layers (shape and encoding), skip, train_bn, format_version and the file's bytes."""
     path = Path(path)
     h = safetensors_metadata(path, "mask")
@@ -203,7 +214,8 @@ def read_mask_metadata(path) -> dict:
     else:
         scheme = _require(path, h, "scheme", f"one of {sorted(SCHEMES)}")
         if scheme not in SCHEMES:
-            raise MaskFileError(f"{path}: header key 'scheme' = {scheme!r}; expected one of {sorted(SCHEMES)}")
+            raise MaskFileError(f"{path}: header key 'scheme' = {scheme!r} is not a registered mask scheme "
+                                f"({', '.join(SCHEMES)}); register it with common.schemes.register_scheme first")
         skip = _json(path, h, "skip", list, "a JSON list of module names")
         if not all(isinstance(s, str) for s in skip):
             raise MaskFileError(f"{path}: header key 'skip' = {skip!r}; expected a list of module names")
@@ -212,18 +224,22 @@ def read_mask_metadata(path) -> dict:
             raise MaskFileError(f"{path}: header key 'train_bn' = {train_bn!r}; expected 'true' or 'false'")
         train_bn = train_bn == "true"
         mask_scale = _positive_float(path, h, "mask_scale")
-    if scheme == "ternary" and threshold <= 0:
-        raise MaskFileError(f"{path}: ternary masks need a positive threshold, header says {threshold}")
+    scheme_obj = get_scheme(scheme)
+    for name, info in layers.items():
+        want = {k: list(scheme_obj.extras_shape(info["shape"])) for k in scheme_obj.extras}
+        if info.get("extras", {}) != want:
+            raise MaskFileError(f"{path}: layer {name!r} lists extras {info.get('extras', {})}; {scheme} masks of "
+                                f"shape {info['shape']} have {want}")
     meta = dict(user)
-    meta.update(scheme=scheme, ternary=scheme == "ternary", threshold=threshold, mask_scale=mask_scale,
+    meta.update(scheme=scheme, threshold=threshold, mask_scale=mask_scale,
                 fingerprint=fingerprint, layers=layers, skip=skip, train_bn=train_bn,
                 format_version=version, file_bytes=path.stat().st_size)
     return meta
 
 
-def read_mask_file(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], dict]:
-    """(masks by key as float tensors with the scheme's values, task state, metadata), every
-    tensor checked against the header (names, dtype, size)."""
+def read_mask_file(path) -> MaskFileContents:
+    """(masks by key as float tensors with the scheme's values, task state, metadata, scheme
+    extras), every tensor checked against the header (names, dtype, size)."""
     path = Path(path)
     meta = read_mask_metadata(path)
     try:
@@ -231,9 +247,10 @@ def read_mask_file(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tenso
     except (SafetensorError, OSError, ValueError) as e:
         raise MaskFileError(f"{path} is not a readable mask file: {e}") from None
     scheme = get_scheme(meta["scheme"])
-    signed = min(scheme.values) < 0
+    signed = scheme.signed
     expected = {f"mask/{k}" for k in meta["layers"]}
     expected |= {f"sign/{k}" for k, i in meta["layers"].items() if signed and i["encoding"] == "entropy"}
+    expected |= {f"extra/{k}/{e}" for k, i in meta["layers"].items() for e in i.get("extras", {})}
     unknown = sorted(k for k in tensors if k not in expected and not k.startswith("state/"))
     if unknown:
         raise MaskFileError(f"{path} holds tensors {unknown[:5]} that its header does not list")
@@ -267,8 +284,18 @@ def read_mask_file(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tenso
             negative = unpack_bits(tensors[sign_key], count)
             mask[mask.bool()] = 1 - 2 * negative.to(torch.float32)
         masks[name] = mask.view(shape)
+    extras: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, info in meta["layers"].items():
+        for k, shape in info.get("extras", {}).items():
+            key = f"extra/{name}/{k}"
+            t = tensors.get(key)
+            if t is None or t.dtype != torch.float32 or list(t.shape) != shape:
+                raise MaskFileError(f"{path}: tensor {key!r} is missing or not float32 of shape {shape}")
+            if not bool(torch.isfinite(t).all()):
+                raise MaskFileError(f"{path}: tensor {key!r} holds non-finite values")
+            extras.setdefault(name, {})[k] = t
     state = {k[len("state/"):]: v for k, v in tensors.items() if k.startswith("state/")}
-    return masks, state, meta
+    return MaskFileContents(masks, state, meta, extras)
 
 
 # ------------------------------------------------------------- model checks
@@ -287,9 +314,6 @@ def _check_compatible(model: nn.Module, origin, meta: dict, check_fingerprint: b
         raise MaskFileError(
             f"{origin} does not fit this model: layers only in the file {only_file}, only in the model "
             f"{only_model}, shape differences {[(n, found[n], expected[n]) for n in shape]}")
-    schemes = {e.module.scheme.name for e in entries.values()}
-    if schemes != {meta["scheme"]}:
-        raise MaskFileError(f"{origin} holds {meta['scheme']} masks; the model was converted for {sorted(schemes)}")
     if check_fingerprint:
         fp = backbone_fingerprint(model)
         if fp != meta["fingerprint"]:
@@ -339,7 +363,7 @@ def load_masks(model: nn.Module, path, *, check_fingerprint: bool = True) -> dic
     (fingerprint), or its layers, shapes or tensor types differ from the model's.
     """
     path = Path(path)
-    masks, state, meta = read_mask_file(path)
+    masks, state, meta, extras = read_mask_file(path)
     if not is_piggybacked(model):
         if meta["skip"] is None:
             raise MaskFileError(f"{path} is a version-1 mask file, which does not record how the model was "
@@ -350,7 +374,14 @@ def load_masks(model: nn.Module, path, *, check_fingerprint: bool = True) -> dic
     entries = _check_compatible(model, path, meta, check_fingerprint, state)
     own = task_state(model)
     for key, e in entries.items():
+        if e.module.scheme.name != meta["scheme"] or e.module.threshold != meta["threshold"]:
+            set_layer_scheme(e.module, meta["scheme"], meta["threshold"])
+        for name, t in e.extras.items():
+            t.copy_(extras[key][name])
         e.set(masks[key])
+    settings = model.__dict__.get(SETTINGS_ATTR)
+    if settings is not None:
+        settings.update(scheme=meta["scheme"], threshold=meta["threshold"])
     for key, t in state.items():
         own[key].copy_(t)
     return meta

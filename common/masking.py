@@ -4,7 +4,9 @@ A masked layer keeps its pretrained ``weight`` (and ``bias``) frozen and learns 
 real-valued mask ``mask_real`` of the same shape. The forward pass uses ``weight * m``
 where ``m`` is the thresholded mask (eq. 4); the backward pass hands the gradient of ``m``
 straight to ``mask_real`` (eq. 5-7): d(loss)/d(mask_real) = d(loss)/d(weight * m) * weight.
-The layer's ``weight`` attribute stays the frozen pretrained tensor.
+The layer's ``weight`` attribute stays the frozen pretrained tensor. Schemes with trained
+values beside the mask (``affine``: four scalars per layer) keep them as parameters of the
+layer too, ``mask_a`` ... ``mask_d`` (:func:`extra_name`).
 
 The masked forward is stateless: it reads the frozen weight and the mask and computes
 ``weight * m`` through the mask scheme's autograd Function (:mod:`common.schemes`), which
@@ -16,8 +18,7 @@ weight-bearing layer in place (the module object, its hooks and every reference 
 survive): ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d``, ``Linear`` and the input
 projection of ``nn.MultiheadAttention``, and their subclasses (timm's same-padding convs
 among them). Every other weight is frozen without a mask, and a warning names it.
-``fold_masks`` turns a masked model back into a plain one. The multi-task wrapper lives
-in :mod:`common.multitask`.
+``fold_masks`` turns a masked model back into a plain one.
 """
 from __future__ import annotations
 
@@ -32,15 +33,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UsageError
-from .schemes import BINARY, TERNARY, MaskScheme, get_scheme
+from .schemes import DEFAULT_SCHEME, MaskScheme, get_scheme
 
 __all__ = [
     "MaskedLayer", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d", "MaskedConvTranspose1d",
     "MaskedConvTranspose2d", "MaskedConvTranspose3d", "MaskedLinear", "MaskedMultiheadAttention",
     "FixedNorm", "binarize", "apply_mask", "piggyback", "masked_modules", "mask_entries", "MaskEntry",
     "mask_parameters", "task_parameters", "task_state_modules", "fold_masks", "backbone_fingerprint",
-    "is_piggybacked", "set_binary_mask", "mask_name", "MASK_INITS", "NORM_TYPES", "MultiTaskModel",
-    "conversion_settings",
+    "is_piggybacked", "set_binary_mask", "mask_name", "extra_name", "MASK_INITS", "NORM_TYPES",
+    "conversion_settings", "scheme_parameters", "set_layer_scheme",
 ]
 
 # Normalisation layers whose affine parameters (and running statistics) are per-task
@@ -59,15 +60,23 @@ def mask_name(weight_name: str) -> str:
     return "mask_real" if weight_name == "weight" else weight_name.replace("weight", "mask_real")
 
 
-def binarize(mask_real: torch.Tensor, threshold: float, ternary: bool = False) -> torch.Tensor:
-    """Hard threshold of eq. 4 (binary: 1 where mask_real >= threshold; ternary: -1 at or
-    below -threshold, 0 in between, 1 at or above threshold)."""
-    return (TERNARY if ternary else BINARY).binarize(mask_real, threshold)
+def extra_name(weight_name: str, key: str) -> str:
+    """Name of a scheme's extra ``key`` for ``weight_name``: ``mask_a`` for ``weight``,
+    ``in_proj_mask_a`` for ``in_proj_weight`` and so on."""
+    return mask_name(weight_name).replace("mask_real", f"mask_{key}")
 
 
-def apply_mask(weight: torch.Tensor, mask_real: torch.Tensor, threshold: float, ternary: bool = False) -> torch.Tensor:
-    """``weight * m`` with ``m`` from eq. 4, differentiable with respect to ``mask_real``."""
-    return (TERNARY if ternary else BINARY).masked_weight(weight, mask_real, threshold)
+def binarize(mask_real: torch.Tensor, threshold: float, scheme=DEFAULT_SCHEME) -> torch.Tensor:
+    """Hard threshold of eq. 4 under ``scheme`` (binary: 1 where mask_real >= threshold;
+    ternary: -1 at or below -threshold, 0 in between, 1 at or above threshold)."""
+    return get_scheme(scheme).binarize(mask_real, threshold)
+
+
+def apply_mask(weight: torch.Tensor, mask_real: torch.Tensor, threshold: float, scheme=DEFAULT_SCHEME,
+               extras=()) -> torch.Tensor:
+    """The masked weight of ``scheme`` (``weight * m`` with ``m`` from eq. 4 for plain
+    masks), differentiable with respect to ``mask_real`` and the extras."""
+    return get_scheme(scheme).masked_weight(weight, mask_real, threshold, extras)
 
 
 # --------------------------------------------------------------------------- layers
@@ -86,17 +95,14 @@ class MaskedLayer(nn.Module):
     scheme: MaskScheme
     mask_scale: float
 
-    @property
-    def ternary(self) -> bool:
-        return self.scheme.name == "ternary"
-
     def masked_weights(self) -> Tuple[str, ...]:
         """Names of this layer's weights that carry a mask."""
         return tuple(n for n in self._weight_names if self._parameters.get(mask_name(n)) is not None)
 
     def masked_weight(self, name: str = "weight") -> torch.Tensor:
         """``weight * m`` for the weight called ``name`` (eq. 4), with the eq. 7 gradient."""
-        return self.scheme.masked_weight(self._parameters[name], self._parameters[mask_name(name)], self.threshold)
+        return self.scheme.masked_weight(self._parameters[name], self._parameters[mask_name(name)], self.threshold,
+                                         [self._parameters[extra_name(name, k)] for k in self.scheme.extras])
 
     @torch.no_grad()
     def binary_mask(self, name: str = "weight") -> torch.Tensor:
@@ -310,9 +316,36 @@ def _masked_weight_names(module: nn.Module) -> Tuple[str, ...]:
     return ()
 
 
+def _register_extras(module: "MaskedLayer", scheme: MaskScheme,
+                     values: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, trainable: bool = True) -> None:
+    """Give ``module`` the extras of ``scheme`` for each masked weight (``values[wname][key]``
+    when given, else the scheme's initial values)."""
+    for wname in module.masked_weights():
+        w = module._parameters[wname]
+        given = (values or {}).get(wname, {})
+        for key, start in scheme.init_extras(w).items():
+            t = given.get(key, start).to(device=w.device, dtype=torch.float32)
+            module.register_parameter(extra_name(wname, key), nn.Parameter(t.clone(), requires_grad=trainable))
+
+
+def set_layer_scheme(module: "MaskedLayer", scheme, threshold: Optional[float] = None,
+                     extras: Optional[Dict[str, Dict[str, torch.Tensor]]] = None, trainable: bool = False) -> None:
+    """Switch a masked layer to ``scheme`` (and ``threshold``): the extras of its former
+    scheme go, the new scheme's come (from ``extras[wname][key]`` when given). Masked
+    layers hold no other state, so this is all a task of another scheme needs."""
+    scheme = get_scheme(scheme)
+    for wname in module.masked_weights():
+        for key in module.scheme.extras:
+            module._parameters.pop(extra_name(wname, key), None)
+    module.scheme = scheme
+    if threshold is not None:
+        module.threshold = scheme.check_threshold(threshold)
+    _register_extras(module, scheme, extras, trainable)
+
+
 def piggyback(model: nn.Module, *, threshold: float = 5e-3, mask_init: str = "spread",
-              mask_scale: float = 1e-2, mask_spread: float = 3e-3, ternary: bool = False,
-              scheme: Optional[str] = None, train_bn: bool = False, skip: Iterable[str] = ()) -> nn.Module:
+              mask_scale: float = 1e-2, mask_spread: float = 3e-3, scheme=DEFAULT_SCHEME,
+              train_bn: bool = False, skip: Iterable[str] = ()) -> nn.Module:
     """Convert ``model`` in place for piggyback mask training and return it.
 
     Every conv/linear layer (and attention input projection) outside ``skip`` becomes a
@@ -320,14 +353,12 @@ def piggyback(model: nn.Module, *, threshold: float = 5e-3, mask_init: str = "sp
     ``skip`` (and their children) stay untouched and trainable: they are the task's new
     layers. All other parameters are frozen. Normalisation layers are frozen and kept in
     eval mode, unless ``train_bn`` makes them task-specific (affine parameters and running
-    statistics train). ``scheme`` is ``"binary"`` (default) or ``"ternary"``
-    (``ternary=True`` says the same). ``mask_init``: ``spread`` (uniform in
+    statistics train). ``scheme`` names a registered mask scheme (:mod:`common.schemes`:
+    ``binary``, the default, ``ternary``, ``affine`` ...). ``mask_init``: ``spread`` (uniform in
     ``mask_scale +- mask_spread``, the default), ``constant`` (all ``mask_scale``: the
     paper), ``uniform`` (centred on the threshold) or ``weight`` (proportional to |W|).
     """
-    scheme_obj = get_scheme(scheme if scheme is not None else ("ternary" if ternary else "binary"))
-    if ternary and scheme_obj.name != "ternary":
-        raise UsageError(f"ternary=True contradicts scheme={scheme!r}")
+    scheme_obj = get_scheme(scheme)
     threshold = scheme_obj.check_threshold(threshold)
     if mask_init not in MASK_INITS:
         raise UsageError(f"mask_init={mask_init!r} is not one of {sorted(MASK_INITS)}")
@@ -360,7 +391,9 @@ def piggyback(model: nn.Module, *, threshold: float = 5e-3, mask_init: str = "sp
                 w = module._parameters[wname]
                 module.register_parameter(mask_name(wname), nn.Parameter(
                     init(w, mask_scale, mask_spread, threshold).to(w.dtype)))
-            covered = set(weight_names) | {mask_name(w) for w in weight_names} | {"bias", "in_proj_bias"}
+            _register_extras(module, scheme_obj)
+            covered = set(weight_names) | {mask_name(w) for w in weight_names} | {"bias", "in_proj_bias"} \
+                | {extra_name(w, k) for w in weight_names for k in scheme_obj.extras}
         elif isinstance(module, NORM_TYPES):
             covered = set(module._parameters)
             if train_bn:
@@ -431,6 +464,11 @@ class MaskEntry:
     def bias(self) -> Optional[torch.Tensor]:
         return self.module._parameters.get("bias" if self.weight_name == "weight" else "in_proj_bias")
 
+    @property
+    def extras(self) -> Dict[str, nn.Parameter]:
+        """The scheme's extras of this weight by key (``{}`` for plain masks)."""
+        return {k: self.module._parameters[extra_name(self.weight_name, k)] for k in self.module.scheme.extras}
+
     def binary(self) -> torch.Tensor:
         return self.module.binary_mask(self.weight_name)
 
@@ -452,10 +490,16 @@ def mask_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [e.mask_real for e in mask_entries(model)]
 
 
+def scheme_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The trained extras of the mask scheme (``affine``'s a, b, c, d), in module order."""
+    return [t for e in mask_entries(model) for t in e.extras.values()]
+
+
 def task_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """Trainable parameters that are not masks: new heads, task-specific norm layers."""
-    masks = {id(p) for p in mask_parameters(model)}
-    return [p for p in model.parameters() if p.requires_grad and id(p) not in masks]
+    """Trainable parameters that are neither masks nor scheme extras: new heads,
+    task-specific norm layers."""
+    own = {id(p) for p in mask_parameters(model) + scheme_parameters(model)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in own]
 
 
 def task_state_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -483,15 +527,20 @@ def fold_masks(model: nn.Module) -> nn.Module:
     left unchanged; real-valued masks are not copied."""
     memo = {}
     for e in mask_entries(model):
+        extras = e.extras
         with torch.no_grad():
-            folded = e.module.scheme.masked_weight(e.weight, e.mask_real, e.module.threshold)
+            folded = e.module.scheme.masked_weight(e.weight, e.mask_real, e.module.threshold, list(extras.values()))
         memo[id(e.weight)] = nn.Parameter(folded)
         memo[id(e.mask_real)] = None
+        for t in extras.values():
+            memo[id(t)] = None
     plain = copy.deepcopy(model, memo)
     for module in plain.modules():
         if isinstance(module, MaskedLayer):
             for wname in module._weight_names:
                 module._parameters.pop(mask_name(wname), None)
+                for key in module.scheme.extras:
+                    module._parameters.pop(extra_name(wname, key), None)
             for attr in ("threshold", "scheme", "mask_scale"):
                 module.__dict__.pop(attr, None)
             module.__class__ = module._plain_class
@@ -520,12 +569,3 @@ def backbone_fingerprint(model: nn.Module) -> str:
             if t.numel():
                 h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-def __getattr__(name):
-    # MultiTaskModel lives in common.multitask, which builds on this module and on
-    # common.maskfile; importing it lazily keeps the import graph acyclic.
-    if name == "MultiTaskModel":
-        from .multitask import MultiTaskModel
-        return MultiTaskModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

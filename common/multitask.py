@@ -1,8 +1,10 @@
 """One frozen backbone in memory serving many tasks.
 
-Each task brings its packed masks (1 bit per weight), its task state (head, task-specific
-norm layers) and its name. ``set_task`` unpacks the task's masks into the masked layers and
-points the task modules at that task's own tensors: no backbone weight is reloaded or
+Each task brings its packed masks (1 bit per weight), the extras of its mask scheme (if
+any), its task state (head, task-specific norm layers) and its name. Tasks of different
+schemes (binary, ternary, affine, a registered one) share one backbone: ``set_task`` sets
+each masked layer to the task's scheme and threshold, unpacks the task's masks into it and
+points the task modules at that task's own tensors. No backbone weight is reloaded or
 copied, and switching costs one pass over the mask bits.
 """
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch.nn as nn
 
 from .errors import MaskFileError, UsageError
 from .maskfile import _check_compatible, read_mask_file, task_state
-from .masking import backbone_fingerprint, conversion_settings, mask_entries
+from .masking import backbone_fingerprint, conversion_settings, mask_entries, set_layer_scheme
+from .schemes import get_scheme
 
 __all__ = ["MultiTaskModel"]
 
@@ -39,15 +42,17 @@ def _sync_shape_attributes(module: nn.Module) -> None:
 
 
 def _from_model(model: nn.Module):
-    """(masks, task state, metadata) of a trained piggybacked model, as a mask file holds them."""
+    """(masks, task state, metadata, extras) of a trained piggybacked model, as a mask file
+    holds them."""
     entries = mask_entries(model)
     if not entries:
         raise UsageError("add_task needs a mask file or a model converted by common.masking.piggyback")
     settings = conversion_settings(model)
     meta = {"layers": {e.key: {"shape": list(e.weight.shape)} for e in entries},
-            "scheme": settings["scheme"], "ternary": settings["scheme"] == "ternary",
-            "threshold": settings["threshold"], "fingerprint": backbone_fingerprint(model)}
-    return {e.key: e.binary() for e in entries}, task_state(model), meta
+            "scheme": settings["scheme"], "threshold": settings["threshold"],
+            "fingerprint": backbone_fingerprint(model)}
+    extras = {e.key: {k: t.detach().float() for k, t in e.extras.items()} for e in entries if e.extras}
+    return {e.key: e.binary() for e in entries}, task_state(model), meta, extras
 
 
 class _TaskStore(nn.Module):
@@ -56,6 +61,7 @@ class _TaskStore(nn.Module):
     def __init__(self):
         super().__init__()
         self.mask_keys: Dict[str, str] = {}
+        self.extra_keys: Dict[str, str] = {}
         self.state_keys: Dict[str, str] = {}
 
     def add(self, kind: str, key: str, tensor: torch.Tensor) -> None:
@@ -79,6 +85,7 @@ class MultiTaskModel(nn.Module):
         self.backbone = backbone
         self.tasks = nn.ModuleDict()
         self.metadata: Dict[str, dict] = {}
+        self.schemes: Dict[str, tuple] = {}  # task -> (scheme name, threshold)
         self.current: Optional[str] = None
         self._entries = {e.key: e for e in mask_entries(backbone)}
         # the backbone's own tensors for every key some task overrides
@@ -95,10 +102,10 @@ class MultiTaskModel(nn.Module):
         """Add a task from a mask file (path) or from a trained piggybacked model over the
         same backbone (its masks, head and norm state are copied); return its metadata."""
         if isinstance(source, nn.Module):
-            masks, state, meta = _from_model(source)
+            masks, state, meta, extras = _from_model(source)
             origin = f"model for task {name!r}"
         else:
-            masks, state, meta = read_mask_file(source)
+            masks, state, meta, extras = read_mask_file(source)
             origin = source
         _check_compatible(self.backbone, origin, meta, check_fingerprint)
         own = task_state(self.backbone)
@@ -109,32 +116,45 @@ class MultiTaskModel(nn.Module):
         if wrong:
             raise MaskFileError(f"{origin}: task tensors {wrong[:5]} are {state[wrong[0]].dtype}, the backbone's "
                                 f"are {own[wrong[0]].dtype}")
+        scheme = get_scheme(meta["scheme"])
         store = self._new_store(name)
         for key, e in self._entries.items():
-            store.add("mask", key, e.module.scheme.pack(masks[key]).to(e.weight.device))
+            store.add("mask", key, scheme.pack(masks[key]).to(e.weight.device))
+            for k, t in extras.get(key, {}).items():
+                store.add("extra", f"{key}/{k}", t.detach().clone().to(e.weight.device))
         for key, t in state.items():
             if key not in self.base_state.state_keys:
                 self.base_state.add("state", key, own[key].detach())
             store.add("state", key, t.detach().clone().to(own[key].device))
         self.metadata[name] = meta
+        self.schemes[name] = (scheme.name, float(meta["threshold"]))
         return meta
 
     def add_backbone_task(self, name: str) -> None:
         """The backbone's own task: every mask entry 1 and the backbone's own task state."""
         store = self._new_store(name)
+        binary = get_scheme("binary")
         for key, e in self._entries.items():
             ones = torch.ones_like(e.weight, dtype=torch.float32)
-            store.add("mask", key, e.module.scheme.pack(ones).to(e.weight.device))
+            store.add("mask", key, binary.pack(ones).to(e.weight.device))
         self.metadata[name] = {"task": name, "backbone_task": True}
+        self.schemes[name] = ("binary", float(conversion_settings(self.backbone)["threshold"]))
 
     @torch.no_grad()
     def set_task(self, name: str) -> None:
         if name not in self.tasks:
             raise KeyError(f"unknown task {name!r}; loaded tasks: {sorted(self.tasks)}")
         store = self.tasks[name]
+        scheme_name, threshold = self.schemes[name]
+        scheme = get_scheme(scheme_name)
         for key, slot in store.mask_keys.items():
             e = self._entries[key]
-            e.set(e.module.scheme.unpack(getattr(store, slot), e.weight.shape, dtype=e.mask_real.dtype))
+            extras = {k: getattr(store, store.extra_keys[f"{key}/{k}"]) for k in scheme.extras}
+            if e.module.scheme != scheme or e.module.threshold != threshold:
+                set_layer_scheme(e.module, scheme, threshold)
+            for k, t in e.extras.items():
+                t.copy_(extras[k])
+            e.set(scheme.unpack(getattr(store, slot), e.weight.shape, dtype=e.mask_real.dtype))
         tensors = {key: getattr(self.base_state, slot) for key, slot in self.base_state.state_keys.items()}
         tensors.update({key: getattr(store, slot) for key, slot in store.state_keys.items()})
         for key, t in tensors.items():

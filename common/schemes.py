@@ -2,30 +2,48 @@
 
 A scheme owns, in one place:
 
-- the hard threshold of eq. 4 (``binarize``) and the masked weight ``W * m`` with its
+- the hard threshold of eq. 4 (``binarize``) and the masked weight with its
   straight-through gradient (eq. 5-7), as an autograd Function that saves only tensors;
+- the trained per-layer values it adds beside the mask (``extras``: none for ``binary``
+  and ``ternary``; the four scalars of ``affine``), their initial values and the
+  optimizer settings they train with by default;
 - the inverse used when a mask is loaded (``real_values``: a ``mask_real`` that
   thresholds back to a given mask);
 - the storage: bits per entry, bit-packing and unpacking.
 
-``binary`` (m in {0, 1}, the paper) and ``ternary`` (m in {-1, 0, 1}, cut-offs at
-+-threshold) are defined here; a new scheme is one subclass registered in ``SCHEMES``.
+``binary`` (m in {0, 1}, the paper), ``ternary`` (m in {-1, 0, 1}, cut-offs at
++-threshold) and ``affine`` / ``affine-channel`` (a binary mask M and real scalars per
+layer or per output channel: ``W' = a W + b (M W) + c M + d``) are defined here. A new
+scheme is one subclass and one :func:`register_scheme` call; the masked layers, the mask
+file, the multi-task model, accounting and every training command's ``--scheme`` take
+it from the registry.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .bits import pack_bits, unpack_bits
 from .errors import UsageError
 
-__all__ = ["MaskScheme", "BinaryScheme", "TernaryScheme", "SCHEMES", "get_scheme", "BINARY", "TERNARY"]
+__all__ = ["MaskScheme", "BinaryScheme", "TernaryScheme", "AffineScheme", "SCHEMES", "get_scheme",
+           "register_scheme", "scheme_names", "DEFAULT_SCHEME"]
+
+DEFAULT_SCHEME = "binary"
 
 
 def _is_transformed(t: torch.Tensor) -> bool:
     check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(check is not None and check(t))
+
+
+def _reusable(grad: torch.Tensor, like: torch.Tensor) -> bool:
+    """True when the incoming gradient may be overwritten in place: it is the layer's fresh
+    weight gradient, read by nothing else. Not when a higher-order graph is being built,
+    nor under torch.func transforms or torch.compile (which fuses the product anyway)."""
+    return not (torch.compiler.is_compiling() or torch.is_grad_enabled() or not grad.is_contiguous()
+                or grad.shape != like.shape or _is_transformed(grad))
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -34,10 +52,6 @@ class _StraightThrough(torch.autograd.Function):
     weight gets no gradient. Only the weight tensor is saved; no module is touched."""
 
     generate_vmap_rule = True
-
-    @staticmethod
-    def mask(mask_real: torch.Tensor, threshold: float) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -49,12 +63,9 @@ class _StraightThrough(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         if not ctx.needs_input_grad[1]:
             return None, None, None
-        # The incoming gradient is the layer's fresh weight gradient, read by nothing else:
-        # forming eq. 7 in it saves a weight-sized allocation per layer and step (103 M
-        # values for VGG's fc6). Not when a higher-order graph is being built, nor under
-        # torch.func transforms or torch.compile (which fuses the product anyway).
-        if (torch.compiler.is_compiling() or torch.is_grad_enabled() or not grad_output.is_contiguous()
-                or grad_output.shape != weight.shape or _is_transformed(grad_output)):
+        # Forming eq. 7 in the incoming gradient saves a weight-sized allocation per layer
+        # and step (103 M values for VGG's fc6).
+        if not _reusable(grad_output, weight):
             return None, grad_output * weight, None
         return None, grad_output.mul_(weight), None
 
@@ -73,13 +84,70 @@ class _TernaryMaskedWeight(_StraightThrough):
         return weight * m
 
 
+def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``t`` over the dimensions where ``shape`` has size 1 (the broadcast of a scalar
+    or per-channel extra over the weight)."""
+    dims = [i for i, s in enumerate(shape) if s == 1 and t.shape[i] != 1]
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+class _AffineMaskedWeight(torch.autograd.Function):
+    """``W' = a W + b (M W) + c M + d`` with M the binary mask of eq. 4. Backward: the
+    straight-through estimator of eq. 7 applied to W', dE/d(mask_real) = dE/dW' * (b W + c),
+    and the exact gradients of a, b, c, d (sums of dE/dW' times W, M W, M and 1 over the
+    entries each scalar covers). The frozen weight gets no gradient."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(weight, mask_real, threshold, a, b, c, d):
+        on = mask_real >= threshold
+        return torch.where(on, weight * (a + b) + c, weight * a) + d
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, mask_real, threshold, a, b, c, d = inputs
+        ctx.threshold = threshold
+        ctx.save_for_backward(weight, mask_real, b, c)
+        ctx.extra_shape = a.shape
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mask_real, b, c = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        on = mask_real >= ctx.threshold
+        shape = ctx.extra_shape
+        grads = [None] * 7
+        if need[3] or need[4]:
+            gw = grad * weight
+            if need[3]:
+                grads[3] = _reduce_to(gw, shape)
+            if need[4]:
+                grads[4] = _reduce_to(torch.where(on, gw, 0.0), shape)
+        if need[5]:
+            grads[5] = _reduce_to(torch.where(on, grad, 0.0), shape)
+        if need[6]:
+            grads[6] = _reduce_to(grad, shape)
+        if need[1]:
+            slope = weight * b + c
+            grads[1] = grad.mul_(slope) if _reusable(grad, weight) else grad * slope
+        return tuple(grads)
+
+
 class MaskScheme:
-    """What a mask entry can be; see the module docstring."""
+    """What a mask entry can be; see the module docstring. Subclass, then
+    :func:`register_scheme` an instance."""
 
     name: str = ""
+    summary: str = ""
     values: Tuple[int, ...] = ()
     bits: int = 1
     function = _StraightThrough
+    # trained values per masked weight beside the mask (none for plain mask schemes)
+    extras: Tuple[str, ...] = ()
+    # default optimizer and learning rate of the extras (schemes that have some)
+    extras_optimizer: Optional[str] = None
+    extras_lr: Optional[float] = None
 
     def check_threshold(self, threshold: float) -> float:
         threshold = float(threshold)
@@ -87,9 +155,19 @@ class MaskScheme:
             raise UsageError(f"{self.name} masks need a finite threshold > 0, got {threshold}")
         return threshold
 
-    def masked_weight(self, weight: torch.Tensor, mask_real: torch.Tensor, threshold: float) -> torch.Tensor:
-        """``weight * m`` (eq. 4), differentiable with respect to ``mask_real`` (eq. 7)."""
-        return self.function.apply(weight, mask_real, threshold)
+    def masked_weight(self, weight: torch.Tensor, mask_real: torch.Tensor, threshold: float,
+                      extras: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """The weight the layer computes with (``weight * m``, eq. 4, for plain masks),
+        differentiable with respect to ``mask_real`` (eq. 7) and the extras."""
+        return self.function.apply(weight, mask_real, threshold, *extras)
+
+    def init_extras(self, weight: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Initial values of the extras for a weight (float32, on the weight's device)."""
+        return {}
+
+    def extras_shape(self, weight_shape: Sequence[int]) -> Tuple[int, ...]:
+        """Shape of each extra for a weight of ``weight_shape``."""
+        return ()
 
     def binarize(self, mask_real: torch.Tensor, threshold: float) -> torch.Tensor:
         raise NotImplementedError
@@ -107,6 +185,10 @@ class MaskScheme:
 
     def packed_bytes(self, numel: int) -> int:
         return self.bits * ((numel + 7) // 8)
+
+    @property
+    def signed(self) -> bool:
+        return min(self.values) < 0
 
     def __eq__(self, other) -> bool:
         return isinstance(other, MaskScheme) and other.name == self.name
@@ -134,6 +216,7 @@ def _numel(shape: Sequence[int]) -> int:
 
 class BinaryScheme(MaskScheme):
     name = "binary"
+    summary = "m in {0, 1}: the paper's binary mask, 1 bit per weight"
     values = (0, 1)
     bits = 1
     function = _BinaryMaskedWeight
@@ -154,6 +237,7 @@ class BinaryScheme(MaskScheme):
 
 class TernaryScheme(MaskScheme):
     name = "ternary"
+    summary = "m in {-1, 0, 1} (cut-offs at +-threshold), 2 bits per weight"
     values = (-1, 0, 1)
     bits = 2
     function = _TernaryMaskedWeight
@@ -178,9 +262,58 @@ class TernaryScheme(MaskScheme):
         return (nonzero * (1 - 2 * negative)).view(tuple(int(s) for s in shape))
 
 
-BINARY = BinaryScheme()
-TERNARY = TernaryScheme()
-SCHEMES: Dict[str, MaskScheme] = {s.name: s for s in (BINARY, TERNARY)}
+class AffineScheme(BinaryScheme):
+    """A binary mask M and four real values a, b, c, d per layer (or per output channel:
+    weight dimension 0) that turn the frozen weight into ``W' = a W + b (M W) + c M + d``.
+    They start at a = 0, b = 1, c = d = 0: with every mask entry on, the backbone itself;
+    piggyback is the case a = c = d = 0, b = 1. Stored as the binary mask's bits plus the
+    extras in float32."""
+
+    extras = ("a", "b", "c", "d")
+    function = _AffineMaskedWeight
+    extras_optimizer = "adam"
+    extras_lr = 1e-5
+
+    def __init__(self, name: str = "affine", per_channel: bool = False):
+        self.name = name
+        self.per_channel = per_channel
+        self.summary = ("binary mask M plus real a, b, c, d per " + ("output channel" if per_channel else "layer")
+                        + ": W' = a W + b (M W) + c M + d")
+
+    def extras_shape(self, weight_shape):
+        dims = len(weight_shape)
+        return (int(weight_shape[0]),) + (1,) * (dims - 1) if self.per_channel else (1,) * dims
+
+    def init_extras(self, weight):
+        shape = self.extras_shape(weight.shape)
+        start = {"a": 0.0, "b": 1.0, "c": 0.0, "d": 0.0}
+        return {k: torch.full(shape, v, dtype=torch.float32, device=weight.device) for k, v in start.items()}
+
+
+SCHEMES: Dict[str, MaskScheme] = {}
+
+
+def register_scheme(scheme: MaskScheme, *, replace: bool = False) -> MaskScheme:
+    """Add ``scheme`` to the registry under ``scheme.name`` (refused when the name is taken,
+    unless ``replace``); returns it. Every command's ``--scheme`` lists the registry."""
+    if not isinstance(scheme, MaskScheme):
+        raise UsageError(f"register_scheme takes a MaskScheme instance, got {type(scheme).__name__}")
+    if not scheme.name or not all(ch.isalnum() or ch in "-_" for ch in scheme.name):
+        raise UsageError(f"a scheme needs a name of letters, digits, '-' and '_', got {scheme.name!r}")
+    if scheme.name in SCHEMES and not replace:
+        raise UsageError(f"mask scheme {scheme.name!r} is already registered")
+    if not scheme.values or scheme.bits < 1:
+        raise UsageError(f"scheme {scheme.name!r} must state its mask values and bits per entry")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+for _scheme in (BinaryScheme(), TernaryScheme(), AffineScheme("affine"), AffineScheme("affine-channel", True)):
+    register_scheme(_scheme)
+
+
+def scheme_names() -> List[str]:
+    return list(SCHEMES)
 
 
 def get_scheme(name) -> MaskScheme:

@@ -20,11 +20,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from common.errors import MissingFileError, WeightsFileError
+from common.errors import MaskFileError, MissingFileError, WeightsFileError
 from common.runlog import atomic_write_bytes
 
 __all__ = ["save_weights_file", "read_weights_file", "read_weights_metadata", "load_weights_file",
-           "WEIGHTS_FILE_VERSION"]
+           "WEIGHTS_FILE_VERSION", "safetensors_metadata"]
 
 WEIGHTS_FILE_VERSION = 1
 PathLike = Union[str, os.PathLike]
@@ -43,17 +43,28 @@ def save_weights_file(path: PathLike, model: Union[nn.Module, Mapping[str, torch
     return atomic_write_bytes(path, st_save(tensors, metadata=header))
 
 
+def safetensors_metadata(path: PathLike, what: str = "safetensors") -> Dict[str, str]:
+    """The string metadata of a safetensors file, without reading its tensors (the one
+    header reader of the toolkit); a clear error naming the file when it is missing, a
+    folder or not safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        raise MissingFileError(f"{what} file {path} is a folder, not a file")
+    if not path.is_file():
+        raise MissingFileError(f"{what} file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        error = MaskFileError if what == "mask" else WeightsFileError
+        raise error(f"{path} is not a readable {what} file: {exc}") from None
+
+
 def read_weights_metadata(path: PathLike, format: Optional[str] = None) -> dict:
     """The ``meta`` of a weights file without reading its tensors; with ``format``, a file
     of another format is refused."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"weights file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsFileError(f"{path} is not a readable safetensors weights file: {exc}") from None
+    header = safetensors_metadata(path, "weights")
     legacy = "format" not in header and "user" in header
     if format is not None and not legacy and header.get("format") != format:
         raise WeightsFileError(f"{path} is not a {format} file (format={header.get('format')!r})")

@@ -2,9 +2,10 @@
 
 Everything is counted relative to one backbone of ``n`` 32-bit parameters (the imagenet12
 network with its own classifier, which solves the source task). Each further task adds
-its mask (1 bit per masked weight, 2 when ternary) and its own 32-bit parameters: the new
-classifier, task-specific normalisation layers and any other trained tensor saved with the
-mask. Nine plain 1-bit masks over all n weights give (32n + 9n) / 32n = 1.28, the paper's
+its mask (bits per masked weight of its scheme: 1 binary, 2 ternary) and its own 32-bit
+parameters: the new classifier, task-specific normalisation layers, the scheme's trained
+values beside the mask (``affine``'s four scalars per layer) and any other trained tensor
+saved with the mask. Nine plain 1-bit masks over all n weights give (32n + 9n) / 32n = 1.28, the paper's
 figure (section 6). Running statistics of task-specific BN are per-task values too but not
 parameters; like the backbone's own statistics they are left out of the ratio and show up
 in the bytes on disk.
@@ -32,8 +33,7 @@ BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _bits_per_entry(meta: dict) -> int:
-    scheme = meta.get("scheme") or ("ternary" if meta.get("ternary") else "binary")
-    return int(get_scheme(scheme).bits)
+    return int(get_scheme(meta["scheme"]).bits)
 
 
 def _head_prefixes(meta: dict, state: Mapping, norm_layers: set) -> tuple:
@@ -54,15 +54,17 @@ def mask_file_cost(path, *, head: Optional[str] = None) -> dict:
     scheme: 1 binary, 2 ternary), ``head_params`` (tensors of the task's new modules:
     ``head`` when given, else those the file records or its linear layers),
     ``norm_params`` (affine parameters of task-specific normalisation layers, recognised
-    by their running statistics), ``other_params`` (any other trained tensor), ``extra_params`` (the sum of the three:
+    by their running statistics), ``scheme_params`` (the scheme's values beside the mask),
+    ``other_params`` (any other trained tensor), ``extra_params`` (the sum of the four:
     the task's 32-bit parameters), ``statistic_values`` (running statistics),
-    ``sparsity`` (fraction of mask entries equal to 0), ``ternary`` and ``file_bytes``.
+    ``sparsity`` (fraction of mask entries equal to 0), ``scheme`` and ``file_bytes``.
     """
-    masks, state, meta = read_mask_file(path)
+    masks, state, meta, extras = read_mask_file(path)
     masked = sum(m.numel() for m in masks.values())
     norm_layers = {key.rsplit(".", 1)[0] for key in state if key.endswith(".running_mean")}
     heads = (f"{head}.",) if head else _head_prefixes(meta, state, norm_layers)
-    counts = {"head_params": 0, "norm_params": 0, "other_params": 0, "statistic_values": 0}
+    counts = {"head_params": 0, "norm_params": 0, "other_params": 0, "statistic_values": 0,
+              "scheme_params": sum(t.numel() for layer in extras.values() for t in layer.values())}
     for key, tensor in state.items():
         owner, leaf = key.rsplit(".", 1) if "." in key else ("", key)
         if leaf == "num_batches_tracked":
@@ -80,9 +82,10 @@ def mask_file_cost(path, *, head: Optional[str] = None) -> dict:
         "masked_weights": masked,
         "mask_bits": masked * _bits_per_entry(meta),
         **counts,
-        "extra_params": counts["head_params"] + counts["norm_params"] + counts["other_params"],
+        "extra_params": counts["head_params"] + counts["norm_params"] + counts["scheme_params"]
+        + counts["other_params"],
         "sparsity": sparsity_from_masks(masks)["total"],
-        "ternary": bool(meta["ternary"]),
+        "scheme": meta["scheme"],
         "file_bytes": Path(path).stat().st_size,
     }
 

@@ -10,9 +10,11 @@ Augmentation randomness is drawn from a generator seeded by ``(seed, epoch, inde
 samples do not depend on worker count, process count or on where a run was resumed.
 Augmentation itself lives in :mod:`decathlon.transforms`.
 
-OpenCV decodes a truncated JPEG or PNG without complaint (the missing rows come out
-grey), so :func:`load_image` checks that the file ends as its format requires before
-decoding it, and refuses a partial file naming it.
+Images are decoded by :func:`common.images.decode_rgb` (16-bit files scaled, alpha
+composited on white, EXIF orientation applied as OpenCV did before).  Decoders can
+accept a truncated JPEG or PNG (OpenCV fills the missing rows with grey), so
+:func:`load_image` first checks that the file ends as its format requires and refuses a
+partial file naming it.
 """
 from __future__ import annotations
 
@@ -22,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.distributed import DistInfo, make_sampler
 from common.errors import DataError, MissingFileError, UsageError
+from common.images import load_rgb_array
 from common.seed import epoch_generator, reseed_loader, worker_init_fn
 from decathlon.cache import DecodedCache
 from decathlon.tasks import TaskSpec, get_task
@@ -82,10 +84,13 @@ def load_image(path: Union[str, Path], what: str = "") -> np.ndarray:
     except OSError as exc:
         raise DataError(f"image file {path} {what}cannot be read: {exc.strerror or exc}") from None
     check_complete(data, path, what)
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
-    if img is None:
-        raise DataError(f"image file {path} {what}could not be decoded (not a readable image)")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if not data:
+        raise DataError(f"image file {path} {what}could not be decoded (not a readable image: empty file)")
+    try:
+        return load_rgb_array(io.BytesIO(data), exif_transpose=True)
+    except DataError as exc:
+        raise DataError(f"image file {path} {what}could not be decoded "
+                        f"(not a readable image: {getattr(exc, 'reason', exc)})") from None
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import List
 
 import torch
 
-from common.cli import resolve_device, run_cli
+from common.cli import Parser, resolve_device, run_cli
 from common.plots import save_run_plots
 from decathlon import pretrain, submit, train
 from decathlon.synthetic import make_synthetic_decathlon
@@ -42,7 +42,7 @@ SYNTHETIC_NOTICE = ("NOTE: the data is SYNTHETIC (generated images of coloured s
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m decathlon.demo",
         description="Generate a synthetic decathlon-1.0 tree, pretrain a small backbone, train "
                     "nine masks and write a scored submission, all offline.")
@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-classes", type=int, default=10,
                    help="classes with images in the synthetic imagenet12 (default: 10)")
     p.add_argument("--train-per-class", type=int, default=16,
-                   help="training images per class; imagenet12 gets 3x as many (default: 16)")
+                   help="training images per class; imagenet12 gets three times as many (default: 16)")
     p.add_argument("--pretrain-epochs", type=int, default=10,
                    help="epochs of imagenet12 pretraining (default: 10)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per mask task (default: 10)")
@@ -99,11 +99,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
 def _run(module, argv: List[str], log) -> dict:
     """Run an entry point in-process exactly as its command line would."""
     log(f"\n$ python -m {module.__name__} {' '.join(argv)}")
+    if hasattr(module, "parse_config"):  # training commands: one configuration
+        return module.main(module.parse_config(argv))
     parser = module.get_args_parser()
-    args = parser.parse_args(argv)
-    if hasattr(module, "check_args"):
-        args = module.check_args(parser, args)
-    return module.main(args)
+    return module.main(module.check_args(parser, parser.parse_args(argv)))
 
 
 def main(args: argparse.Namespace, log=print) -> dict:
@@ -123,7 +122,7 @@ def main(args: argparse.Namespace, log=print) -> dict:
                              test_per_class=held_out, seed=args.seed, labels_dir=labels)
     log(f"wrote a synthetic decathlon-1.0 tree to {data} and labelled test files to {labels} "
         f"({time.time() - t0:.0f}s)")
-    shared = ["--data-root", str(data), "--batch-size", str(args.batch_size), "--seed",
+    shared = ["--data-root", str(data), "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--seed",
               str(args.seed), "--device", args.device, "--workers", str(args.workers),
               "--print-freq", "1000"]
     _run(pretrain, ["--arch", args.arch, "--epochs", str(args.pretrain_epochs), "--lr", "0.05",

@@ -17,16 +17,13 @@ import torch.nn as nn
 from common.amp import Precision, resolve_switch
 from common.classify import ClassificationPipeline, evaluate_classifier, predict
 from common.distributed import DistInfo
+from common.methods import make_schedulers
 from common.engine import FitResult, FitState, compile_model, fit
-from common.errors import ResumeError
 from common.runlog import RunDir
 from decathlon.data import set_loader_epoch
 
 __all__ = ["Precision", "evaluate", "predict", "make_precision", "use_compile", "make_schedulers",
-           "train_classifier", "ResumeMismatch", "FitState", "fit"]
-
-# The name resume refusals had before the project's errors were unified.
-ResumeMismatch = ResumeError
+           "train_classifier", "FitState", "fit"]
 
 
 def evaluate(model: nn.Module, loader, *, prec: Precision) -> Dict[str, float]:
@@ -34,11 +31,7 @@ def evaluate(model: nn.Module, loader, *, prec: Precision) -> Dict[str, float]:
     return evaluate_classifier(model, loader, prec)
 
 
-# --compile values: on = torch.compile's default mode; cudagraphs = mode "reduce-overhead".
-COMPILE_CHOICES = ("auto", "on", "off", "cudagraphs")
-
-
-def make_precision(args, dist: DistInfo) -> Precision:
+def make_precision(cfg, dist: DistInfo) -> Precision:
     """fp32 (TF32 matrix units) by default; channels_last where the network is compiled on
     a CUDA device; bf16 autocast only when asked (``--amp on``). On an H100 under CUDA
     graphs, channels_last ran ``decathlon.train`` at 1.06x the images/s of NCHW at batch 32;
@@ -50,37 +43,31 @@ def make_precision(args, dist: DistInfo) -> Precision:
         torch.backends.cudnn.benchmark = True  # fixed 64x64 inputs: autotuning pays off
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cuda.matmul.allow_tf32 = True
-    compiled = dist.device.type == "cuda" and bool(use_compile(args, dist))
-    return Precision(dist.device, resolve_switch(args.amp, False), resolve_switch(args.channels_last, compiled))
+    compiled = dist.device.type == "cuda" and bool(use_compile(cfg, dist))
+    return Precision(dist.device, resolve_switch(cfg.amp, False), resolve_switch(cfg.channels_last, compiled))
 
 
-def use_compile(args, dist: DistInfo):
+def use_compile(cfg, dist: DistInfo):
     """``--compile``: False, True (default mode) or "reduce-overhead" (CUDA graphs).
     auto = CUDA graphs on a single CUDA device, where they were fastest end to end on an
     H100 at batch 32 and 128 (BENCHMARKS-gpu.md); the default mode across processes (DDP's
     gradient hooks); off on the CPU."""
-    if args.compile == "cudagraphs" or (args.compile == "auto" and dist.device.type == "cuda"
-                                        and dist.world_size == 1):
+    if cfg.compile == "cudagraphs" or (cfg.compile == "auto" and dist.device.type == "cuda"
+                                       and dist.world_size == 1):
         return "reduce-overhead"
-    return resolve_switch(args.compile, dist.device.type == "cuda")
+    return resolve_switch(cfg.compile, dist.device.type == "cuda")
 
 
-def make_schedulers(optimizers: Dict[str, torch.optim.Optimizer], args) -> Dict[str, Any]:
-    """Every learning rate times ``--lr-gamma`` after each epoch of ``--lr-steps``."""
-    return {name: torch.optim.lr_scheduler.MultiStepLR(o, milestones=sorted(args.lr_steps), gamma=args.lr_gamma)
-            for name, o in optimizers.items()}
-
-
-def train_classifier(run: RunDir, model: nn.Module, optimizers: Dict[str, torch.optim.Optimizer], args, *,
+def train_classifier(run: RunDir, model: nn.Module, optimizers: Dict[str, torch.optim.Optimizer], cfg, *,
                      dist: DistInfo, prec: Precision, train_loader, val_loader, num_classes: int,
                      config: Dict[str, Any], frozen_modules: Sequence[nn.Module] = (),
-                     may_change: Sequence[str] = (), header: str = "",
+                     header: str = "",
                      log: Callable[[str], None] = print) -> FitResult:
-    """Train (or resume) ``model`` in ``run`` to ``args.epochs`` with the classification
-    step; ``model`` is on ``prec.device`` already."""
-    train_model, eval_model = compile_model(model, dist, config["compile_used"])
-    state = FitState(model, optimizers, make_schedulers(optimizers, args), train_model, eval_model,
+    """Train (or resume) ``model`` in ``run`` to ``cfg.epochs`` with the classification
+    step; ``model`` is on ``prec.device`` already. ``config`` is the run's record."""
+    train_model, eval_model = compile_model(model, dist, config["resolved"]["compile"])
+    state = FitState(model, optimizers, make_schedulers(optimizers, cfg), train_model, eval_model,
                      frozen_modules)
     return fit(run, state, ClassificationPipeline(prec, val_loader, num_classes), train_loader,
-               epochs=args.epochs, config=config, dist=dist, set_epoch=partial(set_loader_epoch, train_loader),
-               print_freq=args.print_freq, header=header, log=log, may_change=may_change)
+               epochs=cfg.epochs, config=config, dist=dist, set_epoch=partial(set_loader_epoch, train_loader),
+               print_freq=cfg.print_freq, header=header, log=log, may_change=cfg.resume_free())

@@ -32,23 +32,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.errors import MissingFileError, UsageError, WeightsFileError
 from common.heads import get_classifier
-from common.runlog import atomic_write_bytes
+from common.maskfile import MASK_FORMAT
+from common.methods import WEIGHTS_FORMAT, _LEGACY_WEIGHTS_FORMATS
+from common.weightsfile import safetensors_metadata
 
 __all__ = ["WideResNet", "MODELS", "register_model", "create_model", "model_names",
            "save_backbone", "load_backbone", "open_backbone", "describe_run_file",
-           "remap_external_state_dict", "load_external_weights", "LoadReport", "save_weights",
-           "load_weights", "BACKBONE_FORMAT", "WEIGHTS_FORMAT", "BACKBONE_FILE"]
+           "remap_external_state_dict", "load_external_weights", "LoadReport",
+           "BACKBONE_FORMAT", "BACKBONE_FILE"]
 
 BACKBONE_FORMAT = "decathlon-backbone"
-WEIGHTS_FORMAT = "decathlon-weights"
 BACKBONE_FILE = "backbone.pt"  # the name decathlon.pretrain gives it in its run folder
-MASK_FORMAT = "piggyback-masks"  # common.maskfile's format tag
 
 
 class PreActBlock(nn.Module):
@@ -310,7 +307,7 @@ def _named_backbone(folder: Path) -> Optional[str]:
     for name, key in (("masks.safetensors", "user"), ("weights.safetensors", "meta")):
         if (folder / name).is_file():
             try:
-                named = _loads(_safetensors_header(folder / name).get(key)).get("backbone")
+                named = _loads(safetensors_metadata(folder / name).get(key)).get("backbone")
             except WeightsFileError:
                 continue
             if named:
@@ -349,29 +346,15 @@ def _describe_folder(path: Path) -> str:
             f"python -m decathlon.pretrain, or an external WRN state dict)")
 
 
-def _safetensors_header(path: Path) -> Dict[str, str]:
-    """The string metadata of a safetensors file (its JSON header's ``__metadata__``)."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n > 100_000_000:
-                raise ValueError(f"header length {n} is implausible")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as exc:
-        raise WeightsFileError(f"{path} is not a readable safetensors file: {_first_line(exc)}") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta if isinstance(meta, dict) else {}
-
-
 def _describe_safetensors(path: Path) -> Optional[str]:
-    header = _safetensors_header(path)
+    header = safetensors_metadata(path)
     fmt = header.get("format")
     if fmt == MASK_FORMAT:
         user = _loads(header.get("user"))
         return (f"{path} is the piggyback mask file of task {user.get('task', '?')!r} (masks, "
                 f"classifier and task BN from decathlon.train), not a backbone; "
                 f"{_pass_instead(path.parent, user.get('backbone'))}")
-    if fmt == WEIGHTS_FORMAT:
+    if fmt == WEIGHTS_FORMAT or fmt in _LEGACY_WEIGHTS_FORMATS:
         meta = _loads(header.get("meta"))
         return (f"{path} holds the full weights of a --method {meta.get('method', '?')} model of "
                 f"task {meta.get('task', '?')!r} (decathlon.train), not a backbone; "
@@ -481,27 +464,3 @@ def open_backbone(path, arch: Optional[str] = None, log: Callable[[str], None] =
     return model, {"arch": arch, "num_classes": get_classifier(model)[1].out_features,
                    "source": "external",
                    "import_report": {"missing": report.missing, "unexpected": report.unexpected}}
-
-
-def save_weights(path, model: nn.Module, **meta) -> None:
-    """All weights of a plainly trained model (the finetune / feature / scratch baselines)
-    as safetensors, with JSON metadata (arch, num_classes, task, method, ...)."""
-    header = {"format": WEIGHTS_FORMAT, "meta": json.dumps(meta, sort_keys=True)}
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, st_save(tensors, metadata=header))
-
-
-def load_weights(path, map_location="cpu") -> Tuple[nn.Module, dict]:
-    """The model written by :func:`save_weights` (its metadata must name arch and
-    num_classes) and that metadata."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"weights file {path} does not exist")
-    header = _safetensors_header(path)
-    if header.get("format") != WEIGHTS_FORMAT:
-        raise WeightsFileError(f"{path} is not a decathlon weights file (format="
-                               f"{header.get('format')!r}, expected {WEIGHTS_FORMAT!r})")
-    meta = json.loads(header["meta"])
-    model = create_model(meta["arch"], int(meta["num_classes"]))
-    model.load_state_dict(st_load(path.read_bytes()))
-    return model.to(map_location), meta

@@ -8,128 +8,103 @@ validation top-1).  Multi-GPU: ``torchrun --nproc_per_node N -m decathlon.pretra
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch.nn as nn
 
 from common.amp import maybe_channels_last
-from common.cli import add_common_args, run_cli
+from common.cli import run_config_cli
+from common.config import build_parser
 from common.distributed import DistInfo, cleanup, init_distributed
-from common.heads import get_classifier
-from common.methods import OPTIMIZERS, make_optimizer
-from common.runlog import RunDir
+from common.heads import get_classifier, reset_classifier
+from common.methods import make_optimizer
+from common.runlog import RunDir, file_sha256
+from common.runs import start_run
 from common.seed import seed_everything
+from decathlon.config import DecathlonPretrainConfig
 from decathlon.engine import make_precision, train_classifier, use_compile
-from decathlon.methods import replace_head
-from decathlon.models import create_model, model_names, open_backbone, save_backbone
-from decathlon.tasks import SOURCE_TASK, TASK_NAMES, get_task
-from decathlon.train import (DATA_ROOT_ENV, DEFAULT_DATA_ROOT, MAY_CHANGE_ON_RESUME, absolute_paths,
-                             add_data_args, check_data_args, file_sha256, make_loaders, override_help)
+from decathlon.loaders import make_loaders, use_device_loader
+from decathlon.models import create_model, open_backbone, save_backbone
+from decathlon.tasks import get_task
 
-__all__ = ["get_args_parser", "check_args", "build_model", "pretrain", "main"]
+__all__ = ["get_args_parser", "parse_config", "build_model", "pretrain", "main", "cli"]
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m decathlon.pretrain",
-        description="Train a decathlon backbone on imagenet12 and write OUT/backbone.pt "
-                    "for decathlon.train --backbone.")
-    add_common_args(p, data_root_env=DATA_ROOT_ENV, default_data_root=DEFAULT_DATA_ROOT,
-                    default_epochs=40, default_batch_size=256, default_arch="wrn28_4",
-                    default_out="runs/pretrain")
-    override_help(p, {"backbone": "start from these weights instead of random ones: a "
-                                  "decathlon.pretrain backbone.pt, or an external WRN state "
-                                  "dict imported by key mapping (default: random init)",
-                      "arch": f"network to train: one of {', '.join(model_names())} (default: "
-                              f"wrn28_4; with --backbone, the file's architecture)"})
-    p.set_defaults(arch=None)
-    p.add_argument("--task", default=SOURCE_TASK, choices=TASK_NAMES, metavar="TASK",
-                   help=f"task to train the backbone on (default: {SOURCE_TASK})")
-    p.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
-                   help="optimiser (sgd has momentum 0.9) (default: sgd)")
-    p.add_argument("--lr", type=float, default=0.1, help="base learning rate (default: 0.1)")
-    p.add_argument("--weight-decay", type=float, default=5e-4,
-                   help="weight decay (default: 5e-4)")
-    p.add_argument("--lr-steps", type=int, nargs="*", default=None, metavar="EPOCH",
-                   help="epochs after which the learning rate is multiplied by --lr-gamma "
-                        "(default: at 50%% and 75%% of --epochs)")
-    p.add_argument("--lr-gamma", type=float, default=0.1,
-                   help="learning-rate decay factor (default: 0.1)")
-    add_data_args(p)
-    return p
+def get_args_parser():
+    return build_parser(DecathlonPretrainConfig, "Train a decathlon backbone on imagenet12 and write "
+                                                 "OUT/backbone.pt for decathlon.train --backbone.")
 
 
-def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    if args.arch is not None and args.arch not in model_names():
-        p.error(f"--arch {args.arch!r} is unknown; valid: {', '.join(model_names())}")
-    check_data_args(p, args)
-    if args.lr_steps is None:
-        args.lr_steps = sorted({max(1, args.epochs // 2), max(1, args.epochs * 3 // 4)})
-    return args
+def parse_config(argv=None) -> DecathlonPretrainConfig:
+    return DecathlonPretrainConfig.from_cli(get_args_parser(), argv)
 
 
-def build_model(args, num_classes: int, log) -> nn.Module:
+def build_model(cfg, num_classes: int, log) -> Tuple[nn.Module, str]:
     """Random ``--arch`` weights, or ``--backbone`` (e.g. imported weights to adapt to
-    64 x 64 inputs) with a classifier of ``num_classes``; sets ``args.arch``."""
-    if not args.backbone:
-        args.arch = args.arch or "wrn28_4"
-        return create_model(args.arch, num_classes)
-    model, meta = open_backbone(args.backbone, args.arch, log=log)
-    args.arch = meta["arch"]
-    return model if get_classifier(model)[1].out_features == num_classes else replace_head(model, num_classes)
+    64 x 64 inputs) with a classifier of ``num_classes``; and the architecture."""
+    if not cfg.backbone:
+        arch = cfg.arch or "wrn28_4"
+        return create_model(arch, num_classes), arch
+    model, meta = open_backbone(cfg.backbone, cfg.arch, log=log)
+    if get_classifier(model)[1].out_features != num_classes:
+        reset_classifier(model, num_classes)
+    return model, meta["arch"]
 
 
-def pretrain(args: argparse.Namespace, dist: DistInfo) -> Dict[str, Any]:
-    """Train (or resume) the backbone into ``args.out``; returns its metrics."""
+def pretrain(cfg: DecathlonPretrainConfig, dist: DistInfo) -> Dict[str, Any]:
+    """Train (or resume) the backbone into ``cfg.out``; returns its metrics."""
     log = partial(print, flush=True) if dist.is_main else (lambda *_: None)
-    run = RunDir(args.out, dist.is_main)
-    seed_everything(args.seed, dist.rank)
-    spec = get_task(args.task)
-    prec = make_precision(args, dist)
-    model = build_model(args, spec.num_classes, log)
+    run = RunDir(cfg.out, dist.is_main)
+    seed_everything(cfg.seed, dist.rank)
+    spec = get_task(cfg.task)
+    prec = make_precision(cfg, dist)
+    model, arch = build_model(cfg, spec.num_classes, log)
     model = maybe_channels_last(model.to(prec.device), prec.channels_last)
-    optimizers = {"main": make_optimizer(args.optimizer, model.parameters(), lr=args.lr,
-                                         weight_decay=args.weight_decay)}
-    train_loader, val_loader = make_loaders(args, args.task, "train", dist)
-    config = absolute_paths(vars(args), ("data_root", "out", "cache_dir", "backbone"))
-    config.update(world_size=dist.world_size, amp_used=prec.amp, channels_last_used=prec.channels_last,
-                  compile_used=use_compile(args, dist),
-                  backbone_sha256=file_sha256(args.backbone) if args.backbone else None,
-                  train_images=len(train_loader.dataset), val_images=len(val_loader.dataset))
-    log(f"pretraining {args.arch} on {args.task}: {len(train_loader.dataset)} train / "
+    optimizers = {"main": make_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr,
+                                         weight_decay=cfg.weight_decay, momentum=cfg.momentum)}
+    train_loader, val_loader = make_loaders(cfg, cfg.task, "train", dist)
+    record = start_run(cfg, dist, arch=arch, amp=prec.amp, channels_last=prec.channels_last,
+                       compile=use_compile(cfg, dist), loader="device" if use_device_loader(cfg, dist) else "workers",
+                       images_on_device=getattr(train_loader, "resident", None),
+                       backbone_sha256=file_sha256(cfg.backbone) if cfg.backbone else None,
+                       train_images=len(train_loader.dataset), val_images=len(val_loader.dataset))
+    log(f"pretraining {arch} on {cfg.task}: {len(train_loader.dataset)} train / "
         f"{len(val_loader.dataset)} val images, device {prec.device}")
     t0 = time.time()
-    result = train_classifier(run, model, optimizers, args, dist=dist, prec=prec, train_loader=train_loader,
-                              val_loader=val_loader, num_classes=spec.num_classes, config=config,
-                              may_change=MAY_CHANGE_ON_RESUME, header=f"[{args.task}] ", log=log)
+    result = train_classifier(run, model, optimizers, cfg, dist=dist, prec=prec, train_loader=train_loader,
+                              val_loader=val_loader, num_classes=spec.num_classes, config=record,
+                              header=f"[{cfg.task}] ", log=log)
     last = result.record
-    metrics = {"task": args.task, "arch": args.arch, "num_classes": spec.num_classes,
-               "epochs": args.epochs, "val_top1": last["val_top1"],
+    metrics = {"task": cfg.task, "arch": arch, "num_classes": spec.num_classes,
+               "epochs": cfg.epochs, "val_top1": last["val_top1"],
                "val_count": last["val_count"], "train_top1": last["train_top1"],
                "train_loss": last["train_loss"], "time_s": time.time() - t0, "collapse": result.collapse}
+    if result.start_epoch >= len(result.history) and run.file("backbone.pt").is_file() \
+            and run.file("metrics.json").is_file():
+        log(f"already finished: {run.path} is unchanged")
+        return run.read_json("metrics.json")
     if dist.is_main:
-        save_backbone(run.file("backbone.pt"), model, args.arch, task=args.task,
-                      epochs=args.epochs, val_top1=last["val_top1"], seed=args.seed,
-                      resize=args.resize, crop=args.crop)
+        save_backbone(run.file("backbone.pt"), model, arch, task=cfg.task,
+                      epochs=cfg.epochs, val_top1=last["val_top1"], seed=cfg.seed,
+                      resize=cfg.resize, crop=cfg.crop)
     run.write_json("metrics.json", metrics)
     log(f"backbone written to {run.file('backbone.pt')} (val top-1 {last['val_top1']:.2f}%)")
     return metrics
 
 
-def main(args: argparse.Namespace) -> Dict[str, Any]:
-    dist = init_distributed(args.device)
+def main(cfg: DecathlonPretrainConfig) -> Dict[str, Any]:
+    dist = init_distributed(cfg.device, threads=cfg.threads, workers=cfg.workers)
     try:
-        return pretrain(args, dist)
+        return pretrain(cfg, dist)
     finally:
         cleanup()
 
 
 def cli(argv=None) -> int:
-    return run_cli(get_args_parser(), main, argv, check_args)
+    return run_config_cli(lambda: parse_config(argv), main, DecathlonPretrainConfig.PROG)
 
 
 if __name__ == "__main__":

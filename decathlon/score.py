@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from common.cli import run_cli
+from common.cli import Parser, run_cli
 from common.errors import DataError
 
 # Top-1 test accuracy (percent) of the challenge's Finetune baseline, in the challenge's
@@ -285,7 +285,7 @@ def load_accuracies(path: str) -> dict[str, float]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m decathlon.score",
         description="Visual Decathlon score, from per-task accuracies or from a submission "
                     "and labelled test annotations; prints JSON.")

@@ -34,12 +34,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from common.cli import add_common_args, resolve_device, run_cli
+from common.cli import DEVICE_CHOICES_HELP, Parser, positive_int, resolve_device, resolve_workers, run_cli
 from common.engine import EVAL_COMPILE_HELP, EVAL_COMPILE_MODES, compile_for_eval
 from common.errors import MissingFileError, UsageError
 from common.heads import classifier_name, reset_classifier
-from common.maskfile import load_masks, read_mask_metadata
+from common.maskfile import load_masks
 from common.masking import fold_masks, piggyback
+from common.methods import MASKS_FILE, get_method, read_task_metadata, task_file
 from common.multitask import MultiTaskModel
 from common.plots import plot_grouped_bars, save_run_plots
 from common.runlog import atomic_write_bytes, atomic_write_json
@@ -51,13 +52,13 @@ from decathlon.score import (FINETUNE_TOP1, PIGGYBACK_TOP1, SubmissionError, Tas
                              decathlon_score, load_test_labels, score_results, task_points,
                              validate_results)
 from decathlon.tasks import MASK_TASKS, SOURCE_TASK, TASK_NAMES, get_task
-from decathlon.train import DATA_ROOT_ENV, DEFAULT_DATA_ROOT
+from decathlon.config import DATA_ROOT_ENV, DEFAULT_DATA_ROOT
 
 __all__ = ["get_args_parser", "main", "TaskRun", "find_runs", "predict_tasks", "build_summary",
            "format_summary", "write_submission", "task_test_set", "select_tasks", "MODES",
            "TASKS_PNG"]
 
-MASK_FILE = "masks.safetensors"
+MASK_FILE = MASKS_FILE
 TASKS_PNG = "tasks.png"
 
 
@@ -81,18 +82,23 @@ def _read_json(path: Path) -> dict:
 
 
 def find_runs(runs_dir, tasks=MASK_TASKS) -> Tuple[Dict[str, TaskRun], List[str]]:
-    """The task runs under ``runs_dir`` (``<task>/masks.safetensors``) and the tasks lacking one."""
+    """The task runs under ``runs_dir`` whose method trained masks, and the tasks lacking
+    one (no finished run, or a baseline's full weights)."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise MissingFileError(f"--runs {runs_dir} is not a folder (expected the --out of "
                               f"python -m decathlon.train, holding <task>/{MASK_FILE})")
     found, missing = {}, []
     for task in tasks:
-        path = runs_dir / task / MASK_FILE
-        if not path.is_file():
+        try:
+            meta = read_task_metadata(runs_dir / task)
+        except MissingFileError:
             missing.append(task)
             continue
-        meta = read_mask_metadata(path)
+        path = Path(meta["file"])
+        if not get_method(meta.get("method", "piggyback")).uses_masks:
+            missing.append(task)
+            continue
         if meta.get("task", task) != task:
             raise SubmissionError(f"{path} holds masks of task {meta['task']!r}, not {task!r}")
         found[task] = TaskRun(task, path, meta, _read_json(runs_dir / task / "metrics.json"),
@@ -124,7 +130,7 @@ def _task_model(backbone: nn.Module, run: TaskRun) -> nn.Module:
         # A file that does not record its conversion (mask-file version 1): redo it as
         # decathlon.train did. Newer files convert the plain copy themselves.
         reset_classifier(model, int(run.meta.get("num_classes", get_task(run.task).num_classes)))
-        piggyback(model, threshold=run.meta["threshold"], ternary=run.meta["ternary"],
+        piggyback(model, threshold=run.meta["threshold"], scheme=run.meta["scheme"],
                   train_bn=bool(run.meta.get("train_bn", False)), skip=_skip(model, run.meta))
     load_masks(model, run.mask_path)
     return fold_masks(model).eval()
@@ -143,22 +149,16 @@ class _Folded:
 
 
 class _Switched:
-    """--mode multitask: one piggybacked backbone in memory, each task's masks and head
-    switched in by ``MultiTaskModel.set_task``."""
+    """--mode multitask: one piggybacked backbone in memory, each task's masks (of any
+    scheme), scheme extras and head switched in by ``MultiTaskModel.set_task``."""
 
     def __init__(self, backbone: nn.Module, runs: Dict[str, TaskRun], device: torch.device):
-        kinds = {bool(r.meta["ternary"]) for r in runs.values()}
-        if len(kinds) > 1:
-            raise UsageError("--mode multitask needs every task's masks of one kind, but the runs "
-                             "mix binary and ternary masks; use --mode fold")
-        ternary = kinds.pop() if kinds else False
         # Task-specific BN is per-task state: tasks without it get the backbone's own BN back.
         train_bn = any(bool(r.meta.get("train_bn", False)) for r in runs.values())
         threshold = next(iter(runs.values())).meta["threshold"] if runs else 5e-3
         base = copy.deepcopy(backbone)
         meta = next(iter(runs.values())).meta if runs else {}
-        piggyback(base, threshold=threshold, ternary=ternary, train_bn=train_bn,
-                  skip=_skip(base, meta))
+        piggyback(base, threshold=threshold, train_bn=train_bn, skip=_skip(base, meta))
         self.model = MultiTaskModel(base)
         self.model.add_backbone_task(SOURCE_TASK)
         for task, run in runs.items():
@@ -189,7 +189,7 @@ def predict_tasks(predictor, tasks: List[str], runs: Dict[str, TaskRun], backbon
         resize, crop = _image_size(runs.get(task), backbone_meta)
         dataset = DecathlonDataset(args.data_root, task, "test",
                                    transform=build_transforms(task, False, resize=resize, crop=crop))
-        loader = build_loader(dataset, batch_size=args.batch_size, train=False, workers=args.workers)
+        loader = build_loader(dataset, batch_size=args.batch_size, train=False, workers=resolve_workers(args.workers))
         model = compile_for_eval(predictor.model_for(task), args.compile)
         classes = predict(model, loader, prec=prec).tolist()
         pairs += [(i, spec.category_id(c)) for i, c in zip(dataset.image_ids, classes)]
@@ -384,33 +384,24 @@ def write_submission(out, pairs: List[Tuple[int, int]], summary: dict,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m decathlon.submit",
-        description="Predict the test images of all ten decathlon tasks with one backbone and "
-                    "nine mask files; write results.json, results.zip and a summary.")
-    add_common_args(p, data_root_env=DATA_ROOT_ENV, default_data_root=DEFAULT_DATA_ROOT,
-                    default_epochs=1, default_batch_size=256, default_arch="wrn28_4",
-                    default_out="submissions/latest")
-    # Nothing is trained here: --epochs and --seed have no meaning and are refused; --arch
-    # only checks the backbone file's architecture.
-    p.set_defaults(epochs=None, seed=None, arch=None)
-    helps = {
-        "epochs": argparse.SUPPRESS, "seed": argparse.SUPPRESS,
-        "arch": "check that the backbone file holds this architecture (default: no check)",
-        "backbone": "the backbone file the masks were trained on (default: the one the runs' "
-                    "mask files name)",
-        "out": "folder for results.json, results.zip, summary.json, summary.md and tasks.png "
-               "(default: submissions/latest)",
-        "batch_size": "test images per batch (default: 256)",
-        "workers": "DataLoader worker processes reading the test images; 0 reads them in the "
-                   "main process (default: min(8, CPU count))",
-        "data_root": p._option_string_actions["--data-root"].help.replace(
-            "folder holding the dataset", "decathlon-1.0 folder holding the test annotations"),
-    }
-    for action in p._actions:
-        action.help = helps.get(action.dest, action.help)
+    p = Parser(prog="python -m decathlon.submit",
+               description="Predict the test images of all ten decathlon tasks with one backbone and "
+                           "nine mask files; write results.json, results.zip and a summary.")
+    env = os.environ.get(DATA_ROOT_ENV)
     p.add_argument("--runs", required=True, metavar="DIR",
                    help=f"the --out folder of decathlon.train, holding <task>/{MASK_FILE}")
+    p.add_argument("--data-root", default=env or DEFAULT_DATA_ROOT, metavar="DIR",
+                   help=f"decathlon-1.0 folder holding the test annotations (default: ${DATA_ROOT_ENV} if set, "
+                        f"else {DEFAULT_DATA_ROOT})")
+    p.add_argument("--backbone", default=None, metavar="PATH",
+                   help="the backbone file the masks were trained on (default: the one the runs' mask files name)")
+    p.add_argument("--arch", default=None, metavar="NAME",
+                   help="check that the backbone file holds this architecture (default: no check)")
+    p.add_argument("--out", default="submissions/latest", metavar="DIR",
+                   help="folder for results.json, results.zip, summary.json, summary.md and tasks.png "
+                        "(default: submissions/latest)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a submission already in --out (default: refuse)")
     p.add_argument("--mode", choices=list(MODES), default="multitask",
                    help="multitask: one backbone in memory, masks switched per task; fold: one "
                         "plain network per task with its masks folded in (default: multitask)")
@@ -419,16 +410,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "predictions and score 0 (listed in the summary)")
     p.add_argument("--labels", default=None, metavar="DIR",
                    help="also score the submission against labelled <task>_test.json files here")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="test images per batch (default: 256)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes reading the test images; 0 reads them in the main "
+                        "process (default: half the usable CPU cores, at most 8)")
+    p.add_argument("--device", default="auto", help=f"where to run: {DEVICE_CHOICES_HELP} (default: auto)")
     p.add_argument("--compile", choices=list(EVAL_COMPILE_MODES), default="auto",
                    help=EVAL_COMPILE_HELP.replace("this evaluation", "each task's predictions (once per task)"))
     return p
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    if args.epochs is not None or args.seed is not None:
-        p.error("--epochs and --seed do not apply: decathlon.submit trains nothing")
     if args.labels is not None and not Path(args.labels).is_dir():
         p.error(f"--labels {args.labels} is not a folder")
+    if args.workers is not None and args.workers < 0:
+        p.error(f"--workers must be >= 0, got {args.workers}")
+    if (Path(args.out) / "results.json").exists() and not args.overwrite:
+        p.error(f"--out {args.out} already holds a submission (results.json); pass --overwrite to replace it, "
+                f"or choose another --out")
     return args
 
 
@@ -443,11 +442,18 @@ def _backbone_path(args, runs: Dict[str, TaskRun]) -> Path:
                      f"file (they name {named or 'none'})")
 
 
+def _is_baseline(run_dir: Path) -> bool:
+    try:
+        return not get_method(read_task_metadata(run_dir).get("method", "piggyback")).uses_masks
+    except MissingFileError:
+        return False
+
+
 def select_tasks(args) -> Tuple[Dict[str, TaskRun], List[str], List[str]]:
     """(runs to submit, missing tasks, tasks to predict); missing tasks (no run, or no
     test annotations) are refused unless --allow-missing."""
     runs, no_run = find_runs(args.runs)
-    baselines = [t for t in no_run if (Path(args.runs) / t / "weights.safetensors").is_file()]
+    baselines = [t for t in no_run if _is_baseline(Path(args.runs) / t)]
     no_data = [t for t in TASK_NAMES if t not in no_run
                and not annotation_path(args.data_root, t, "test_stripped").is_file()]
     if (no_run or no_data) and not args.allow_missing:
@@ -456,8 +462,11 @@ def select_tasks(args) -> Tuple[Dict[str, TaskRun], List[str], List[str]]:
             + (f"no {MASK_FILE} under {args.runs} for {', '.join(no_run)}; " if no_run else "")
             + (f"({', '.join(baselines)} hold weights.safetensors of a baseline method, which "
                "this command does not submit); " if baselines else "")
-            + (f"no test annotations under {args.data_root} for {', '.join(no_data)}; " if no_data else "")
-            + "train them, or pass --allow-missing to submit without them (they score 0)")
+            + (f"no test annotations ({{task}}_test_stripped.json) under --data-root {args.data_root} for "
+               f"{', '.join(no_data)}: point --data-root (or ${DATA_ROOT_ENV}) at the decathlon-1.0 folder; "
+               if no_data else "")
+            + ("train them, or " if no_run else "")
+            + "pass --allow-missing to submit without them (they score 0)")
     missing = [t for t in TASK_NAMES if t in no_run or t in no_data]
     tasks = [t for t in TASK_NAMES if t not in missing]
     return {t: r for t, r in runs.items() if t in tasks}, missing, tasks

@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from common.errors import DataError, UsageError
+from common.images import load_rgb_array
 
 __all__ = [
     "IGNORE_INDEX", "NUM_CLASSES", "DataError", "InputConvention", "CONVENTIONS",
@@ -134,15 +135,13 @@ def read_voc_label(path, num_classes: int = NUM_CLASSES) -> np.ndarray:
 
 
 def read_image(path) -> np.ndarray:
-    """uint8 H x W x 3 RGB array of a JPEG (or any image PIL reads)."""
+    """uint8 H x W x 3 RGB array of a JPEG (or any image PIL reads), decoded by
+    :func:`common.images.load_rgb_array`; no EXIF rotation, so pixels stay aligned with
+    the label map drawn on the stored image."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image {path} does not exist")
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"))
-    except OSError as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
+    return load_rgb_array(path)
 
 
 LABEL_READERS: Dict[str, Callable[..., np.ndarray]] = {".mat": read_sbd_label, ".png": read_voc_label}

@@ -20,7 +20,7 @@ from typing import List
 
 import torch
 
-from common.cli import DEVICE_CHOICES_HELP, run_cli
+from common.cli import DEVICE_CHOICES_HELP, Parser, run_cli
 from common.plots import save_run_plots
 from common.runlog import RunDir, atomic_write_bytes, atomic_write_json
 
@@ -38,7 +38,7 @@ ARCH = "vgg-tiny"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m segmentation.demo",
+    p = Parser(prog="python -m segmentation.demo",
                                 description="Run the segmentation pipeline end to end on synthetic data.")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="empty or new folder for the data (DIR/data), the run (DIR/run) and DIR/metrics.json")
@@ -100,10 +100,7 @@ def main(args: argparse.Namespace) -> dict:
     backbone = write_synthetic_backbone(data / f"synthetic-{ARCH}.pth", args.seed)
     print(f"synthetic SBD tree in {layout.sbd}, VOC tree in {layout.voc}, backbone {backbone}")
 
-    train_parser = train_cli.get_args_parser()
-    train_args = train_cli.check_args(train_parser, train_parser.parse_args(
-        _train_argv(args, data, backbone, layout.seg11valid, run)))
-    trained = train_cli.main(train_args)
+    trained = train_cli.main(train_cli.parse_config(_train_argv(args, data, backbone, layout.seg11valid, run)))
 
     eval_parser = evaluate_cli.get_args_parser()
     eval_args = evaluate_cli.check_args(eval_parser, eval_parser.parse_args(

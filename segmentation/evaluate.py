@@ -20,7 +20,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.amp import default_amp
-from common.cli import DEVICE_CHOICES_HELP, default_workers, resolve_device, run_cli
+from common.cli import DEVICE_CHOICES_HELP, Parser, resolve_device, resolve_workers, run_cli
+from common.config import read_run_config
+from common.methods import MaskSettings, load_task
 from common.distributed import cleanup, init_distributed, make_sampler
 from common.engine import compile_for_eval
 from common.errors import UsageError
@@ -31,12 +33,12 @@ from .data import IGNORE_INDEX, NUM_CLASSES, SPLITS, SegmentationDataset, build_
 from .engine import evaluate, predict, summarize
 from .palette import save_label_png, save_overview
 from .report import format_metrics, format_storage, storage_report
-from .runs import build_model, load_task_weights
+from .runs import build_model
 from .weights import resolve_backbone
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m segmentation.evaluate",
+    parser = Parser(prog="python -m segmentation.evaluate",
                                      description="Evaluate a saved FCN-32s segmentation run", add_help=add_help)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by segmentation.train")
     parser.add_argument("--data-root", default=None, metavar="DIR", help="dataset folder (default: the run's)")
@@ -56,16 +58,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--pictures-dir", default=None, metavar="DIR",
                         help="folder for the pictures (default: RUN_DIR/pictures)")
     parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES_HELP} (default: auto)")
-    parser.add_argument("--workers", type=int, default=default_workers(),
-                        help=f"DataLoader workers (default: {default_workers()})")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers (default: half the usable CPU cores, at most 8)")
     parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                         help="bf16 autocast; auto = on for CUDA devices with bf16 (default: auto)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="torch.compile the FCN for this evaluation, with dynamic image sizes "
-                             "(a graph per distinct size up to torch's recompile limit); auto = off: "
-                             "the evaluation sees each image once, and on an H100 compiling even the "
-                             "smaller WRN-28-4 paid back only after 1.3 M images (BENCHMARKS-gpu.md, "
-                             "6c) (default: auto)")
+                        help="torch.compile the FCN for this evaluation, with dynamic image sizes (a graph per "
+                             "distinct size up to torch's recompile limit); auto = off: each image is seen once, "
+                             "and compiling pays back only over far more images (BENCHMARKS-gpu.md) (default: auto)")
     return parser
 
 
@@ -76,7 +76,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
         parser.error(f"--pictures must be >= 0, got {args.pictures}")
     if args.pictures_dir and not args.pictures:
         parser.error("--pictures-dir needs --pictures N")
-    if args.workers < 0:
+    if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     try:
         resolve_device(args.device)
@@ -131,8 +131,8 @@ def main(args: argparse.Namespace) -> dict:
     if not run.file(RunDir.CONFIG).is_file():
         raise RunMismatch(f"{run.file(RunDir.CONFIG)} does not exist: RUN_DIR must be a folder written by "
                         f"python -m segmentation.train")
-    config = run.read_config()
-    dist_info = init_distributed(args.device)
+    config = read_run_config(run.path)
+    dist_info = init_distributed(args.device, workers=args.workers)
     try:
         return _evaluate_run(args, run, config, dist_info)
     finally:
@@ -143,19 +143,21 @@ def _evaluate_run(args, run: RunDir, config: dict, dist_info) -> dict:
     device = dist_info.device
     amp = default_amp(device) if args.amp == "auto" else args.amp == "on"
     source = _source_for(config, args)
-    mask_options = {k: config[k] for k in ("threshold", "mask_init", "mask_scale")
-                    if config["method"] == "piggyback" and config.get(k) is not None}
+    masks = None
+    if config["method"] == "piggyback":
+        masks = MaskSettings(**{k: config[k] for k in ("scheme", "threshold", "mask_init", "mask_scale")
+                                if config.get(k) is not None})
     model = build_model(config["arch"], config["method"], source, seed=config["seed"],
                         learn_upsample=config["learn_upsample"], num_classes=config.get("num_classes", NUM_CLASSES),
-                        mask_options=mask_options)
-    load_task_weights(model, run.path, config["method"], args.weights)
+                        masks=masks)
+    load_task(args.weights or run.path, model)
     model.to(device)
 
     split = args.split or config["split"]
     val_list = args.val_list or (config.get("val_list") if split == "sbd" else None)
     dataset = build_split(split, "val", args.data_root or config["data_root"], source.convention, val_list)
     loader = DataLoader(dataset, batch_size=1, sampler=make_sampler(dataset, dist_info, False, 0),
-                        num_workers=args.workers, collate_fn=pad_collate)
+                        num_workers=resolve_workers(args.workers), collate_fn=pad_collate)
     metrics = evaluate(compile_for_eval(model, args.compile, dynamic=True), loader, device, model.num_classes, amp=amp,
                        is_main=dist_info.is_main)
     names = class_names()

@@ -83,11 +83,11 @@ def test_gpu_benchmark_run_precisions_reach_decathlon_train_as_flags():
     fp32, cl and bf16cl name both switches, so a later change of the defaults does not
     change what they measure."""
     from benchmarks.gpu import parse_run
-    from decathlon.train import get_args_parser
+    from decathlon.train import parse_config
 
     def switches(spec):
         label, flags = parse_run(spec)
-        args = get_args_parser().parse_args(["--task", "svhn", *flags])
+        args = parse_config(["--task", "svhn", "--backbone", "x.pt", *flags])
         return label, args.amp, args.channels_last
 
     assert switches("32:cudagraphs:resident") == ("piggyback, batch 32, CUDA graphs, resident loader", "auto", "auto")

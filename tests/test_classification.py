@@ -15,6 +15,7 @@ from classification.data import (ClassificationTransform, ImageFolderDataset, ra
                                  resolve_split, subset_indices)
 from classification.models import arch_source, create_model
 from classification.weights import LAYOUTS, fit_state_dict, load_pretrained, read_state_dict, resolve_weights
+from common.config import read_run_config
 from common.errors import DataError, MissingFileError, PiggybackError, UsageError, WeightsFileError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +246,7 @@ def test_train_piggyback_writes_the_run_folder_resumes_and_evaluates(tiny):
     for name in ("config.json", "log.jsonl", "checkpoint.pt", "masks.safetensors", "metrics.json",
                  "sparsity.png", "curves.png"):
         assert (out / name).is_file(), name
-    config = json.loads((out / "config.json").read_text())
+    config = read_run_config(out)
     assert config["arch"] == "test_resnet" and config["recipe"] == "default" and config["classifier"] == "fc"
     assert config["mask_init"] == "spread" and config["classes"] == ["cat", "dog", "eel"]
     metrics = json.loads((out / "metrics.json").read_text())

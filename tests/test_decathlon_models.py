@@ -11,10 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.masking import MaskedConv2d, MaskedLayer, masked_modules
-from decathlon.methods import METHODS, replace_head
-from decathlon.models import (create_model, load_backbone, load_external_weights, load_weights,
+from common.heads import reset_classifier
+from common.methods import METHODS, MaskSettings, load_task, save_task
+from decathlon.models import (create_model, load_backbone, load_external_weights,
                               model_names, open_backbone, remap_external_state_dict,
-                              save_backbone, save_weights)
+                              save_backbone)
 
 
 def _count(model, kind):
@@ -133,21 +134,23 @@ def test_external_import_reports_exact_unmatched_keys():
 
 def test_weights_file_round_trip(tmp_path):
     model = create_model("wrn10_1", 3)
-    save_weights(tmp_path / "w.safetensors", model, arch="wrn10_1", num_classes=3, task="svhn")
-    loaded, meta = load_weights(tmp_path / "w.safetensors")
-    assert meta["task"] == "svhn"
+    path = save_task(tmp_path, model, "finetune", arch="wrn10_1", num_classes=3, task="svhn")
+    assert path.name == "weights.safetensors"
+    loaded = create_model("wrn10_1", 3)
+    meta = load_task(tmp_path, loaded)
+    assert meta["task"] == "svhn" and meta["method"] == "finetune"
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-
-
-_ARGS = SimpleNamespace(threshold=5e-3, mask_init="constant", mask_scale=1e-2, ternary=False, train_bn=False)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_methods_train_exactly_their_parameters(name):
     torch.manual_seed(0)
-    model = replace_head(create_model("wrn10_1", 1000), 6)
-    prepared = METHODS[name].prepare(model, _ARGS)
-    trainable = {id(p) for p in prepared.main + prepared.head}
+    model = create_model("wrn10_1", 1000)
+    reset_classifier(model, 6)
+    method = METHODS[name]
+    prepared = method.prepare(model, head=("fc",), masks=MaskSettings(mask_init="constant") if method.uses_masks
+                              else None)
+    trainable = {id(p) for p in prepared.main + prepared.head + prepared.extras}
     assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
     frozen_before = {k: v.clone() for k, v in model.state_dict().items() if "mask_real" not in k and not k.startswith("fc.")}
     model.train()

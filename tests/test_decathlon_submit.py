@@ -19,8 +19,9 @@ from common.maskfile import save_masks
 from common.masking import masked_modules, piggyback
 from decathlon.accounting import decathlon_accounting, mask_file_cost
 from decathlon.data import DecathlonDataset, build_transforms
-from decathlon.methods import replace_head
-from decathlon.models import create_model, save_backbone, save_weights
+from common.heads import reset_classifier
+from common.methods import save_task
+from decathlon.models import create_model, save_backbone
 from decathlon.score import load_results, load_test_labels, score_results
 from decathlon.submit import check_args, get_args_parser, main
 from decathlon.submit import cli as submit_cli
@@ -43,7 +44,8 @@ def _one_thread():
 
 
 def _task_model(backbone, task, seed, train_bn=False):
-    model = replace_head(copy.deepcopy(backbone), get_task(task).num_classes)
+    model = copy.deepcopy(backbone)
+    reset_classifier(model, get_task(task).num_classes)
     piggyback(model, skip=("fc",), train_bn=train_bn)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -199,7 +201,7 @@ def test_wrong_task_file_and_stray_flags_refused(setup, tmp_path):
         (runs / task / "masks.safetensors").write_bytes((setup["runs"] / src / "masks.safetensors").read_bytes())
     with pytest.raises(ValueError, match="svhn"):
         _run_main(_argv(setup, tmp_path / "o") + ["--runs", str(runs)])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # a training flag: not a flag of this command
         _run_main(_argv(setup, tmp_path / "o", "--epochs", "3"))
     with pytest.raises(ValueError, match="wrn16_1"):  # --arch checks the backbone file's
         _run_main(_argv(setup, tmp_path / "o", "--arch", "wrn16_1"))
@@ -254,11 +256,9 @@ def pretrain_run(setup):
     """A real decathlon.pretrain run folder: backbone.pt beside checkpoint.pt and JSON files."""
     from decathlon import pretrain
     out = setup["base"] / "pretrain"
-    parser = pretrain.get_args_parser()
-    args = parser.parse_args(["--arch", ARCH, "--epochs", "1", "--data-root", str(setup["data"]),
-                              "--out", str(out), "--batch-size", "4", "--workers", "0",
-                              "--device", "cpu", "--print-freq", "1000"])
-    pretrain.main(pretrain.check_args(parser, args))
+    pretrain.main(pretrain.parse_config(["--arch", ARCH, "--epochs", "1", "--data-root", str(setup["data"]),
+                                         "--out", str(out), "--batch-size", "4", "--workers", "0",
+                                         "--device", "cpu", "--print-freq", "1000"]))
     assert (out / "backbone.pt").is_file() and (out / "checkpoint.pt").is_file()
     return out
 
@@ -272,8 +272,8 @@ def _task_run_files(setup, folder: Path) -> dict:
         "model": model.state_dict(), "epoch": 2, "rng": {}, "optimizers": [], "schedulers": [],
         "settings": {"task": "svhn", "method": "piggyback"}, "last": {}})
     (folder / "config.json").write_text(json.dumps({"task": "svhn", "backbone": str(setup["backbone_path"])}))
-    save_weights(folder / "weights.safetensors", setup["backbone"], arch=ARCH, num_classes=1000,
-                 task="svhn", method="finetune", backbone=str(setup["backbone_path"]))
+    save_task(folder, setup["backbone"], "finetune", arch=ARCH, num_classes=1000,
+              task="svhn", backbone=str(setup["backbone_path"]))
     return {"checkpoint": folder / "checkpoint.pt", "weights": folder / "weights.safetensors",
             "config": folder / "config.json"}
 
@@ -364,7 +364,11 @@ def test_partial_submission_headline_is_the_test_score(setup, tmp_path):
     only_dtd = tmp_path / "labels"
     only_dtd.mkdir()
     (only_dtd / "dtd_test.json").write_bytes((setup["labels"] / "dtd_test.json").read_bytes())
-    summary = _run_main(argv[:-1] + [str(only_dtd)])
+    with pytest.raises(SystemExit):  # an existing submission is not replaced without a word
+        _run_main(argv[:-1] + [str(only_dtd)])
+    before = (tmp_path / "o" / "results.json").read_bytes()
+    summary = _run_main(argv[:-1] + [str(only_dtd), "--overwrite"])
+    assert (tmp_path / "o" / "results.json").read_bytes() == before  # same predictions, rescored
     assert summary["score_source"] == "test labels (lower bound: no labels for imagenet12, gtsrb, svhn, counted 0)"
 
 

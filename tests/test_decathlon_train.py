@@ -21,8 +21,10 @@ from common.masking import piggyback
 from common.maskfile import load_masks, read_mask_file
 from decathlon.data import DecathlonDataset, build_loader, build_transforms
 from decathlon.engine import Precision, evaluate, predict
-from decathlon.methods import replace_head
-from decathlon.models import create_model, load_backbone, load_weights, save_backbone
+from common.errors import UsageError
+from common.heads import reset_classifier
+from common.methods import load_task
+from decathlon.models import create_model, load_backbone, save_backbone
 from decathlon.synthetic import make_synthetic_decathlon
 from decathlon.tasks import MASK_TASKS
 from decathlon import train as train_mod
@@ -77,7 +79,7 @@ def piggy_run(world):
 
 
 def _mask_state(folder):
-    masks, state, meta = read_mask_file(folder / "masks.safetensors")
+    masks, state, meta = read_mask_file(folder / "masks.safetensors")[:3]
     return masks, state, meta
 
 
@@ -101,7 +103,8 @@ def test_piggyback_run_folder_and_mask_file(world, piggy_run):
 
     # The mask file on the untouched backbone reproduces the reported validation top-1.
     backbone, _ = load_backbone(world["backbone"])
-    model = piggyback(replace_head(backbone, 47), skip=("fc",))
+    reset_classifier(backbone, 47)
+    model = piggyback(backbone, skip=("fc",))
     meta = load_masks(model, folder / "masks.safetensors")
     assert (meta["task"], meta["arch"], meta["method"]) == ("dtd", "wrn10_1", "piggyback")
     val = DecathlonDataset(world["root"], "dtd", "val", transform=build_transforms("dtd", False))
@@ -146,12 +149,10 @@ def test_killed_run_resumes_to_the_same_mask(world, piggy_run):
 
     # Resuming with other settings is refused rather than mixed; so is a flag that
     # changes results but is in no hand-kept list (--hflip), and fewer epochs.
-    parser = train_mod.get_args_parser()
     for extra, message in ((["--lr", "5e-3"], "other settings.*lr"), (["--hflip", "on"], "other settings.*hflip"),
                            (["--epochs", "2"], "holds 3 epochs; --epochs 2 is fewer")):
-        args = parser.parse_args(cmd[3:] + extra)
         with pytest.raises(ResumeError, match=message):
-            train_mod.main(train_mod.check_args(parser, args))
+            train_mod.main(train_mod.parse_config(cmd[3:] + extra))
     assert json.loads((out / "dtd" / "config.json").read_text())["lr"] == 1e-2  # left alone
     # What may change: workers, print frequency, more epochs (here: none left to run).
     again = run("decathlon.train", *cmd[3:], "--print-freq", "7", "--compile", "off")
@@ -166,7 +167,7 @@ def test_torchrun_two_gloo_processes_match_one_process(world, piggy_run):
                "--out", out, "--data-root", world["root"])
     folder = out / "dtd"
     config = json.loads((folder / "config.json").read_text())
-    assert config["world_size"] == 2 and config["batch_size"] == 3
+    assert config["resolved"]["world_size"] == 2 and config["batch_size"] == 3
     log = [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
     assert [r["val_count"] for r in log] == [6, 6, 6]  # sharded, reduced, never duplicated
     assert proc.stdout.count("done: val top-1") == 1  # only rank 0 reports
@@ -196,13 +197,14 @@ def test_baseline_methods_end_to_end(world, method, extra):
     assert metrics["method"] == method and metrics["sparsity"] is None
     assert metrics["result_file"] == "weights.safetensors" and "no mask" in metrics["note"]
     assert not (folder / "masks.safetensors").exists()
-    model, meta = load_weights(folder / "weights.safetensors")
-    assert meta["method"] == method and model.fc.out_features == 10
+    model = create_model("wrn10_1", 10)
+    meta = load_task(folder, model)
+    assert meta["method"] == method and meta["num_classes"] == 10 and meta["file"].endswith("weights.safetensors")
     config = json.loads((folder / "config.json").read_text())
     if method != "scratch":
         assert config["backbone"] == meta["backbone"] == str(world["backbone"])
     sizes = world["tasks"]["svhn"]
-    assert config["train_images"] == sizes["train"] + (sizes["val"] if "--trainval" in extra else 0)
+    assert config["resolved"]["train_images"] == sizes["train"] + (sizes["val"] if "--trainval" in extra else 0)
     assert sha(world["backbone"]) == world["backbone_sha"]
     if "--cache-dir" in extra:  # every train and val image went through the decoded cache
         filled = sum(int((out / "cache" / f"svhn_svhn_{p}.filled").read_bytes().count(1)) for p in ("train", "val"))
@@ -242,19 +244,17 @@ def test_pretrain_then_train_all_tasks(world):
     out = world["base"] / "all"
     run("decathlon.train", "--task", "all", "--epochs", "1", "--batch-size", "16",
         "--workers", "0", "--device", "cpu", "--data-root", world["root"], "--out", out,
-        "--backbone", pre / "backbone.pt", "--ternary")
+        "--backbone", pre / "backbone.pt", "--scheme", "ternary")
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(summary) == sorted(MASK_TASKS)
     for task in MASK_TASKS:
-        masks, _, meta = read_mask_file(out / task / "masks.safetensors")
-        assert meta["task"] == task and meta["ternary"] is True and summary[task]["epochs"] == 1
+        masks, _, meta = read_mask_file(out / task / "masks.safetensors")[:3]
+        assert meta["task"] == task and meta["scheme"] == "ternary" and summary[task]["epochs"] == 1
 
 
 def test_recipe_gives_mask_defaults_and_explicit_flags_win():
-    parser = train_mod.get_args_parser()
-
     def resolved(*argv):
-        return train_mod.check_args(parser, parser.parse_args(["--task", "dtd", "--backbone", "x.pt", *argv]))
+        return train_mod.parse_config(["--task", "dtd", "--backbone", "x.pt", *argv])
 
     paper = resolved("--recipe", "paper")
     assert (paper.mask_init, paper.mask_scale, paper.mask_spread, paper.threshold, paper.optimizer, paper.lr) == \
@@ -274,21 +274,21 @@ def test_bad_command_lines_are_refused(world, capsys):
     parser = train_mod.get_args_parser()
 
     def refused(*argv):
-        with pytest.raises(SystemExit):
-            train_mod.check_args(parser, parser.parse_args(list(argv)))
-        return capsys.readouterr().err
+        with pytest.raises((SystemExit, UsageError)) as stop:
+            train_mod.parse_config(list(argv))
+        return str(stop.value) if stop.type is not SystemExit else capsys.readouterr().err
 
     assert "needs --backbone" in refused("--task", "dtd")
     assert "drop --backbone" in refused("--task", "dtd", "--method", "scratch", "--backbone", "x.pt")
-    assert "--ternary needs --method piggyback" in refused("--task", "dtd", "--method", "finetune",
-                                                           "--backbone", "x.pt", "--ternary")
-    assert "invalid choice" in refused("--task", "mnist", "--backbone", "x.pt")
+    assert "--scheme only apply to --method piggyback" in refused("--task", "dtd", "--method", "finetune",
+                                                                  "--backbone", "x.pt", "--scheme", "ternary")
+    assert "--task 'mnist' is unknown" in refused("--task", "mnist", "--backbone", "x.pt")
     assert "only apply to --method piggyback" in refused("--task", "dtd", "--method", "finetune",
                                                          "--backbone", "x.pt", "--mask-init", "constant")
     assert "invalid choice" in refused("--task", "dtd", "--backbone", "x.pt", "--recipe", "other")
     help_text = parser.format_help()
     for flag in ("--data-root", "--arch", "--backbone", "--epochs", "--batch-size", "--out",
-                 "--seed", "--workers", "--device", "--train-bn", "--ternary", "--trainval",
+                 "--seed", "--workers", "--device", "--train-bn", "--scheme", "--config", "--threads", "--trainval",
                  "--head-lr", "--lr-steps", "--cache-dir", "--amp", "--channels-last", "--compile",
                  "--recipe", "--mask-spread"):
         assert flag in help_text

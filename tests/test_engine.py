@@ -5,6 +5,7 @@ file."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from common.collapse import CollapseMonitor
 from common.distributed import DistInfo, EpochSampler
 from common.engine import FitState, StepOutput, _Accumulator, fit, train_one_epoch
 from common.errors import DataError, DivergedError, PiggybackError, ResumeError, UsageError, WeightsFileError
-from common.methods import METHODS, OPTIMIZERS, build_optimizers, make_optimizer
+from common.methods import METHODS, OPTIMIZERS, MaskSettings, build_optimizers, make_optimizer
 from common.runlog import RunDir
 from common.weightsfile import load_weights_file, read_weights_file, save_weights_file
 
@@ -46,7 +47,8 @@ def _loaders(data, seed=0, batch=4):
     return DataLoader(data, batch_size=batch, sampler=sampler), DataLoader(data, batch_size=8)
 
 
-def _fit(out, epochs, *, config=None, model=None, pipeline=None, data=None, perturb=False, print_freq=100):
+def _fit(out, epochs, *, config=None, model=None, pipeline=None, data=None, perturb=False, print_freq=100,
+         may_change=()):
     data = data or _data()
     model = model or _mlp()
     train, val = _loaders(data)
@@ -58,7 +60,8 @@ def _fit(out, epochs, *, config=None, model=None, pipeline=None, data=None, pert
         torch.manual_seed(7)
     result = fit(RunDir(out), FitState(model, opt, sched), pipeline or ClassificationPipeline(CPU, val, 3),
                  train, epochs=epochs, config=config or {"lr": 0.1, "epochs": epochs}, dist=ONE,
-                 set_epoch=train.sampler.set_epoch, print_freq=print_freq, log=lambda *_: None)
+                 set_epoch=train.sampler.set_epoch, print_freq=print_freq, log=lambda *_: None,
+                 may_change=may_change)
     return model, result
 
 
@@ -89,8 +92,8 @@ def test_no_host_read_per_training_step(monkeypatch, masked):
     def epoch_reads(steps):
         model = _mlp()
         prepared = METHODS["piggyback" if masked else "finetune"].prepare(model, head=("3",))
-        opt = build_optimizers(prepared, optimizer="adam", lr=1e-3, weight_decay=0, head_optimizer="adam",
-                               head_lr=1e-3, head_weight_decay=0)
+        opt = build_optimizers(prepared, SimpleNamespace(optimizer="adam", lr=1e-3, weight_decay=0,
+                                                         head_optimizer="adam", head_lr=1e-3, head_weight_decay=0))
         loader = DataLoader(_data(n=4 * steps), batch_size=4)
         calls = _count_host_reads(monkeypatch)
         stats = train_one_epoch(model, loader, ClassificationPipeline(CPU, None, 3), opt, device=CPU.device,
@@ -279,7 +282,10 @@ def test_resume_compares_every_setting_but_the_allowed_ones(tmp_path):
         _fit(tmp_path / "r", 1, config=dict(config, epochs=1))
     moved = dict(config, workers=0, print_freq=9, device="cuda", out="/y", data_root="/e", cache_dir="/c",
                  compile="on", epochs=3)
-    _, res = _fit(tmp_path / "r", 3, config=moved)
+    with pytest.raises(ResumeError, match="workers"):  # only what the configuration declares free may change
+        _fit(tmp_path / "r", 3, config=moved)
+    _, res = _fit(tmp_path / "r", 3, config=moved,
+                  may_change=("workers", "print_freq", "device", "out", "data_root", "cache_dir", "compile"))
     assert res.start_epoch == 2 and len(res.history) == 3
     assert json.loads((tmp_path / "r" / "config.json").read_text())["workers"] == 0
 
@@ -336,7 +342,7 @@ def test_methods_split_head_and_train_bn_modifier():
         METHODS["finetune"].prepare(net(), head=("3",), train_bn=True)
     model = net()
     model(torch.randn(1, 3, 5, 5))
-    p = METHODS["piggyback"].prepare(model, head=("3",), mask_options={"mask_init": "constant"}, train_bn=True)
+    p = METHODS["piggyback"].prepare(model, head=("3",), masks=MaskSettings(mask_init="constant"), train_bn=True)
     assert len(p.main) == 1 and {id(q) for q in p.head} == {id(q) for q in (*model[1].parameters(), *model[3].parameters())}
 
 

@@ -11,10 +11,12 @@ from common.amp import Precision
 from common.classify import ClassificationPipeline
 from common.distributed import DistInfo, EpochSampler
 from common.engine import EVAL_COMPILE_MODES, FitState, compile_for_eval, compile_model, fit
-from common.methods import METHODS, build_optimizers
+from types import SimpleNamespace
+
+from common.heads import reset_classifier
+from common.methods import METHODS, MaskSettings, build_optimizers
 from common.runlog import RunDir
 from decathlon.models import create_model
-from decathlon.methods import replace_head
 
 CPU = Precision(torch.device("cpu"))
 
@@ -22,10 +24,11 @@ CPU = Precision(torch.device("cpu"))
 def _run(out, compiled: bool, epochs: int = 2):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = replace_head(create_model("wrn10_1", 10), 5)
-    prepared = METHODS["piggyback"].prepare(model, head=("fc",), mask_options={"mask_init": "constant"})
-    opt = build_optimizers(prepared, optimizer="adam", lr=1e-2, weight_decay=0.0, head_optimizer="adam",
-                           head_lr=1e-2, head_weight_decay=0.0)
+    model = create_model("wrn10_1", 10)
+    reset_classifier(model, 5)
+    prepared = METHODS["piggyback"].prepare(model, head=("fc",), masks=MaskSettings(mask_init="constant"))
+    opt = build_optimizers(prepared, SimpleNamespace(optimizer="adam", lr=1e-2, weight_decay=0.0, head_optimizer="adam",
+                                                     head_lr=1e-2, head_weight_decay=0.0))
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(12, 3, 16, 16, generator=g), torch.randint(0, 5, (12,), generator=g))
     train = DataLoader(data, batch_size=4, sampler=EpochSampler(data, seed=0))
@@ -61,10 +64,13 @@ def test_compile_flag_values_of_decathlon_train():
     (mode reduce-overhead), and an unknown value is refused by the parser."""
     from common.distributed import DistInfo
     from decathlon.engine import use_compile
-    from decathlon.train import get_args_parser
+    from decathlon.train import parse_config
     cpu, cuda = DistInfo(device=torch.device("cpu")), DistInfo(device=torch.device("cuda"))
     ddp = DistInfo(device=torch.device("cuda"), world_size=2)
-    parse = get_args_parser().parse_args
+
+    def parse(argv):
+        return parse_config(["--backbone", "x.pt", *argv])
+
     for value, on_cpu, on_cuda, on_ddp in (("auto", False, "reduce-overhead", True), ("on", True, True, True),
                                            ("off", False, False, False),
                                            ("cudagraphs", "reduce-overhead", "reduce-overhead", "reduce-overhead")):
@@ -79,10 +85,12 @@ def test_precision_defaults_follow_compilation_on_cuda():
     and on the CPU; --amp auto: off everywhere (bf16 cost accuracy on real images);
     on/off override auto either way."""
     import decathlon.engine as engine
-    from decathlon.train import get_args_parser
+    from decathlon.train import parse_config
     cpu, cuda = DistInfo(device=torch.device("cpu")), DistInfo(device=torch.device("cuda"))
     ddp = DistInfo(device=torch.device("cuda"), world_size=2)
-    parse = get_args_parser().parse_args
+
+    def parse(argv):
+        return parse_config(["--backbone", "x.pt", *argv])
 
     def switches(flags, dist):
         prec = engine.make_precision(parse(["--task", "dtd", *flags]), dist)

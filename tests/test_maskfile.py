@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.accounting import (binary_entropy, parameter_ratio, plot_sparsity, sparsity,
-                               task_cost)
+from common.accounting import binary_entropy, parameter_ratio, sparsity, task_cost
 from common.maskfile import MaskFileError, load_masks, read_mask_metadata, save_masks
-from common.masking import MultiTaskModel, masked_modules, piggyback
+from common.masking import mask_entries, masked_modules, piggyback
+from common.multitask import MultiTaskModel
+from common.plots import plot_sparsity
+from common.schemes import SCHEMES
 
 
 def backbone(seed=0):
@@ -21,14 +23,17 @@ def backbone(seed=0):
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
-def task_model(base, num_classes, seed, train_bn=False, ternary=False):
+def task_model(base, num_classes, seed, train_bn=False, scheme="binary"):
     model = copy.deepcopy(base)
     model[8] = nn.Linear(32, num_classes)
-    piggyback(model, skip=("8",), train_bn=train_bn, ternary=ternary)
+    piggyback(model, skip=("8",), train_bn=train_bn, scheme=scheme)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in masked_modules(model):
             layer.mask_real.copy_(torch.rand(layer.weight.shape, generator=g) * 0.03 - 0.01)
+        for e in mask_entries(model):  # scheme extras away from their start
+            for t in e.extras.values():
+                t.add_(torch.randn(t.shape, generator=g) * 0.1)
         for p in model[8].parameters():
             p.copy_(torch.randn(p.shape, generator=g))
         if train_bn:
@@ -41,14 +46,15 @@ def masks_of(model):
     return {n: m.binary_mask() for n, m in masked_modules(model)}
 
 
-@pytest.mark.parametrize("ternary,compress", [(False, False), (True, False), (False, True), (True, True)])
-def test_round_trip(tmp_path, ternary, compress):
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("compress", [False, True])
+def test_round_trip(tmp_path, scheme, compress):
     base = backbone()
-    trained = task_model(base, 4, seed=1, train_bn=True, ternary=ternary)
+    trained = task_model(base, 4, seed=1, train_bn=True, scheme=scheme)
     path = save_masks(trained, tmp_path / "task.safetensors", task="svhn", arch="tiny", compress=compress)
-    fresh = task_model(base, 4, seed=99, train_bn=True, ternary=ternary)
+    fresh = task_model(base, 4, seed=99, train_bn=True, scheme=scheme)
     meta = load_masks(fresh, path)
-    assert meta["task"] == "svhn" and meta["arch"] == "tiny" and meta["ternary"] == ternary
+    assert meta["task"] == "svhn" and meta["arch"] == "tiny" and meta["scheme"] == scheme
     for name, m in masks_of(trained).items():
         assert torch.equal(masks_of(fresh)[name], m)
     assert torch.equal(fresh[8].weight, trained[8].weight)
@@ -246,12 +252,13 @@ def test_edited_tensors_are_refused_before_anything_is_loaded(tmp_path):
 
 def test_a_plain_model_is_converted_from_the_file_alone(tmp_path):
     base = backbone()
-    for train_bn, ternary in ((False, False), (True, True)):
-        trained = task_model(base, 4, seed=1, train_bn=train_bn, ternary=ternary)
+    for i, scheme in enumerate(SCHEMES):
+        train_bn = bool(i % 2)
+        trained = task_model(base, 4, seed=1, train_bn=train_bn, scheme=scheme)
         path = save_masks(trained, tmp_path / "t.safetensors", task="a")
         meta = read_mask_metadata(path)
         assert meta["skip"] == ["8"] and meta["train_bn"] is train_bn
-        assert meta["scheme"] == ("ternary" if ternary else "binary")
+        assert meta["scheme"] == scheme
         plain = copy.deepcopy(base)  # its classifier still has 10 classes; the task has 4
         load_masks(plain, path)
         x = torch.randn(2, 3, 8, 8)

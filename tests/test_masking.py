@@ -24,7 +24,7 @@ def small_cnn(num_classes=5):
 def test_binarize_threshold_is_inclusive_and_ternary_uses_two_cutoffs():
     mr = torch.tensor([-0.02, -0.005, -0.004, 0.0, 0.0049, 0.005, 0.02])
     assert binarize(mr, 0.005).tolist() == [0, 0, 0, 0, 0, 1, 1]
-    assert binarize(mr, 0.005, ternary=True).tolist() == [-1, -1, 0, 0, 0, 1, 1]
+    assert binarize(mr, 0.005, "ternary").tolist() == [-1, -1, 0, 0, 0, 1, 1]
 
 
 def test_linear_mask_gradient_is_eq7():
@@ -150,7 +150,7 @@ def test_mask_inits_and_bad_arguments():
 
 
 def test_ternary_masks_and_set_binary_mask():
-    layer = piggyback(nn.Sequential(nn.Linear(5, 3)), ternary=True)[0]
+    layer = piggyback(nn.Sequential(nn.Linear(5, 3)), scheme="ternary")[0]
     target = torch.randint(-1, 2, layer.weight.shape).float()
     set_binary_mask(layer, target)
     assert torch.equal(layer.binary_mask(), target)
@@ -340,6 +340,6 @@ def test_no_state_is_kept_between_calls():
 
 def test_errors_are_the_toolkit_errors():
     with pytest.raises(PiggybackError, match="threshold"):
-        piggyback(nn.Sequential(nn.Linear(2, 2)), ternary=True, threshold=0.0)
+        piggyback(nn.Sequential(nn.Linear(2, 2)), scheme="ternary", threshold=0.0)
     with pytest.raises(PiggybackError, match="scheme"):
         piggyback(nn.Sequential(nn.Linear(2, 2)), scheme="quaternary")

@@ -1,9 +1,12 @@
-"""Every backbone x every PyTorch tool: the masked model must give the eq. 7 gradient and
-fold to a plain model with the same outputs, whichever way it is run.
+"""Every backbone x every PyTorch tool x every registered mask scheme: the masked model
+must give the eq. 7 gradient and fold to a plain model with the same outputs, whichever
+way it is run.
 
 The reference gradient is computed without the masked layers: the model is folded to a
-plain one whose weights are W * m, the gradient of the loss with respect to those
-weights is taken by plain autograd, and eq. 7 multiplies it by the frozen W.
+plain one whose weights are W' (W * m for plain masks), the gradient of the loss with
+respect to those weights is taken by plain autograd, and the straight-through estimator
+multiplies it by what switching the entry on changes, W'(m = 1) - W'(m = 0) (the frozen
+W for plain masks: eq. 7).
 """
 import copy
 import io
@@ -14,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from common.masking import fold_masks, is_piggybacked, mask_entries, piggyback
+from common.schemes import SCHEMES
 
 
 def _wrn():
@@ -51,14 +55,16 @@ BACKBONES = {"wrn": _wrn, "resnet18": _resnet18, "mobilenet_v2": _mobilenet_v2, 
              "timm_same": _timm_same_padding}
 
 
-def _build(name, seed=0):
+def _build(name, seed=0, scheme="binary"):
     torch.manual_seed(seed)
     model, skip, shape = BACKBONES[name]()
-    piggyback(model, skip=skip)
+    piggyback(model, skip=skip, scheme=scheme)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for e in mask_entries(model):  # about a third of every mask switched off
             e.mask_real.copy_(torch.rand(e.mask_real.shape, generator=g) * 0.015)
+            for t in e.extras.values():  # scheme extras away from their start
+                t.add_(torch.randn(t.shape, generator=g) * 0.05)
     x = torch.randn(shape, generator=g)
     return model.eval(), x
 
@@ -69,15 +75,27 @@ def _loss(out):
     return (out * w).sum()
 
 
+def _switch_effect(e):
+    """W'(m = 1) - W'(m = 0) of a masked weight, from the scheme's forward alone."""
+    scheme, threshold = e.module.scheme, e.module.threshold
+    extras = [t.detach() for t in e.extras.values()]
+    with torch.no_grad():
+        on = scheme.masked_weight(e.weight, torch.full_like(e.mask_real, threshold + 1.0), threshold, extras)
+        off = scheme.masked_weight(e.weight, torch.zeros_like(e.mask_real), threshold, extras)
+    return on - off
+
+
 def _reference_grads(model, xs):
-    """eq. 7 from a plain model: dE/d(W*m) by autograd on the folded weights, times W."""
+    """The straight-through gradient from a plain model: dE/dW' by autograd on the folded
+    weights, times W'(m = 1) - W'(m = 0) (eq. 7: times W)."""
     plain = fold_masks(model).eval()
     for p in plain.parameters():
         p.grad = None
     for x in xs:
         _loss(plain(x)).backward()
-    return {e.key: plain.get_submodule(e.key).weight.grad * e.weight if e.weight_name == "weight"
-            else plain.get_parameter(e.key).grad * e.weight for e in mask_entries(model)}
+    return {e.key: (plain.get_submodule(e.key).weight.grad if e.weight_name == "weight"
+                    else plain.get_parameter(e.key).grad) * _switch_effect(e).to(e.weight.dtype)
+            for e in mask_entries(model)}
 
 
 def _grads(model):
@@ -184,14 +202,21 @@ MODES = {"eager": _eager, "compile": _compile, "func_grad": _func_grad, "checkpo
          "pickle": _pickled, "to": _moved, "two_forwards": _two_forwards, "train_eval": _mode_switch}
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("backbone", list(BACKBONES))
-def test_eq7_and_folding(backbone, mode):
-    model, x = _build(backbone)
+# binary on every backbone; every other registered scheme on two (a WRN, and timm's convs
+# with their own forward)
+CASES = [(b, m, "binary") for b in BACKBONES for m in MODES] + \
+    [(b, m, s) for s in SCHEMES if s != "binary" for b in ("wrn", "timm_same") for m in MODES]
+
+
+@pytest.mark.parametrize("backbone,mode,scheme", CASES)
+def test_eq7_and_folding(backbone, mode, scheme):
+    model, x = _build(backbone, scheme=scheme)
     model, xs, grads = MODES[mode](model, x)
     _assert_eq7(model, xs, grads)
     _assert_folds(model, xs[0])
     assert all(e.weight.grad is None for e in mask_entries(model))  # the backbone gets no gradient
+    if mode not in ("func_grad",):  # scheme extras train: each got a gradient
+        assert all(t.grad is not None for e in mask_entries(model) for t in e.extras.values())
 
 
 def test_inductor_compiled_training_matches_eager():

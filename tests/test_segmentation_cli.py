@@ -20,7 +20,10 @@ from segmentation import train as train_cli
 from segmentation.data import read_id_list, read_image, read_voc_label
 from segmentation.demo import write_synthetic_backbone
 from segmentation.model import bilinear_kernel
-from segmentation.runs import build_model, load_task_weights
+from common.config import read_run_config
+from common.errors import ResumeError
+from common.methods import load_task
+from segmentation.runs import build_model
 from segmentation.synthetic import write_synthetic_pascal
 from segmentation.weights import resolve_backbone
 
@@ -69,8 +72,7 @@ def _argv(pascal, out, *extra):
 
 
 def _train_in_process(argv):
-    parser = train_cli.get_args_parser()
-    return train_cli.main(train_cli.check_args(parser, parser.parse_args(argv)))
+    return train_cli.main(train_cli.parse_config(argv))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def trained_run(pascal, tmp_path_factory):
 def test_train_writes_a_complete_run_folder(trained_run, pascal):
     names = {p.name for p in trained_run.iterdir()}
     assert {"config.json", "log.jsonl", "checkpoint.pt", "masks.safetensors", "metrics.json"} <= names
-    config = json.loads((trained_run / "config.json").read_text())
+    config = read_run_config(trained_run)
     assert config["method"] == "piggyback" and config["backbone_kind"] == "torchvision"
     assert config["input_convention"] == "torchvision" and "git_commit" in config
     log = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
@@ -96,11 +98,11 @@ def test_train_writes_a_complete_run_folder(trained_run, pascal):
     assert metrics["storage"]["mask_mb"] > 0 and metrics["storage"]["task_mb"] < metrics["storage"]["full_fcn_mb"]
     # The mask file loads onto a fresh copy of the backbone file: its fingerprint check
     # proves the frozen weights came out of training bit-identical.
-    masks, state, meta = read_mask_file(trained_run / "masks.safetensors")
+    masks, state, meta = read_mask_file(trained_run / "masks.safetensors")[:3]
     assert set(state) == {"score_fr.weight", "score_fr.bias", "upscore.weight"} and meta["method"] == "piggyback"
     assert {"fc6", "fc7", "features.0"} <= set(masks)
     model = build_model("vgg-tiny", "piggyback", resolve_backbone("vgg-tiny", backbone=str(pascal[1])))
-    load_task_weights(model, trained_run, "piggyback")
+    assert load_task(trained_run, model)["method"] == "piggyback"
     assert model.score_fr.weight.abs().sum() > 0
 
 
@@ -131,22 +133,22 @@ def test_resumed_run_equals_an_uninterrupted_one(pascal, trained_run, tmp_path):
     resumed = _train_in_process(_argv(pascal, tmp_path / "split", "--epochs", "2"))
     full = json.loads((trained_run / "metrics.json").read_text())
     assert all(resumed[k] == full[k] for k in METRIC_KEYS)
-    a, _, _ = read_mask_file(trained_run / "masks.safetensors")
-    b, _, _ = read_mask_file(tmp_path / "split" / "masks.safetensors")
+    a, _, _ = read_mask_file(trained_run / "masks.safetensors")[:3]
+    b, _, _ = read_mask_file(tmp_path / "split" / "masks.safetensors")[:3]
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = [[json.loads(x)["train_loss"] for x in (d / "log.jsonl").read_text().splitlines()]
               for d in (trained_run, tmp_path / "split")]
     assert losses[0] == losses[1] and len(losses[0]) == 2
-    with pytest.raises(train_cli.RunError, match="head_lr"):
+    with pytest.raises(ResumeError, match="head_lr"):
         _train_in_process(_argv(pascal, tmp_path / "split", "--epochs", "3", "--head-lr", "1e-3"))
 
 
 def test_finetune_saves_the_whole_network(pascal, tmp_path):
     result = _train_in_process(_argv(pascal, tmp_path / "ft", "--epochs", "1", "--method", "finetune",
                                      "--optimizer", "sgd", "--lr", "1e-3", "--learn-upsample"))
-    assert (tmp_path / "ft" / "model.safetensors").is_file() and "sparsity" not in result
+    assert (tmp_path / "ft" / "weights.safetensors").is_file() and result["sparsity"] is None
     assert result["storage"]["task_mb"] == result["storage"]["full_fcn_mb"]
-    saved = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    saved = load_file(str(tmp_path / "ft" / "weights.safetensors"))
     assert not torch.equal(saved["upscore.weight"], bilinear_kernel(21, 64))  # --learn-upsample trained it
     parser = evaluate_cli.get_args_parser()
     evaluated = evaluate_cli.main(parser.parse_args([str(tmp_path / "ft"), "--workers", "0", "--device", "cpu"]))
@@ -164,11 +166,11 @@ def test_caffe_weights_mask_options_and_amp(pascal, tmp_path):
     argv = [a for a in _argv(pascal, tmp_path / "c", "--epochs", "1") if a not in ("--backbone", str(pascal[1]))]
     _train_in_process(argv + ["--caffe-weights", str(tmp_path / "caffe.pth"), "--threshold", "4e-3",
                               "--mask-init", "uniform", "--mask-scale", "2e-3", "--amp", "on"])
-    config = json.loads((tmp_path / "c" / "config.json").read_text())
-    assert config["input_convention"] == "caffe" and config["backbone_kind"] == "caffe" and config["amp_used"]
+    config = read_run_config(tmp_path / "c")
+    assert config["input_convention"] == "caffe" and config["backbone_kind"] == "caffe" and config["amp"] is True
     meta = read_mask_metadata(tmp_path / "c" / "masks.safetensors")
     assert meta["threshold"] == 4e-3 and meta["input_convention"] == "caffe"
-    masks, _, _ = read_mask_file(tmp_path / "c" / "masks.safetensors")
+    masks, _, _ = read_mask_file(tmp_path / "c" / "masks.safetensors")[:3]
     assert 0.2 < float(sum((m == 0).sum() for m in masks.values()) / sum(m.numel() for m in masks.values())) < 0.8
 
 
@@ -206,7 +208,7 @@ def test_torchrun_two_processes(pascal, tmp_path):
     _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "segmentation.train",
           *_argv(pascal, out, "--epochs", "1")])
     trained = json.loads((out / "metrics.json").read_text())
-    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert read_run_config(out)["world_size"] == 2
     parser = evaluate_cli.get_args_parser()
     single = evaluate_cli.main(parser.parse_args([str(out), "--workers", "0", "--device", "cpu"]))
     # Each rank saw half of the images: only the reduced matrix gives the whole-set numbers.
@@ -222,7 +224,7 @@ def test_bad_input_gives_clear_errors(pascal, tmp_path, monkeypatch, capsys):
         train_cli.cli(["--data-root", str(layout.root), "--out", str(tmp_path / "b")])
     for argv in (["--random-init", "--backbone", str(backbone)], ["--split", "voc", "--val-list", "x.txt"],
                  ["--method", "finetune", "--threshold", "0.1"], ["--lr", "-1"],
-                 ["--optimizer", "adam", "--head-optimizer", "adam", "--momentum", "0.9"]):
+                 ["--momentum", "-0.5"], ["--method", "feature"]):
         with pytest.raises(SystemExit) as err:
             train_cli.cli(["--data-root", str(layout.root), *argv])
         assert err.value.code == 2

@@ -73,10 +73,8 @@ def test_train_one_epoch_steps_every_optimizer_and_stops_on_nan():
 
 def test_recipe_gives_mask_defaults_and_explicit_flags_win():
     from segmentation import train as train_cli
-    parser = train_cli.get_args_parser()
-
     def resolved(*argv):
-        return train_cli.check_args(parser, parser.parse_args(["--random-init", *argv]))
+        return train_cli.parse_config(["--random-init", *argv])
 
     paper = resolved("--recipe", "paper")
     assert (paper.mask_init, paper.mask_scale, paper.mask_spread, paper.threshold, paper.optimizer, paper.lr) == \

@@ -3,6 +3,8 @@ logging, seeding, samplers, command-line flags, autocast, and DDP on two gloo pr
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 import json
 import os
 import random
@@ -19,7 +21,8 @@ import common.runlog as runlog
 from common.amp import autocast, default_amp, maybe_channels_last
 from common.checkpoint import (CHECKPOINT_VERSION, CheckpointError, load_checkpoint,
                                rng_state, save_checkpoint, set_rng_state)
-from common.cli import add_common_args, resolve_device
+from common.cli import resolve_device
+from common.config import RunConfig, option
 from common.errors import DivergedError, UsageError
 from common.distributed import (DistInfo, EpochSampler, ShardSampler, init_distributed,
                                 make_sampler, unwrap, wrap_ddp)
@@ -290,26 +293,42 @@ def test_seed_everything_reproduces_and_offsets_by_rank():
 
 # ----------------------------------------------------------------- command line
 
-def _parser():
-    return add_common_args(argparse.ArgumentParser(), data_root_env="PB_TEST_DATA_ROOT",
-                           default_data_root="data/x", default_epochs=3, default_batch_size=8,
-                           default_arch="tiny", default_out="runs/x")
+@dataclass(frozen=True)
+class _Config(RunConfig):
+    PROG: ClassVar[str] = "prog"
+    DATA_ROOT_ENV: ClassVar[Optional[str]] = "PB_TEST_DATA_ROOT"
+    data_root: Optional[str] = option("data/x", "the data folder", metavar="DIR", path=True)
+    epochs: int = option(3, "training epochs", type=int)
+
+
+def _config(argv):
+    from common.config import build_parser
+    return _Config.from_cli(build_parser(_Config, "a test command"), argv)
 
 
 def test_cli_defaults_env_and_validation(monkeypatch, capsys):
+    from common.cli import resolve_threads, resolve_workers, usable_cores
+    from common.config import build_parser
     monkeypatch.delenv("PB_TEST_DATA_ROOT", raising=False)
-    args = _parser().parse_args([])
-    assert (args.data_root, args.arch, args.backbone, args.epochs, args.batch_size, args.out,
-            args.seed, args.device) == ("data/x", "tiny", None, 3, 8, "runs/x", 0, "auto")
-    assert args.workers == min(8, os.cpu_count() or 1)
+    cfg = _config([])
+    assert (cfg.data_root, cfg.epochs, cfg.out, cfg.seed, cfg.device, cfg.workers) == \
+        (os.path.abspath("data/x"), 3, os.path.abspath("runs/latest"), 0, "auto", None)
+    # threads and workers fit the cores this process may use
+    workers = resolve_workers(None)
+    assert workers == min(8, usable_cores() // 2) and workers + resolve_threads(None, workers) <= max(2, usable_cores())
+    assert resolve_threads(3, workers) == 3
     monkeypatch.setenv("PB_TEST_DATA_ROOT", "/elsewhere")
-    assert _parser().parse_args([]).data_root == "/elsewhere"
-    assert _parser().parse_args(["--data-root", "d"]).data_root == "d"
-    for bad in (["--epochs", "0"], ["--device", "gpu"], ["--workers", "-1"]):
-        with pytest.raises(SystemExit):
-            _parser().parse_args(bad)
-    assert "expected auto|cpu|cuda|cuda:N" in capsys.readouterr().err
-    for action in _parser()._actions:
+    assert _config([]).data_root == "/elsewhere"
+    assert _config(["--data-root", "d"]).data_root == os.path.abspath("d")
+    for bad in (["--epochs", "0"], ["--device", "gpu"], ["--workers", "-1"], ["--threads", "0"]):
+        with pytest.raises(UsageError):
+            _config(bad)
+    with pytest.raises(SystemExit):
+        _config(["--epochs", "three"])
+    err = capsys.readouterr().err
+    assert "prog: error: argument --epochs: invalid int value" in err
+    assert len(err.strip().splitlines()) == 2  # the one-line usage and the error, not the whole block
+    for action in build_parser(_Config, "x")._actions:
         assert action.help and len(action.help) > 15, action.dest
 
 
