@@ -69,14 +69,49 @@ def make_transforms(cfg) -> Dict[str, ClassificationTransform]:
             "eval": ClassificationTransform(train=False, **common)}
 
 
-def _loaders(cfg: ClassificationConfig, dist: DistInfo, prec: Precision):
-    tf = make_transforms(cfg)
-    train_set = ImageFolderDataset(cfg.data_root, "train", tf["train"], seed=cfg.seed, limit=cfg.train_limit)
+SCAN_CACHE = ".image-scan.json"
+
+
+def _datasets(cfg: ClassificationConfig, tf, exclude=None):
+    train_set = ImageFolderDataset(cfg.data_root, "train", tf["train"], seed=cfg.seed, limit=cfg.train_limit,
+                                   exclude=exclude)
     eval_set = ImageFolderDataset(cfg.data_root, cfg.eval_split, tf["eval"], limit=cfg.eval_limit,
-                                  classes=train_set.classes)
+                                  classes=train_set.classes, exclude=exclude)
+    return train_set, eval_set
+
+
+def checked_datasets(cfg: ClassificationConfig, log=print):
+    """The train and evaluation sets, checked before the first step: classes that differ,
+    a single class, empty class folders and limits that leave a class out are refused
+    (:func:`classification.data.check_splits`), and every image is decoded once
+    (:func:`~classification.data.scan_images`, cached in the run folder on a resume).
+    Unreadable images are refused, or left out with ``--skip-unreadable``; returns
+    (train set, eval set, the files left out)."""
+    from classification.data import check_splits, scan_images
+    from common.errors import DataError
+    tf = make_transforms(cfg)
+    train_set, eval_set = _datasets(cfg, tf)
+    check_splits(train_set, eval_set, train_limit=cfg.train_limit, eval_limit=cfg.eval_limit)
+    run = RunDir(cfg.out)
+    run.check_run_folder()
+    cache = run.file(SCAN_CACHE) if run.file(run.CONFIG).is_file() else None  # a resumed run's folder
+    bad = scan_images(list(train_set.paths) + list(eval_set.paths), cache)
+    if bad and not cfg.skip_unreadable:
+        shown = "; ".join(f"{p}: {why}" for p, why in bad[:3])
+        raise DataError(f"{len(bad)} image(s) cannot be read ({shown}{'; ...' if len(bad) > 3 else ''}); fix or "
+                        f"remove them, or pass --skip-unreadable to leave them out")
+    if bad:
+        log(f"leaving out {len(bad)} unreadable image(s), listed in config.json under resolved.unreadable")
+        train_set, eval_set = _datasets(cfg, tf, exclude=[p for p, _ in bad])
+        check_splits(train_set, eval_set, train_limit=cfg.train_limit, eval_limit=cfg.eval_limit)
+    return train_set, eval_set, bad
+
+
+def _loaders(cfg: ClassificationConfig, dist: DistInfo, prec: Precision, log=print):
+    train_set, eval_set, bad = checked_datasets(cfg, log)
     common = dict(batch_size=cfg.batch_size, workers=cfg.loader_workers, dist_info=dist, seed=cfg.seed,
                   pin_memory=prec.device.type == "cuda")
-    return build_loader(train_set, train=True, **common), build_loader(eval_set, train=False, **common)
+    return build_loader(train_set, train=True, **common), build_loader(eval_set, train=False, **common), bad
 
 
 def train(cfg: ClassificationConfig, dist: DistInfo, log=print) -> Dict[str, Any]:
@@ -90,7 +125,7 @@ def train(cfg: ClassificationConfig, dist: DistInfo, log=print) -> Dict[str, Any
     seed_everything(cfg.seed, dist.rank)
     prec = Precision(dist.device, resolve_switch(cfg.amp, False),
                      resolve_switch(cfg.channels_last, default_channels_last(dist.device)))
-    train_loader, eval_loader = _loaders(cfg, dist, prec)
+    train_loader, eval_loader, unreadable = _loaders(cfg, dist, prec, log)
     classes = train_loader.dataset.classes
     model, report = create_model(arch, len(classes), weights)
     head = report["classifier"]
@@ -106,7 +141,7 @@ def train(cfg: ClassificationConfig, dist: DistInfo, log=print) -> Dict[str, Any
                        num_classes=len(classes), classifier=head, backbone=backbone, backbone_sha256=backbone_sha,
                        weights_layout=report.get("layout"), amp=prec.amp, channels_last=prec.channels_last,
                        compile=compile_used, train_images=len(train_loader.dataset),
-                       eval_images=len(eval_loader.dataset))
+                       eval_images=len(eval_loader.dataset), unreadable=[p for p, _ in unreadable])
     log(f"{method.name} on {arch} ({weights or 'random weights'}), {len(classes)} classes, "
         f"{len(train_loader.dataset)} train / {len(eval_loader.dataset)} {eval_loader.dataset.split} images at "
         f"{cfg.size} px, {prepared.trainable_values()} trainable values, device {prec.device}")

@@ -277,17 +277,20 @@ def train_one_epoch(model: nn.Module, loader, pipeline: Pipeline,
 
     steps = 0
     start = time.perf_counter()
-    for i, batch in enumerate(logger.log_every(loader, print_freq, header)):
-        out = pipeline.train_step(model, batch)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        for opt in optimizers:
-            opt.step()
-        acc.add(out)
-        steps = i + 1
-        if i % print_freq == 0 or i == total - 1:
-            close_window(i)
+    try:
+        for i, batch in enumerate(logger.log_every(loader, print_freq, header)):
+            out = pipeline.train_step(model, batch)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            for opt in optimizers:
+                opt.step()
+            acc.add(out)
+            steps = i + 1
+            if i % print_freq == 0 or i == total - 1:
+                close_window(i)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"in epoch {epoch} at step {steps} of {total}") from None
     if steps > window["start"]:  # a loader that ran past its len()
         close_window(steps - 1)
     elapsed = time.perf_counter() - start
@@ -335,6 +338,7 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
     """
     config = to_jsonable(dict(config))
     may_change = MAY_CHANGE_ON_RESUME | set(may_change)
+    run.check_run_folder()  # a folder of the user's is refused, untouched
     model = state.model
     fingerprint = backbone_fingerprint(model) if is_piggybacked(model) else None
     ckpt = _resume_point(run, config, epochs, fingerprint, may_change)
@@ -351,7 +355,8 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
         history, start = list(ckpt["history"]), int(ckpt["epoch"])
         set_rng_state(ckpt["rng"][dist.rank], dist.device)  # each rank its own generators
     created = run.create()
-    saved = False
+    run.acquire_lock()  # held until the caller has written the results (or the process ends)
+    saved, epoch = False, start
     try:
         if run.is_main and (ckpt is None or start < epochs):  # a finished run re-run changes nothing
             remove_stale_temp_files(run.path)
@@ -397,7 +402,15 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
             if dist.is_main:
                 log(f"{header}epoch {epoch + 1}/{epochs}: {pipeline.describe(record)}  "
                     f"({record['epoch_time_s']:.1f}s, ETA {eta})")
+    except KeyboardInterrupt as exc:
+        run.release_lock()
+        if created and not saved:
+            run.discard()
+        kept = (f"the checkpoint holds epoch {len(history)}" if history else "no epoch was checkpointed")
+        raise KeyboardInterrupt(f"{exc or f'in epoch {epoch + 1}'}; {kept}: re-run the same command to resume") \
+            from None
     except BaseException:
+        run.release_lock()
         if created and not saved:
             run.discard()
         raise

@@ -40,6 +40,11 @@ def _model_names():
 class DecathlonData:
     """Image size, augmentation, decoded-image cache and loader of the decathlon commands."""
 
+    DATA_ROOT_ENV: ClassVar[Optional[str]] = DATA_ROOT_ENV
+    AUTO: ClassVar[Dict[str, str]] = _AUTO
+
+    data_root: Optional[str] = option(DEFAULT_DATA_ROOT, _DATA_ROOT_HELP, metavar="DIR", path=True, resume="free")
+
     resize: int = option(72, "the whole image is resized to a square of this many px", group="data", type=int)
     crop: int = option(64, "crop size fed to the network: random at train, centre at eval", group="data", type=int)
     hflip: str = option("auto", "random horizontal flips at train time", group="data", choices=SWITCH_CHOICES)
@@ -73,10 +78,6 @@ class DecathlonData:
 @dataclass(frozen=True)
 class DecathlonTrainConfig(DecathlonData, TrainConfig):
     PROG: ClassVar[str] = "python -m decathlon.train"
-    DATA_ROOT_ENV: ClassVar[Optional[str]] = DATA_ROOT_ENV
-    AUTO: ClassVar[Dict[str, str]] = _AUTO
-
-    data_root: Optional[str] = option(DEFAULT_DATA_ROOT, _DATA_ROOT_HELP, metavar="DIR", path=True, resume="free")
     out: str = option("runs/decathlon", "output folder; each task's run folder is OUT/<task>", metavar="DIR",
                       path=True, resume="free")
     task: Optional[str] = option(None, "task to learn, or 'all' for the nine non-ImageNet tasks in turn "
@@ -110,10 +111,6 @@ class DecathlonTrainConfig(DecathlonData, TrainConfig):
 @dataclass(frozen=True)
 class DecathlonPretrainConfig(DecathlonData, FitConfig):
     PROG: ClassVar[str] = "python -m decathlon.pretrain"
-    DATA_ROOT_ENV: ClassVar[Optional[str]] = DATA_ROOT_ENV
-    AUTO: ClassVar[Dict[str, str]] = _AUTO
-
-    data_root: Optional[str] = option(DEFAULT_DATA_ROOT, _DATA_ROOT_HELP, metavar="DIR", path=True, resume="free")
     out: str = option("runs/pretrain", "run folder; receives backbone.pt", metavar="DIR", path=True, resume="free")
     task: str = option("imagenet12", "task to train the backbone on", metavar="TASK")
     arch: Optional[str] = option(None, "network to train; with --backbone, the file's architecture",

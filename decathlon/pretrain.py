@@ -77,6 +77,13 @@ def pretrain(cfg: DecathlonPretrainConfig, dist: DistInfo) -> Dict[str, Any]:
     result = train_classifier(run, model, optimizers, cfg, dist=dist, prec=prec, train_loader=train_loader,
                               val_loader=val_loader, num_classes=spec.num_classes, config=record,
                               header=f"[{cfg.task}] ", log=log)
+    try:
+        return _finish(run, model, arch, cfg, spec, result, t0, log)
+    finally:
+        run.release_lock()  # taken by common.engine.fit
+
+
+def _finish(run, model, arch, cfg, spec, result, t0, log) -> Dict[str, Any]:
     last = result.record
     metrics = {"task": cfg.task, "arch": arch, "num_classes": spec.num_classes,
                "epochs": cfg.epochs, "val_top1": last["val_top1"],
@@ -86,7 +93,7 @@ def pretrain(cfg: DecathlonPretrainConfig, dist: DistInfo) -> Dict[str, Any]:
             and run.file("metrics.json").is_file():
         log(f"already finished: {run.path} is unchanged")
         return run.read_json("metrics.json")
-    if dist.is_main:
+    if run.is_main:
         save_backbone(run.file("backbone.pt"), model, arch, task=cfg.task,
                       epochs=cfg.epochs, val_top1=last["val_top1"], seed=cfg.seed,
                       resize=cfg.resize, crop=cfg.crop)
