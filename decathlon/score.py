@@ -303,6 +303,9 @@ def main(args: argparse.Namespace) -> dict:
         result = decathlon_score(load_accuracies(args.accuracies))
     else:
         result = score_results(load_results(args.results), load_test_labels(args.labels))
+        if result.get("ignored_predictions"):
+            print(f"{result['ignored_predictions']} prediction(s) of {args.results} were ignored: their image ids are "
+                  f"in none of the labelled test files under {args.labels}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     return result
 

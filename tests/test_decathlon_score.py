@@ -199,6 +199,11 @@ def test_cli_accuracies_and_results(tmp_path, labels):
     out = json.loads(proc.stdout)
     assert out["score"] == pytest.approx(3000.0)
     assert out["top1"] == {"daimlerpedcls": 100.0, "dtd": 100.0, "vgg-flowers": 100.0}
+    assert "ignored" not in proc.stderr
+    extra = json.loads(results.read_text()) + [{"image_id": 999999999, "category_id": 1}]
+    results.write_text(json.dumps(extra))
+    proc = _run("--results", str(results), "--labels", str(require_real_labels().parent))
+    assert proc.returncode == 0 and "1 prediction(s)" in proc.stderr and "ignored" in proc.stderr
 
 
 def test_cli_bad_input_names_the_file(tmp_path):
