@@ -115,8 +115,15 @@ def _loaders(cfg: ClassificationConfig, dist: DistInfo, prec: Precision, log=pri
 
 
 def train(cfg: ClassificationConfig, dist: DistInfo, log=print) -> Dict[str, Any]:
-    """Train (or resume) one run into ``cfg.out`` and return its metrics."""
+    """Train (or resume) one run into ``cfg.out`` and return its metrics; the folder's
+    lock is held from the first check to the last file written."""
     run = RunDir(cfg.out, dist.is_main)
+    run.check_run_folder()
+    with run.lock():
+        return _train(run, cfg, dist, log)
+
+
+def _train(run: RunDir, cfg: ClassificationConfig, dist: DistInfo, log) -> Dict[str, Any]:
     method = get_method(cfg.method)
     weights = resolve_weights(cfg.backbone) if cfg.backbone else None
     if weights is not None:

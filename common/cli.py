@@ -81,9 +81,15 @@ def resolve_workers(workers: Optional[int]) -> int:
 
 
 def resolve_threads(threads: Optional[int], workers: int) -> int:
-    """``--threads``: as given, else the usable cores less the loader workers, at least 1,
-    so that threads and workers together do not oversubscribe the cores."""
-    return int(threads) if threads is not None else max(1, usable_cores() - int(workers))
+    """``--threads``: as given, else ``OMP_NUM_THREADS`` when the environment sets it to a
+    positive number, else the usable cores less the loader workers, at least 1, so that
+    threads and workers together do not oversubscribe the cores."""
+    if threads is not None:
+        return int(threads)
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, usable_cores() - int(workers))
 
 
 def apply_threads(threads: Optional[int], workers: Optional[int]) -> Tuple[int, int]:

@@ -15,6 +15,10 @@ the running minimum of the one and the maximum of the other (both from the windo
   guess, ln(1 / chance), rises above it by ``chance_margin`` (the network now does worse
   than guessing: what a collapse early in training looks like, before accuracy had a
   chance to rise); or
+- a window's loss grows to ``blowup`` times (and by at least ``loss_margin`` over) the
+  first window's, or, for a classifier, the uniform guess's when that is larger: a
+  learning rate far too high sends the loss up by orders of magnitude from the first
+  steps on, with no minimum to rise from, and is seen at once (no warm-up); or
 - the smoothed accuracy, after having risen to ``rise`` times chance or more, falls back
   to at most ``fall`` times chance. Windows of fewer than ``min_examples`` examples do
   not count for accuracy (a handful of examples is too noisy to call a collapse).
@@ -34,9 +38,11 @@ class CollapseMonitor:
     def __init__(self, chance: Optional[float] = None, *, loss_ratio: float = 2.0,
                  loss_margin: float = 0.5, rise: float = 3.0, fall: float = 1.5,
                  warmup_windows: int = 2, smoothing: float = 0.5, min_examples: int = 64,
-                 chance_margin: float = 0.25):
+                 chance_margin: float = 0.25, blowup: float = 100.0):
         self.chance = chance
         self.chance_margin = float(chance_margin)
+        self.blowup = float(blowup)
+        self.first_loss: Optional[float] = None
         self.loss_ratio, self.loss_margin = float(loss_ratio), float(loss_margin)
         self.rise, self.fall = float(rise), float(fall)
         self.warmup_windows, self.smoothing = int(warmup_windows), float(smoothing)
@@ -64,11 +70,18 @@ class CollapseMonitor:
         self.smoothed = loss if self.smoothed is None else (1 - alpha) * self.smoothed + alpha * loss
         settled = self.windows > self.warmup_windows
         reason = None
-        if settled and self.min_loss is not None and self.smoothed > self.loss_ratio * self.min_loss \
+        guess = -math.log(self.chance) if self.chance and 0 < self.chance < 1 else None
+        if self.first_loss is None:
+            self.first_loss = loss
+        reference = max(self.first_loss, guess or 0.0)
+        if reference > 0 and loss > self.blowup * reference and loss - reference >= self.loss_margin:
+            start = "the uniform guess's" if guess is not None and guess >= self.first_loss else "the first window's"
+            reason = (f"training loss {loss:.4g} is {loss / reference:.3g}x {start} {reference:.4f}: it grew by "
+                      f"orders of magnitude (a learning rate far too high?)")
+        if reason is None and settled and self.min_loss is not None and self.smoothed > self.loss_ratio * self.min_loss \
                 and self.smoothed - self.min_loss >= self.loss_margin:
             reason = (f"smoothed training loss {self.smoothed:.4f} rose above "
                       f"{self.loss_ratio:g}x its minimum {self.min_loss:.4f}")
-        guess = -math.log(self.chance) if self.chance and 0 < self.chance < 1 else None
         if reason is None and settled and guess is not None and self.min_loss is not None \
                 and self.min_loss < guess and self.smoothed > guess + self.chance_margin:
             reason = (f"smoothed training loss {self.smoothed:.4f} rose above {guess:.4f}, the loss of a "
@@ -100,4 +113,4 @@ class CollapseMonitor:
             setattr(self, key, state.get(key, getattr(self, key)))
 
     _STATE = ("windows", "acc_windows", "typical_steps", "smoothed", "min_loss", "smoothed_acc",
-              "best_acc", "event")
+              "best_acc", "event", "first_loss")

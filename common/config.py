@@ -120,8 +120,8 @@ class RunConfig:
                                     "main process", group="runtime", type=int, resume="free",
                                     default_text="auto: half the usable CPU cores, at most 8")
     threads: Optional[int] = option(None, "torch CPU threads of each process", group="runtime", type=int,
-                                    resume="free", default_text="auto: the usable CPU cores less the workers, "
-                                                                "at least 1")
+                                    resume="free", default_text="auto: OMP_NUM_THREADS when set, else the usable "
+                                                                "CPU cores less the workers, at least 1")
     print_freq: int = option(50, "steps between progress lines and the loss checks that read the device",
                              group="runtime", type=int, resume="free")
 

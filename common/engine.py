@@ -355,7 +355,7 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
         history, start = list(ckpt["history"]), int(ckpt["epoch"])
         set_rng_state(ckpt["rng"][dist.rank], dist.device)  # each rank its own generators
     created = run.create()
-    run.acquire_lock()  # held until the caller has written the results (or the process ends)
+    taken = run.acquire_lock()  # a caller holding it (``with run.lock():``) keeps it past the return
     saved, epoch = False, start
     try:
         if run.is_main and (ckpt is None or start < epochs):  # a finished run re-run changes nothing
@@ -403,16 +403,20 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
                 log(f"{header}epoch {epoch + 1}/{epochs}: {pipeline.describe(record)}  "
                     f"({record['epoch_time_s']:.1f}s, ETA {eta})")
     except KeyboardInterrupt as exc:
-        run.release_lock()
         if created and not saved:
             run.discard()
+        if taken:
+            run.release_lock()
         kept = (f"the checkpoint holds epoch {len(history)}" if history else "no epoch was checkpointed")
         raise KeyboardInterrupt(f"{exc or f'in epoch {epoch + 1}'}; {kept}: re-run the same command to resume") \
             from None
     except BaseException:
-        run.release_lock()
         if created and not saved:
             run.discard()
+        if taken:
+            run.release_lock()
         raise
+    if taken:
+        run.release_lock()
     return FitResult(record=history[-1], history=history, evaluation=evaluation,
                      collapse=monitor.event, start_epoch=start)

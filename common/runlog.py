@@ -218,6 +218,7 @@ class RunDir:
         self.path = Path(path)
         self.is_main = is_main
         self._lock_fd: Optional[int] = None
+        self._made: List[Path] = []  # the folders this object created, the run folder first
 
     def is_run_folder(self, own_names: Iterable[str] = ()) -> bool:
         """Whether the folder may be used by a run (see :func:`check_run_folder`)."""
@@ -242,7 +243,7 @@ class RunDir:
 
         if not self.is_main or self._lock_fd is not None:
             return False
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.create()
         lock_path = self.file(self.LOCK)
         while True:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -277,7 +278,8 @@ class RunDir:
         return True
 
     def release_lock(self) -> None:
-        """Give the lock back and remove the lock file (no-op when not held)."""
+        """Give the lock back and remove the lock file (no-op when not held); a folder this
+        object created and that is left empty is removed too."""
         import fcntl
 
         fd, self._lock_fd = self._lock_fd, None
@@ -292,6 +294,14 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+        for folder in list(self._made):  # only when empty: a run that failed before writing anything
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                break
+            self._made.remove(folder)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator["RunDir"]:
@@ -304,11 +314,15 @@ class RunDir:
                 self.release_lock()
 
     def create(self) -> bool:
-        """Create the folder (main process only); True when this call created it."""
-        if not self.is_main or self.path.is_dir():
+        """Create the folder (main process only); True when this object created it (here
+        or when it took the lock)."""
+        if not self.is_main:
             return False
-        self.path.mkdir(parents=True, exist_ok=True)
-        return True
+        if not self.path.is_dir():
+            missing = [self.path] + [p for p in self.path.parents if not p.exists()]
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._made = [p for p in missing if p.is_dir()]
+        return bool(self._made)
 
     def discard(self, names: Iterable[str] = ()) -> bool:
         """Remove a folder this run created and that holds nothing but run files

@@ -42,14 +42,8 @@ def finish_task(run: RunDir, model: nn.Module, method, meta: Mapping[str, Any], 
     """Write the trained task (``method``'s artifact, with ``meta`` in its header),
     ``metrics.json`` and the run's pictures; returns the metrics. When the checkpoint
     already held every epoch and the folder holds its results, nothing is rewritten and
-    the metrics on disk are returned."""
-    try:
-        return _finish(run, model, method, meta, metrics, result, started=started, log=log, summary=summary)
-    finally:
-        run.release_lock()  # taken by common.engine.fit
-
-
-def _finish(run, model, method, meta, metrics, result, *, started, log, summary):
+    the metrics on disk are returned. The caller holds the folder's lock
+    (``with run.lock():`` around ``fit`` and this)."""
     if result.start_epoch >= len(result.history) and run.file(METRICS).is_file() \
             and run.file(method.artifact).is_file():
         done = run.read_json(METRICS)

@@ -58,6 +58,12 @@ def pretrain(cfg: DecathlonPretrainConfig, dist: DistInfo) -> Dict[str, Any]:
     """Train (or resume) the backbone into ``cfg.out``; returns its metrics."""
     log = partial(print, flush=True) if dist.is_main else (lambda *_: None)
     run = RunDir(cfg.out, dist.is_main)
+    run.check_run_folder()
+    with run.lock():
+        return _pretrain(run, cfg, dist, log)
+
+
+def _pretrain(run: RunDir, cfg: DecathlonPretrainConfig, dist: DistInfo, log) -> Dict[str, Any]:
     seed_everything(cfg.seed, dist.rank)
     spec = get_task(cfg.task)
     prec = make_precision(cfg, dist)
@@ -77,10 +83,7 @@ def pretrain(cfg: DecathlonPretrainConfig, dist: DistInfo) -> Dict[str, Any]:
     result = train_classifier(run, model, optimizers, cfg, dist=dist, prec=prec, train_loader=train_loader,
                               val_loader=val_loader, num_classes=spec.num_classes, config=record,
                               header=f"[{cfg.task}] ", log=log)
-    try:
-        return _finish(run, model, arch, cfg, spec, result, t0, log)
-    finally:
-        run.release_lock()  # taken by common.engine.fit
+    return _finish(run, model, arch, cfg, spec, result, t0, log)
 
 
 def _finish(run, model, arch, cfg, spec, result, t0, log) -> Dict[str, Any]:

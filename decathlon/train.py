@@ -63,6 +63,12 @@ def run_task(cfg: DecathlonTrainConfig, task: str, dist: DistInfo) -> Dict[str, 
     log = partial(print, flush=True) if dist.is_main else (lambda *_: None)
     cfg = cfg.replace(task=task) if cfg.task != task else cfg
     run = RunDir(Path(cfg.out) / task, dist.is_main)
+    run.check_run_folder()
+    with run.lock():
+        return _run_task(run, cfg, task, dist, log)
+
+
+def _run_task(run: RunDir, cfg: DecathlonTrainConfig, task: str, dist: DistInfo, log) -> Dict[str, Any]:
     method = get_method(cfg.method)
     spec = get_task(task)
     seed_everything(cfg.seed, dist.rank)

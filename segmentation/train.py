@@ -70,12 +70,15 @@ def _compile_mode(value: str):
 def main(cfg: SegmentationConfig) -> dict:
     dist_info = init_distributed(cfg.device, threads=cfg.threads, workers=cfg.workers)
     try:
-        return _train(cfg, dist_info)
+        run = RunDir(cfg.out, dist_info.is_main)
+        run.check_run_folder()
+        with run.lock():  # from the first check to the last file written
+            return _train(run, cfg, dist_info)
     finally:
         cleanup()
 
 
-def _train(cfg: SegmentationConfig, dist_info) -> dict:
+def _train(run: RunDir, cfg: SegmentationConfig, dist_info) -> dict:
     device = dist_info.device
     method = get_method(cfg.method)
     source = resolve_backbone(cfg.arch, cfg.backbone, cfg.caffe_weights, cfg.random_init)
@@ -84,7 +87,6 @@ def _train(cfg: SegmentationConfig, dist_info) -> dict:
     use_compile = _compile_mode(cfg.compile)
     # Data first: a missing or malformed file should fail before VGG-16 is built.
     train_loader, val_loader = make_loaders(cfg, source.convention, dist_info)
-    run = RunDir(cfg.out, dist_info.is_main)
     model, prepared = prepare_model(cfg.arch, cfg.method, source, seed=cfg.seed, learn_upsample=cfg.learn_upsample,
                                     masks=cfg.mask_settings())
     model = maybe_channels_last(model.to(device), channels_last)

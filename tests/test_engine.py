@@ -212,6 +212,31 @@ def test_collapse_monitor_catches_an_early_collapse_worse_than_guessing():
         assert calm.update(loss=loss, steps=10, step=i, epoch=1, accuracy=0.1 + 0.1 * i, examples=320) is None
 
 
+def test_collapse_monitor_names_a_loss_that_grows_by_orders_of_magnitude():
+    """--lr 1e6: the loss is 1e9 from the second window on; there is no minimum to rise from."""
+    mon = CollapseMonitor(chance=0.1)
+    assert mon.update(loss=2.4, steps=1, step=0, epoch=1) is None
+    event = mon.update(loss=1.1e9, steps=10, step=10, epoch=1)
+    assert event is not None and event["step"] == 10 and "orders of magnitude" in event["reason"]
+    assert "the first window's 2.4000" in event["reason"]  # ln 10 = 2.30 < 2.4: the first window is the reference
+    guess = CollapseMonitor(chance=0.1)
+    guess.update(loss=1.0, steps=1, step=0, epoch=1)
+    assert "the uniform guess's 2.3026" in guess.update(loss=1e3, steps=10, step=10, epoch=1)["reason"]
+    first = CollapseMonitor(chance=None)  # no chance (a regression-like loss): the first window's loss
+    first.update(loss=3.0, steps=1, step=0, epoch=1)
+    assert first.update(loss=250.0, steps=10, step=10, epoch=1) is None  # 83x: not yet
+    assert "first window's 3.0000" in first.update(loss=400.0, steps=10, step=20, epoch=1)["reason"]
+    small = CollapseMonitor(chance=None)  # tiny losses that grow 200x but by less than the margin
+    small.update(loss=0.001, steps=1, step=0, epoch=1)
+    assert small.update(loss=0.2, steps=10, step=10, epoch=1) is None
+    below_guess = CollapseMonitor(chance=0.1)  # a good start far below ln 10 is no reference
+    below_guess.update(loss=0.01, steps=1, step=0, epoch=1)
+    assert below_guess.update(loss=2.0, steps=10, step=10, epoch=1) is None
+    restored = CollapseMonitor(chance=None)
+    restored.load_state_dict(first.state_dict())
+    assert restored.first_loss == 3.0
+
+
 class _Collapsing(ClassificationPipeline):
     """Learns, then from the 61st step on (epoch 4) something breaks: the network's
     output is scrambled (as when a mask switches a layer off)."""

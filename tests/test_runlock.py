@@ -31,7 +31,12 @@ def test_two_opens_in_one_process_conflict(tmp_path):
     assert not first.locked and not (out / LOCK_NAME).exists()
     with second.lock():  # free again once released
         assert second.locked
-    assert sorted(p.name for p in out.iterdir()) == []
+    assert not out.exists()  # a folder the lock created and nothing was written into is removed
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    with first.lock():
+        pass
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]  # a folder it did not create stays
 
 
 def test_other_ranks_do_not_lock(tmp_path):

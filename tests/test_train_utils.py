@@ -314,9 +314,14 @@ def test_cli_defaults_env_and_validation(monkeypatch, capsys):
     assert (cfg.data_root, cfg.epochs, cfg.out, cfg.seed, cfg.device, cfg.workers) == \
         (os.path.abspath("data/x"), 3, os.path.abspath("runs/latest"), 0, "auto", None)
     # threads and workers fit the cores this process may use
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     workers = resolve_workers(None)
     assert workers == min(8, usable_cores() // 2) and workers + resolve_threads(None, workers) <= max(2, usable_cores())
     assert resolve_threads(3, workers) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a user's explicit setting is kept; --threads overrides it
+    assert resolve_threads(None, 0) == 1 and resolve_threads(2, 0) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert resolve_threads(None, 0) == max(1, usable_cores())
     monkeypatch.setenv("PB_TEST_DATA_ROOT", "/elsewhere")
     assert _config([]).data_root == "/elsewhere"
     assert _config(["--data-root", "d"]).data_root == os.path.abspath("d")

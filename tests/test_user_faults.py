@@ -112,8 +112,11 @@ def test_ctrl_c_ends_with_one_line_and_the_same_command_resumes(world, tmp_path)
     out = tmp_path / "run"
     cmd = _cmd(world, out, "--print-freq", "1")
     cmd[cmd.index("--epochs") + 1] = "40"
+    # SIGINT as a terminal delivers it, even when the tests themselves run in the background
+    # (where the shell starts them with SIGINT ignored, and a child would inherit that)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
