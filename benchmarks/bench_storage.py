@@ -118,6 +118,34 @@ def ternary_row(section: Section, tmp: Path) -> None:
                   float(rows[0][2]) < 2.001)
 
 
+def affine_rows(section: Section, tmp: Path) -> None:
+    """The affine schemes store the binary mask's bits plus float32 scalars per layer (or
+    per output channel): what that adds per masked weight and to #par for ten tasks."""
+    workload = get_workload("wrn28_4")
+    rows, per_weight = [], {}
+    for scheme in ("binary", "affine", "affine-channel"):
+        torch.manual_seed(0)
+        model = piggyback(workload.build(), scheme=scheme, skip=("fc",))
+        set_random_masks(model, 0.2)
+        n = sum(layer.weight.numel() for _, layer in masked_modules(model))
+        path = save_masks(model, tmp / f"{scheme}.safetensors")
+        scalars = sum(t.numel() for layer in read_mask_file(path).extras.values() for t in layer.values())
+        mask_bits, whole = mask_file_bits(path, n)
+        total = mask_bits + 32 * scalars / n
+        per_weight[scheme] = total
+        rows.append([scheme, f"{scalars:,}", f"{mask_bits:.4f}", f"{total:.4f}", f"{whole:.4f}",
+                     f"{1 + 10 * total / 32:.4f}"])
+    section.table("Affine schemes (WRN-28-4, 28 masked layers): the binary mask plus a, b, c, d in float32; "
+                  "#par for ten tasks counts each task's mask and scalars against one 32-bit backbone.",
+                  ["scheme", "scalars", "mask bit/w", "mask + scalars bit/w", "file bit/w", "#par, ten tasks"],
+                  rows)
+    section.check("affine mask + scalars, WRN-28-4", f"{per_weight['affine']:.4f} bit/weight", "<= 1.01",
+                  per_weight["affine"] <= 1.01)
+    par = {k: round(1 + 10 * v / 32, 2) for k, v in per_weight.items()}
+    section.check("#par for ten tasks, affine against binary (two decimals)", f"{par['affine']:.2f} vs "
+                  f"{par['binary']:.2f}", "equal", par["affine"] == par["binary"])
+
+
 def granularity_rows(section: Section, tmp: Path) -> None:
     """Zeros switched off weight by weight, kernel by kernel or filter by filter: the
     same zero fraction, very different information."""
@@ -184,6 +212,7 @@ def run(quick: bool, context: dict) -> Section:
         tmp = Path(tmp)
         decathlon_rows(section, tmp, context)
         ternary_row(section, tmp)
+        affine_rows(section, tmp)
         granularity_rows(section, tmp)
         vgg_rows(section, tmp, quick)
     section.notes.append(

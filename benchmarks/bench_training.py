@@ -22,6 +22,30 @@ GOAL = 1.05
 CASES_FULL = [("wrn28_4", "adam", False, 15), ("wrn28_4", "adam", True, 7), ("wrn28_4", "sgd", False, 7),
               ("fcn32s", "adam", False, 3)]
 CASES_QUICK = [("wrn28_4", "adam", False, 5), ("fcn32s", "adam", False, 2)]
+# scheme against binary piggyback: (workload, scheme, rounds)
+SCHEME_CASES_FULL = [("wrn28_4", "affine", 15), ("wrn28_4", "affine-channel", 7)]
+SCHEME_CASES_QUICK = [("wrn28_4", "affine", 5)]
+
+
+def compare_schemes(workload_name: str, scheme: str, repeats: int, warmup: int = 1) -> Dict:
+    """Seconds per Adam step of piggyback with ``scheme`` and with binary masks, side by side."""
+    workload = get_workload(workload_name)
+    torch.manual_seed(0)
+    plain = workload.build()
+    x, y = workload.batch(workload.batch_size)
+    steps = {}
+    for name in ("binary", scheme):
+        model, params = prepare(plain, "piggyback", workload, train_bn=False, scheme=name)
+        opt = make_optimizer("adam", params)
+
+        def step(model=model, opt=opt):
+            timed_step(model, opt, x, y, workload.loss)
+
+        steps[name] = step
+    times = time_side_by_side(steps, repeats=repeats, warmup=warmup)
+    del steps, plain
+    gc.collect()
+    return {"times": times, "workload": workload}
 
 
 def compare(workload_name: str, optimizer: str, train_bn: bool, repeats: int, warmup: int = 1) -> Dict:
@@ -91,6 +115,17 @@ def run(quick: bool, context: dict) -> Section:
                   "select into a new tensor for eq. 4, one product into a new tensor for eq. 7):",
                   ["workload", "kernel", "ms per step"],
                   [[name, kernel, fmt(1e3 * median(v))] for (name, kernel), v in kernel_rows.items()])
+    scheme_rows = []
+    for name, scheme, repeats in (SCHEME_CASES_QUICK if quick else SCHEME_CASES_FULL):
+        t = compare_schemes(name, scheme, repeats)["times"]
+        ratio = median_ratio(t[scheme], t["binary"])
+        scheme_rows.append([get_workload(name).label, scheme, fmt(1e3 * median(t[scheme])),
+                            fmt(1e3 * median(t["binary"])), f"{ratio:.3f}", str(repeats)])
+        section.check(f"{scheme} / binary piggyback step, {name}, adam", f"{ratio:.3f}", f"<= {GOAL}",
+                      ratio <= GOAL)
+    section.table("Mask schemes with values beside the mask against the binary mask (Adam, BN frozen; the "
+                  "scheme's scalars in the optimiser too):",
+                  ["workload", "scheme", "scheme ms/step", "binary ms/step", "ratio", "rounds"], scheme_rows)
     _diagnose(section, kernel_rows, phase_times)
     section.seconds = time.perf_counter() - start
     return section

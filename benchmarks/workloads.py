@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.masking import mask_parameters, masked_modules, piggyback, task_parameters
+from common.masking import mask_parameters, masked_modules, piggyback, scheme_parameters, task_parameters
 
 __all__ = ["Workload", "WORKLOADS", "get_workload", "prepare", "make_optimizer",
            "timed_step", "masking_kernels", "set_random_masks",
@@ -89,16 +89,17 @@ def _bn_layers(model: nn.Module) -> List[nn.Module]:
 
 
 def prepare(plain: nn.Module, method: str, workload: Workload, *, train_bn: bool,
-            copy_model: bool = True) -> Tuple[nn.Module, List[nn.Parameter]]:
+            copy_model: bool = True, scheme: str = "binary") -> Tuple[nn.Module, List[nn.Parameter]]:
     """A model in train mode for ``method`` and the parameters its optimiser owns.
 
-    piggyback: every conv/linear outside ``workload.skip`` masked, backbone frozen.
+    piggyback: every conv/linear outside ``workload.skip`` masked with ``scheme``, backbone
+    frozen; the optimiser owns the masks, the scheme's values beside them and the head.
     finetune: every parameter trains. ``train_bn=False`` keeps BN on its running
     statistics in both (piggyback's default); ``True`` uses batch statistics in both."""
     model = copy.deepcopy(plain) if copy_model else plain
     if method == "piggyback":
-        piggyback(model, train_bn=train_bn, skip=workload.skip)
-        params = mask_parameters(model) + task_parameters(model)
+        piggyback(model, train_bn=train_bn, skip=workload.skip, scheme=scheme)
+        params = mask_parameters(model) + scheme_parameters(model) + task_parameters(model)
         model.train()
     elif method == "finetune":
         # backbone weights train; the new layers keep their own setting (FCN's fixed

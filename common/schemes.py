@@ -91,18 +91,35 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
+def _dot_to(x: torch.Tensor, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``_reduce_to(x * y, shape)`` without the weight-sized product: one dot product for a
+    per-layer value, one per output channel for per-channel values."""
+    if x.dtype == y.dtype and x.shape == y.shape and x.dim() >= 1:
+        if all(s == 1 for s in shape):
+            return torch.dot(x.reshape(-1), y.reshape(-1)).reshape(shape)
+        if shape[0] == x.shape[0] and all(s == 1 for s in shape[1:]):
+            return torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)).reshape(shape)
+    return _reduce_to(x * y, shape)
+
+
 class _AffineMaskedWeight(torch.autograd.Function):
     """``W' = a W + b (M W) + c M + d`` with M the binary mask of eq. 4. Backward: the
     straight-through estimator of eq. 7 applied to W', dE/d(mask_real) = dE/dW' * (b W + c),
     and the exact gradients of a, b, c, d (sums of dE/dW' times W, M W, M and 1 over the
-    entries each scalar covers). The frozen weight gets no gradient."""
+    entries each scalar covers). The frozen weight gets no gradient.
+
+    Written for few weight-sized passes: forward is two fused multiply-adds and one select
+    (``where(M, W (a + b) + (c + d), W a + d)``); backward one select (dE/dW' where M is
+    on), dot products for a and b, sums for c and d, one fused multiply-add for the slope
+    and one product for the mask's gradient (in place when the incoming gradient allows)."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(weight, mask_real, threshold, a, b, c, d):
         on = mask_real >= threshold
-        return torch.where(on, weight * (a + b) + c, weight * a) + d
+        a, b, c, d = (t.to(weight.dtype) for t in (a, b, c, d))
+        return torch.where(on, torch.addcmul(c + d, weight, a + b), torch.addcmul(d, weight, a))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -110,26 +127,26 @@ class _AffineMaskedWeight(torch.autograd.Function):
         ctx.threshold = threshold
         ctx.save_for_backward(weight, mask_real, b, c)
         ctx.extra_shape = a.shape
+        ctx.extra_dtype = a.dtype
 
     @staticmethod
     def backward(ctx, grad):
         weight, mask_real, b, c = ctx.saved_tensors
         need = ctx.needs_input_grad
-        on = mask_real >= ctx.threshold
-        shape = ctx.extra_shape
+        shape, dtype = ctx.extra_shape, ctx.extra_dtype
         grads = [None] * 7
-        if need[3] or need[4]:
-            gw = grad * weight
+        if any(need[3:7]):
+            on_grad = torch.where(mask_real >= ctx.threshold, grad, 0.0) if (need[4] or need[5]) else None
             if need[3]:
-                grads[3] = _reduce_to(gw, shape)
+                grads[3] = _dot_to(grad, weight, shape).to(dtype)
             if need[4]:
-                grads[4] = _reduce_to(torch.where(on, gw, 0.0), shape)
-        if need[5]:
-            grads[5] = _reduce_to(torch.where(on, grad, 0.0), shape)
-        if need[6]:
-            grads[6] = _reduce_to(grad, shape)
+                grads[4] = _dot_to(on_grad, weight, shape).to(dtype)
+            if need[5]:
+                grads[5] = _reduce_to(on_grad, shape).to(dtype)
+            if need[6]:
+                grads[6] = _reduce_to(grad, shape).to(dtype)
         if need[1]:
-            slope = weight * b + c
+            slope = torch.addcmul(c.to(weight.dtype), weight, b.to(weight.dtype))
             grads[1] = grad.mul_(slope) if _reusable(grad, weight) else grad * slope
         return tuple(grads)
 

@@ -237,6 +237,20 @@ def test_collapse_monitor_names_a_loss_that_grows_by_orders_of_magnitude():
     assert restored.first_loss == 3.0
 
 
+def test_fit_reports_a_learning_rate_far_too_high_as_a_collapse(tmp_path):
+    """SGD at 30 on the MLP: the loss climbs to hundreds within a few steps and stays finite."""
+    data = _data(n=48)
+    model = _mlp()
+    train, val = _loaders(data)
+    opt = {"main": torch.optim.SGD(model.parameters(), lr=30.0)}
+    result = fit(RunDir(tmp_path / "r"), FitState(model, opt), ClassificationPipeline(CPU, val, 3), train,
+                 epochs=1, config={"lr": 30.0}, dist=ONE, set_epoch=train.sampler.set_epoch, print_freq=2,
+                 log=lambda *_: None)
+    assert result.collapse is not None and "orders of magnitude" in result.collapse["reason"], result.history
+    assert result.record["collapse"]["step"] == result.collapse["step"] >= 1
+    assert json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[-1])["collapse"] == result.collapse
+
+
 class _Collapsing(ClassificationPipeline):
     """Learns, then from the 61st step on (epoch 4) something breaks: the network's
     output is scrambled (as when a mask switches a layer off)."""
