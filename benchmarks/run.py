@@ -62,17 +62,22 @@ def run_benchmarks(names, quick: bool, threads: int):
     return sections
 
 
-def keep_transfer_section(path: Path, text: str) -> str:
-    """``text`` followed by the real-data section that ``benchmarks.transfer`` wrote into
-    ``path`` (between its markers), which this command does not measure."""
+def keep_marked_sections(path: Path, text: str) -> str:
+    """``text`` followed by every section of ``path`` between ``<!-- NAME:begin -->`` and
+    ``<!-- NAME:end -->`` markers (the real-data section of ``benchmarks.transfer``, the CPU
+    threads measurements), which this command does not measure."""
     import re
-    from benchmarks.transfer import BEGIN, END, replace_section
     try:
         old = Path(path).read_text(encoding="utf-8")
     except OSError:
         return text
-    found = re.search(re.escape(BEGIN) + r".*?" + re.escape(END), old, re.S)
-    return replace_section(text, found.group(0) + "\n") if found else text
+    for found in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", old, re.S):
+        begin, end = f"<!-- {found.group(1)}:begin -->", f"<!-- {found.group(1)}:end -->"
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+        section = found.group(0) + "\n"
+        text = pattern.sub(lambda _: section, text, count=1) if pattern.search(text) else \
+            text.rstrip("\n") + "\n\n" + section
+    return text
 
 
 def main(args: argparse.Namespace) -> int:
@@ -88,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
                 f"side by side in one process; figures are medians of repeated runs. "
                 f"The machine's 2 cores may be shared with other work, which shows as noise.")
     text = render_markdown(sections, machine_info(), title="Benchmarks", preamble=preamble)
-    text = keep_transfer_section(args.out, text)
+    text = keep_marked_sections(args.out, text)
     atomic_write_bytes(args.out, text.encode("utf-8"))
     print(f"[benchmarks] wrote {args.out} ({total:.0f} s)")
     return 0

@@ -3,12 +3,13 @@
 An ImageNet MobileNetV2 (the real weight file ``classification.realdata`` writes) learns
 MNIST and the UCI handwritten digits by each method of the table: the classifier alone on
 frozen features, piggyback masks (the toolkit's default recipe), piggyback with trained
-batch-norm, finetuning of every weight, and piggyback with the paper's exact recipe (to
-show its collapse), and piggyback under bf16 autocast with channels_last against fp32
+batch-norm, finetuning of every weight, the affine scheme (the binary mask plus a, b, c, d
+per layer), and piggyback with the paper's exact recipe (to show its collapse), and piggyback under bf16 autocast with channels_last against fp32
 (``--amp on``: faster on a GPU; its accuracy here is why it is not the default). Each run is an ordinary ``classification.train`` run folder under
 ``--work`` (re-running resumes or reuses it). Top-1, mask sparsity and any collapse go
 into the transfer section of BENCHMARKS.md (between its markers; the rest of the file is
-left alone), the per-layer sparsity of the masks into a PNG (the paper's Fig. 3).
+left alone), with a second seed where affine and piggyback or finetuning are within a
+point, and with ``--sweep`` the affine scalars' learning rates; the per-layer sparsity of the masks into a PNG (the paper's Fig. 3).
 
 Inputs are kept small so that everything runs on 2 CPU cores in about 20 minutes; the
 section states the sizes used.
@@ -60,11 +61,25 @@ METHODS: List[MethodPlan] = [
     MethodPlan("piggyback", "piggyback", ()),
     MethodPlan("piggyback_bn", "piggyback, trained BN", ("--train-bn",)),
     MethodPlan("finetune", "finetune", ("--method", "finetune")),
+    MethodPlan("affine", "affine", ("--scheme", "affine")),
     MethodPlan("paper", "piggyback, paper recipe", ("--recipe", "paper")),
     # --amp on: the faster GPU option, whose accuracy cost decides that it is not the default
     MethodPlan("piggyback_bf16", "piggyback, bf16 + channels_last", ("--amp", "on", "--channels-last", "on")),
 ]
 QUICK = {"train_limit": 160, "eval_limit": 100, "epochs": 1}
+# the learning rates of the affine scalars tried by --sweep (Adam; the scheme's default is 1e-5),
+# and the per-channel variant at the default
+SWEEP: List[MethodPlan] = [
+    *(MethodPlan(f"affine_lr{lr}", f"affine, scalars at {lr}", ("--scheme", "affine", "--extras-lr", lr))
+      for lr in ("1e-6", "1e-4", "1e-3")),
+    MethodPlan("affine_channel", "affine-channel, scalars at 1e-5", ("--scheme", "affine-channel")),
+]
+# a second seed for affine and each of these when their top-1 differ by less than this
+SEEDED, CLOSE = ("piggyback", "finetune"), 1.0
+
+
+def with_seed(method: MethodPlan, seed: int) -> MethodPlan:
+    return MethodPlan(f"{method.key}-seed{seed}", method.column, (*method.flags, "--seed", str(seed)))
 
 
 def run_flags(task: TaskPlan, method: MethodPlan, *, data: Path, weights: Path, work: Path, size: int,
@@ -125,6 +140,26 @@ def _cell(m: dict) -> str:
     return f"{m['top1']:.2f}" + (f": {note}" if note else "")
 
 
+def seed_mean(row: Dict[str, dict], key: str) -> float:
+    """Mean top-1 of ``key`` over the seeds run (seed 0, and seed 1 where it was run)."""
+    values = [row[k]["top1"] for k in (key, f"{key}-seed1") if k in row]
+    return sum(values) / len(values)
+
+
+def seed_cell(row: Dict[str, dict], key: str) -> str:
+    if f"{key}-seed1" not in row:
+        return _cell(row[key])
+    return f"{seed_mean(row, key):.2f} ({row[key]['top1']:.2f}, {row[key + '-seed1']['top1']:.2f})"
+
+
+def close_pairs(row: Dict[str, dict]) -> List[str]:
+    """The methods that need a second seed: affine and each of SEEDED within CLOSE of it."""
+    if "affine" not in row:
+        return []
+    near = [k for k in SEEDED if k in row and abs(row[k]["top1"] - row["affine"]["top1"]) < CLOSE]
+    return ["affine", *near] if near else []
+
+
 def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], methods: Sequence[MethodPlan],
            size: int, batch_size: int, threads: int, total_s: float, quick: bool, plot: Optional[str]) -> str:
     from common.recipes import get_recipe
@@ -177,6 +212,35 @@ def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], me
         ok = d_ft >= -1.0 and d_fe > 0 and not row["piggyback"].get("collapse") and collapsed
         lines.append(f"| {task.name} | {d_ft:+.2f} | {d_fe:+.2f} | {collapse_note(row['paper']) or 'no collapse'} "
                      f"| **{'PASS' if ok else 'FAIL'}** |")
+    affine_rows = [(t.name, results[t.name]) for t in tasks
+                   if all(k in results.get(t.name, {}) for k in ("affine", "piggyback", "finetune"))]
+    if affine_rows:
+        lines += ["", "Affine (`--scheme affine`: the binary mask plus a, b, c, d per layer, scalars at Adam "
+                      "1e-5) against binary piggyback and finetuning, top-1 (%); where two of them were within "
+                      f"{CLOSE:g} point, a second seed (1) was run for both and the cells give the mean of seeds "
+                      "0 and 1 (each seed in brackets). Goal: affine at or above both.", "",
+                  "| task | affine | piggyback | finetune | affine - piggyback | affine - finetune | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, row in affine_rows:
+            means = {k: seed_mean(row, k) for k in ("affine", "piggyback", "finetune")}
+            cells = [seed_cell(row, k) for k in ("affine", "piggyback", "finetune")]
+            ok = means["affine"] >= means["piggyback"] and means["affine"] >= means["finetune"]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {means['affine'] - means['piggyback']:+.2f} | "
+                         f"{means['affine'] - means['finetune']:+.2f} | **{'PASS' if ok else 'FAIL'}** |")
+    sweep_rows = [(t.name, results[t.name]) for t in tasks
+                  if any(m.key in results.get(t.name, {}) for m in SWEEP)]
+    if sweep_rows:
+        columns = [("affine", "1e-5 (default)")] + [(m.key, m.column.split("at ")[-1] if m.key.startswith("affine_lr")
+                                                      else "per channel, 1e-5") for m in SWEEP]
+        lines += ["", "The affine scalars' recipe (`--extras-lr`, Adam; `--sweep`): top-1 (%) and mask sparsity, "
+                      "seed 0, the masks' and classifier's recipe as above; binary piggyback for reference.", "",
+                  "| task | binary piggyback | " + " | ".join(c for _, c in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for name, row in sweep_rows:
+            cells = [_cell(row[k]) + f" ({row[k]['sparsity']:.3f})" if k in row else "not run"
+                     for k, _ in columns]
+            ref = f"{row['piggyback']['top1']:.2f}" if "piggyback" in row else "not run"
+            lines.append(f"| {name} | {ref} | " + " | ".join(cells) + " |")
     bf16_rows = [(t.name, results[t.name]) for t in tasks
                  if all(k in results.get(t.name, {}) for k in ("piggyback", "piggyback_bf16"))]
     if bf16_rows:
@@ -213,7 +277,7 @@ def replace_section(text: str, section: str) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m benchmarks.transfer",
                                 description="The paper's Table 2 (classifier only, piggyback, piggyback with "
-                                            "trained BN, finetuning, and the paper's recipe) on MNIST and the UCI "
+                                            "trained BN, finetuning, affine masks, and the paper's recipe) on MNIST and the UCI "
                                             "digits with a real ImageNet MobileNetV2, on the CPU.")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="folder written by python -m classification.realdata (default: $PIGGYBACK_REAL_DATA "
@@ -231,6 +295,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32, help="batch size (default: 32)")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads (default 1: on 2 shared cores a second thread stalls more than it helps)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also train the affine scheme with its scalars at Adam 1e-6, 1e-4 and 1e-3 and per "
+                        "output channel, and add the sweep's table (default: off)")
+    p.add_argument("--seeds", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"a second seed for affine and piggyback or finetuning where their top-1 differ by "
+                        f"less than {CLOSE:g} point (default: on)")
     p.add_argument("--quick", action="store_true",
                    help=f"a smoke run: {QUICK['train_limit']} training and {QUICK['eval_limit']} test images, "
                         f"{QUICK['epochs']} epoch")
@@ -250,12 +320,21 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, dict]]:
     methods = [m for m in METHODS if m.key in args.methods]
     results: Dict[str, Dict[str, dict]] = {}
     start = time.perf_counter()
+    def run(task: TaskPlan, method: MethodPlan) -> None:
+        flags = run_flags(task, method, data=data, weights=weights, work=work, size=args.size,
+                          batch_size=args.batch_size, quick=args.quick)
+        results.setdefault(task.name, {})[method.key] = run_one(flags, f"{task.name} {method.column}")
+
+    by_key = {m.key: m for m in METHODS}
     for task in tasks:
         for method in methods:
-            flags = run_flags(task, method, data=data, weights=weights, work=work, size=args.size,
-                              batch_size=args.batch_size, quick=args.quick)
-            m = run_one(flags, f"{task.name} {method.column}")
-            results.setdefault(task.name, {})[method.key] = m
+            run(task, method)
+        if args.seeds:
+            for key in close_pairs(results[task.name]):
+                run(task, with_seed(by_key[key], 1))
+        if args.sweep:
+            for method in SWEEP:
+                run(task, method)
     total = time.perf_counter() - start
     atomic_write_json(work / "summary.json", results)
     layers = {t: results[t]["piggyback"]["sparsity_layers"] for t in results if "piggyback" in results[t]}

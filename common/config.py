@@ -299,10 +299,14 @@ def build_parser(cls, description: str, *, epilog: Optional[str] = None, extra: 
     are not settings of the run (there are few)."""
     choices = {**REGISTRY_CHOICES, **getattr(cls, "CHOICES", {}), **(choices or {})}
     auto = "".join(f"\n  --{k.replace('_', '-')} auto: {v}" for k, v in cls.AUTO.items())
+    if any(f.name == "scheme" and f.metadata["cli"] for f in fields(cls)):
+        from common.schemes import SCHEMES
+        auto += ("\n\nmask schemes (--scheme; their accuracy and step time against binary masks: BENCHMARKS.md):"
+                 + "".join(f"\n  {name}: {scheme.summary}; stores {scheme.cost}" for name, scheme in SCHEMES.items()))
     from common.cli import Parser
     p = Parser(prog=cls.PROG, description=description, usage="%(prog)s [options]", argument_default=argparse.SUPPRESS,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=("what auto means here:" + auto + "\n" if auto else "") + (epilog or ""))
+                epilog=(("what auto means here:" if cls.AUTO else "") + auto + "\n" if auto else "") + (epilog or ""))
     p.add_argument("--config", metavar="FILE",
                    help="read the settings from FILE (a run's config.json, or a JSON/YAML mapping of setting "
                         "names to values); flags given beside it override it (default: none)")

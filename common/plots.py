@@ -406,7 +406,7 @@ def run_description(config: Mapping, metrics: Mapping, run_name: str) -> Dict[st
     ``dataset`` (the task, or the data root's folder name), ``eval_split`` (classification's
     ``eval_split``; segmentation's evaluation list; the decathlon's val, marked when a
     train+val run also trained on it), ``name`` (dataset, method, arch) and ``synthetic``
-    (either file has ``"synthetic": true``)."""
+    (either file has ``"synthetic": true``, or config.json under ``resolved``)."""
     def first(*keys):
         for source in (config, metrics):
             for key in keys:
@@ -421,7 +421,10 @@ def run_description(config: Mapping, metrics: Mapping, run_name: str) -> Dict[st
         dataset = "PASCAL VOC"
     if dataset is None and first("data_root"):
         dataset = Path(first("data_root")).name or None
-    eval_split = _text(config.get("eval_split")) or _text(metrics.get("eval_split"))
+    resolved = config.get("resolved") if isinstance(config.get("resolved"), Mapping) else {}
+    given = _text(config.get("eval_split"))
+    eval_split = _text(resolved.get("eval_split")) or (given if given != "auto" else None) \
+        or _text(metrics.get("eval_split")) or (_text(metrics.get("split")) if given == "auto" else None)
     if eval_split is None and seg_split is not None:
         eval_split = _SEGMENTATION_EVAL[seg_split]
     if eval_split is None and ("trainval" in config or "val_is_held_out" in metrics):  # the decathlon
@@ -430,7 +433,7 @@ def run_description(config: Mapping, metrics: Mapping, run_name: str) -> Dict[st
     if eval_split is None:
         eval_split = _text(metrics.get("split"))
     name = " ".join(v for v in (dataset, first("method"), first("arch")) if v) or run_name
-    synthetic = config.get("synthetic") is True or metrics.get("synthetic") is True
+    synthetic = True in (config.get("synthetic"), metrics.get("synthetic"), resolved.get("synthetic"))
     return {"dataset": dataset, "eval_split": eval_split, "name": name, "synthetic": synthetic}
 
 

@@ -22,6 +22,7 @@ from common.distributed import DistInfo, barrier
 from common.maskfile import RESERVED_KEYS
 from common.plots import save_run_plots
 from common.runlog import RunDir
+from common.synthetic import is_synthetic
 
 __all__ = ["start_run", "finish_task", "METRICS"]
 
@@ -30,10 +31,13 @@ METRICS = "metrics.json"
 
 def start_run(cfg, dist: DistInfo, **resolved) -> Dict[str, Any]:
     """The record of ``cfg`` for ``config.json`` and resume checks, with ``resolved`` (and
-    the workers, threads and world size this process runs with) under ``resolved``."""
+    the workers, threads and world size this process runs with, and ``synthetic`` when the
+    data root is marked so) under ``resolved``."""
     workers = resolve_workers(getattr(cfg, "workers", None))
     facts = {"workers": workers, "threads": resolve_threads(getattr(cfg, "threads", None), workers),
              "world_size": dist.world_size, **resolved}
+    if is_synthetic(getattr(cfg, "data_root", None)):
+        facts["synthetic"] = True  # the pictures say so (common.synthetic)
     return config_record(cfg, facts)
 
 

@@ -166,6 +166,11 @@ class MaskScheme:
     extras_optimizer: Optional[str] = None
     extras_lr: Optional[float] = None
 
+    @property
+    def cost(self) -> str:
+        """What a task's mask costs on disk, in words (``--help`` lists it)."""
+        return f"{self.bits} bit{'s' if self.bits > 1 else ''} per masked weight"
+
     def check_threshold(self, threshold: float) -> float:
         threshold = float(threshold)
         if not (threshold > 0 and threshold != float("inf")):
@@ -233,7 +238,7 @@ def _numel(shape: Sequence[int]) -> int:
 
 class BinaryScheme(MaskScheme):
     name = "binary"
-    summary = "m in {0, 1}: the paper's binary mask, 1 bit per weight"
+    summary = "m in {0, 1}: the paper's binary mask"
     values = (0, 1)
     bits = 1
     function = _BinaryMaskedWeight
@@ -254,7 +259,7 @@ class BinaryScheme(MaskScheme):
 
 class TernaryScheme(MaskScheme):
     name = "ternary"
-    summary = "m in {-1, 0, 1} (cut-offs at +-threshold), 2 bits per weight"
+    summary = "m in {-1, 0, 1} (cut-offs at +-threshold)"
     values = (-1, 0, 1)
     bits = 2
     function = _TernaryMaskedWeight
@@ -296,6 +301,11 @@ class AffineScheme(BinaryScheme):
         self.per_channel = per_channel
         self.summary = ("binary mask M plus real a, b, c, d per " + ("output channel" if per_channel else "layer")
                         + ": W' = a W + b (M W) + c M + d")
+
+    @property
+    def cost(self):
+        return ("1 bit per masked weight plus four float32 values per "
+                + ("output channel" if self.per_channel else "masked layer"))
 
     def extras_shape(self, weight_shape):
         dims = len(weight_shape)

@@ -43,6 +43,7 @@ from common.masking import fold_masks, piggyback
 from common.methods import MASKS_FILE, get_method, read_task_metadata, task_file
 from common.multitask import MultiTaskModel
 from common.plots import plot_grouped_bars, save_run_plots
+from common.synthetic import is_synthetic
 from common.runlog import atomic_write_bytes, atomic_write_json
 from decathlon.accounting import decathlon_accounting, mask_file_cost
 from decathlon.data import DecathlonDataset, annotation_path, build_loader, build_transforms
@@ -290,6 +291,9 @@ def format_summary(summary: dict) -> str:
     b = summary["bytes"]
     missing = summary["missing_tasks"]
     lines = ["# Visual Decathlon submission", ""]
+    if summary.get("synthetic"):
+        lines += ["**Synthetic data**: the data root was written by a generator; these figures say nothing "
+                  "about the method.", ""]
     if missing:
         lines += [f"**Partial submission: {len(missing)} of 10 tasks missing ({', '.join(missing)}).** "
                   f"They have no predictions and score 0; #par covers only the submitted tasks.", ""]
@@ -351,7 +355,7 @@ def plot_tasks(summary: dict, path) -> Path:
                                   "Finetune baseline": FINETUNE_TOP1}),
          ("decathlon points (max 1000)", {label: points, "Piggyback (paper)": paper_points,
                                           "Finetune baseline": {t: 250.0 for t in TASK_NAMES}})],
-        list(TASK_NAMES), path, notes=notes,
+        list(TASK_NAMES), path, notes=notes, synthetic=bool(summary.get("synthetic")),
         title=f"Score {summary['score']:.0f} ({summary['score_source']}) vs Piggyback 2838 "
               f"and Finetune 2500 as published")
 
@@ -488,6 +492,8 @@ def main(args: argparse.Namespace, log=print) -> dict:
         runs=runs, missing=missing, test_sets=test_sets, num_predictions=len(pairs),
         backbone_params=sum(p.numel() for p in backbone.parameters()), backbone_meta=backbone_meta,
         backbone_path=backbone_path, test_scores=test_scores, mode=args.mode)
+    if is_synthetic(args.data_root):
+        summary["synthetic"] = True  # tasks.png and summary.md say so
     paths = write_submission(args.out, pairs, summary,
                              run_dirs={t: Path(args.runs) / t for t in runs})
     log(format_summary(summary))

@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Optional, Union
 import cv2
 import numpy as np
 
+from common.synthetic import mark_synthetic
 from common.errors import UsageError
 from decathlon.tasks import TASK_NAMES, get_task
 
@@ -138,6 +139,7 @@ def make_synthetic_decathlon(root: Union[str, Path], *, tasks: Optional[Iterable
     "test_ids"}}}``.
     """
     root = Path(root)
+    mark_synthetic(root)
     names = list(TASK_NAMES if tasks is None else tasks)
     summary = {"root": str(root), "labels_dir": str(labels_dir) if labels_dir else None,
                "tasks": {}}

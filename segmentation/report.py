@@ -12,7 +12,7 @@ from typing import Dict, Mapping, Sequence
 import torch.nn as nn
 
 from common.accounting import task_cost
-from common.masking import is_piggybacked, mask_parameters
+from common.masking import is_piggybacked, mask_parameters, scheme_parameters
 
 from .model import NEW_LAYERS
 
@@ -23,7 +23,7 @@ MB = 1e6
 
 def storage_report(model: nn.Module) -> Dict[str, float]:
     """Bytes one task costs: masks + new layers (piggyback) or the whole FCN (finetune)."""
-    masks = {id(p) for p in mask_parameters(model)}
+    masks = {id(p) for p in mask_parameters(model) + scheme_parameters(model)}
     new_params = sum(p.numel() for name in NEW_LAYERS for p in model.get_submodule(name).parameters())
     fcn_params = sum(p.numel() for p in model.parameters() if id(p) not in masks)
     report = {
@@ -34,17 +34,21 @@ def storage_report(model: nn.Module) -> Dict[str, float]:
     }
     if is_piggybacked(model):
         cost = task_cost(model)
+        scalars = sum(p.numel() for p in scheme_parameters(model))  # affine's a, b, c, d, in float32
         report.update(masked_weights=cost["masked_weights"], mask_bits=cost["mask_bits"],
-                      mask_mb=cost["mask_bits"] / 8 / MB)
-        report["task_mb"] = report["mask_mb"] + report["new_layers_mb"]
+                      mask_mb=cost["mask_bits"] / 8 / MB, scheme_params=scalars, scheme_mb=scalars * 4 / MB)
+        report["task_mb"] = report["mask_mb"] + report["scheme_mb"] + report["new_layers_mb"]
     else:
-        report.update(masked_weights=0, mask_bits=0, mask_mb=0.0, task_mb=report["full_fcn_mb"])
+        report.update(masked_weights=0, mask_bits=0, mask_mb=0.0, scheme_params=0, scheme_mb=0.0,
+                      task_mb=report["full_fcn_mb"])
     return report
 
 
 def format_storage(report: Mapping[str, float]) -> str:
     lines = ["storage per task:",
              f"  masks        {report['mask_mb']:9.2f} MB  ({report['masked_weights']:,} masked weights)",
+             *([f"  scheme       {report['scheme_mb']:9.4f} MB  ({report['scheme_params']:,} float32 values "
+                f"beside the masks)"] if report.get("scheme_params") else []),
              f"  new layers   {report['new_layers_mb']:9.2f} MB  ({report['new_layer_params']:,} parameters)",
              f"  this task    {report['task_mb']:9.2f} MB",
              f"  full FCN     {report['full_fcn_mb']:9.2f} MB  ({report['fcn_params']:,} parameters)"]

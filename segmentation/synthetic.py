@@ -27,6 +27,7 @@ import scipy.ndimage
 import scipy.sparse
 from PIL import Image
 
+from common.synthetic import mark_synthetic
 from common.errors import UsageError
 
 from .data import IGNORE_INDEX, NUM_CLASSES
@@ -127,6 +128,7 @@ def write_synthetic_pascal(root, *, n_sbd_train: int = 24, n_sbd_val: int = 6, n
         raise UsageError(f"classes {bad} are outside 1..{NUM_CLASSES - 1}")
     rng = np.random.default_rng(seed)
     root = Path(root)
+    mark_synthetic(root)
     sbd, voc = root / "benchmark_RELEASE" / "dataset", root / "VOCdevkit" / "VOC2012"
     total = n_sbd_train + n_sbd_val + n_voc_train + n_voc_val - n_overlap
     all_ids = [f"{2007 + k % 5}_{k:06d}" for k in range(total)]

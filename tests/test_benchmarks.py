@@ -22,15 +22,17 @@ def test_benchmark_command_writes_its_report(tmp_path):
     assert bad.returncode == 2 and "nosuch" in bad.stderr
 
 
-def test_benchmark_command_keeps_the_transfer_section(tmp_path):
-    from benchmarks.run import keep_transfer_section
+def test_benchmark_command_keeps_the_marked_sections(tmp_path):
+    from benchmarks.run import keep_marked_sections
     from benchmarks.transfer import BEGIN, END
     old = tmp_path / "B.md"
-    old.write_text(f"# Benchmarks\nold figures\n{BEGIN}\nreal-data table\n{END}\ntail\n")
-    text = keep_transfer_section(old, "# Benchmarks\nnew figures\n")
-    assert "new figures" in text and "old figures" not in text
-    assert f"{BEGIN}\nreal-data table\n{END}" in text
-    assert keep_transfer_section(tmp_path / "absent.md", "x\n") == "x\n"
+    old.write_text(f"# Benchmarks\nold figures\n{BEGIN}\nreal-data table\n{END}\ntail\n"
+                   "<!-- threads:begin -->\nthreads table\n<!-- threads:end -->\n")
+    text = keep_marked_sections(old, "# Benchmarks\nnew figures\n")
+    assert "new figures" in text and "old figures" not in text and "tail" not in text
+    assert f"{BEGIN}\nreal-data table\n{END}" in text and "<!-- threads:begin -->\nthreads table\n" in text
+    assert text.index(BEGIN) < text.index("threads:begin")
+    assert keep_marked_sections(tmp_path / "absent.md", "x\n") == "x\n"
 
 
 def test_gpu_benchmark_end_to_end_path_runs_decathlon_train(tmp_path):

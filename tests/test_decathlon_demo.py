@@ -47,6 +47,10 @@ def test_demo_end_to_end(tmp_path):
     assert (sub / "results.zip").is_file() and (sub / "summary.md").is_file()
 
     summary = json.loads((sub / "summary.json").read_text())
+    # synthetic data is marked so in every run's record and in the submission (tasks.png, summary.md)
+    assert summary["synthetic"] is True and "**Synthetic data**" in (sub / "summary.md").read_text()
+    for run in [out / "pretrain", *(out / "runs" / t for t in ("svhn", "dtd"))]:
+        assert json.loads((run / "config.json").read_text())["resolved"]["synthetic"] is True
     scored = score_results(pairs, load_test_labels(str(out / "labels")))
     assert summary["score_source"] == "test labels"
     assert summary["score"] == pytest.approx(scored["score"])

@@ -202,3 +202,25 @@ def test_run_plots_read_split_dataset_and_synthetic_flag(tmp_path, monkeypatch):
     about = describe({}, {}, "run7")
     assert about == {"dataset": None, "eval_split": None, "name": "run7", "synthetic": False}
     assert describe({"synthetic": True}, {}, "r")["synthetic"] is True
+
+
+def test_a_run_on_marked_data_is_described_as_synthetic(tmp_path):
+    from common.plots import run_description
+    from common.synthetic import MARKER, is_synthetic, mark_synthetic
+    root = tmp_path / "data"
+    (root / "train" / "a").mkdir(parents=True)
+    assert not is_synthetic(root / "train") and not is_synthetic(None)
+    mark_synthetic(root)
+    assert (root / MARKER).is_file() and is_synthetic(root) and is_synthetic(root / "train")
+    assert run_description({"resolved": {"synthetic": True}}, {}, "r")["synthetic"] is True
+    assert run_description({"resolved": {"synthetic": False}}, {"synthetic": False}, "r")["synthetic"] is False
+
+
+def test_the_evaluated_split_is_the_one_resolved_not_auto():
+    from common.plots import run_description
+    config = {"data_root": "/d/digits", "method": "piggyback", "eval_split": "auto",
+              "resolved": {"eval_split": "test", "arch": "mobilenet_v2"}}
+    about = run_description(config, {"split": "test"}, "r")
+    assert about["eval_split"] == "test" and about["dataset"] == "digits"
+    assert run_description({"eval_split": "auto"}, {"split": "val"}, "r")["eval_split"] == "val"
+    assert run_description({"eval_split": "val"}, {}, "r")["eval_split"] == "val"

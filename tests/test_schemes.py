@@ -191,3 +191,13 @@ def test_affine_storage_is_about_one_bit_per_weight(tmp_path):
     assert cost["scheme_params"] == 4 * layers and cost["scheme"] == "affine"
     bits = (cost["mask_bits"] + 32 * cost["scheme_params"]) / cost["masked_weights"]
     assert 1.0 < bits <= 1.01
+
+
+def test_help_lists_every_registered_scheme_with_its_cost():
+    from classification.train import get_args_parser
+    from common.schemes import SCHEMES
+    text = get_args_parser().format_help()
+    assert "mask schemes (--scheme" in text
+    for name, scheme in SCHEMES.items():
+        assert f"  {name}: {scheme.summary}; stores {scheme.cost}" in text
+    assert "four float32 values per masked layer" in text and "four float32 values per output channel" in text

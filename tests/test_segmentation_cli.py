@@ -239,6 +239,7 @@ def test_demo_end_to_end(tmp_path):
     proc = _run(["-m", "segmentation.demo", "--out", str(out), "--epochs", "5", "--train-images", "32"])
     assert "SYNTHETIC" in proc.stdout
     metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "run" / "config.json").read_text())["resolved"]["synthetic"] is True
     assert metrics["synthetic_data"] and metrics["synthetic_backbone"] and "synthetic" in metrics["notice"]
     assert all(0 <= metrics[k] <= 1 for k in METRIC_KEYS) and len(metrics["train_loss_per_epoch"]) == 5
     assert len(list((out / "run" / "pictures").glob("*_overview.png"))) == 4

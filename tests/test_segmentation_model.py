@@ -10,7 +10,7 @@ from common.errors import UsageError, WeightsFileError
 from common.masking import MaskedConv2d, mask_parameters, masked_modules, piggyback, task_parameters
 from segmentation.model import (ARCHS, CROP_OFFSET, NEW_LAYERS, bilinear_kernel, build_fcn32s, build_vgg,
                                 get_arch, vgg_to_fcn_state_dict)
-from segmentation.report import storage_report
+from segmentation.report import format_storage, storage_report
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,15 @@ def test_storage_report_matches_the_paper_for_vgg16():
     assert 500 < report["full_fcn_mb"] < 560
     finetune = storage_report(plain)
     assert finetune["mask_mb"] == 0 and finetune["task_mb"] == finetune["full_fcn_mb"] == report["full_fcn_mb"]
+
+
+def test_storage_report_counts_the_affine_scalars_with_the_task():
+    with torch.device("meta"):
+        binary = piggyback(build_fcn32s("vgg16"), skip=NEW_LAYERS)
+        affine = piggyback(build_fcn32s("vgg16"), skip=NEW_LAYERS, scheme="affine")
+    b, a = storage_report(binary), storage_report(affine)
+    layers = sum(1 for n, m in affine.named_modules() if hasattr(m, "mask_real"))
+    assert a["scheme_params"] == 4 * layers == 4 * 15 and b["scheme_params"] == 0  # 13 convs, fc6, fc7
+    assert a["fcn_params"] == b["fcn_params"]  # the scalars are the task's, not the network's
+    assert a["task_mb"] == pytest.approx(b["task_mb"] + 4 * 4 * layers / 1e6)
+    assert "scheme" in format_storage(a) and "scheme" not in format_storage(b)

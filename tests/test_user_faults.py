@@ -133,3 +133,34 @@ def test_ctrl_c_ends_with_one_line_and_the_same_command_resumes(world, tmp_path)
     again = _run(cmd)
     assert "already finished" in again.stdout
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()} == before
+
+
+def test_an_out_that_cannot_be_created_ends_with_one_line_naming_it(world, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = _run(_cmd(world, blocker / "run"), ok=False)
+    _one_line_error(proc, str(blocker), "cannot write or read")
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("code, reason", [(28, "No space left on device"), (30, "Read-only file system"),
+                                          (13, "Permission denied")])
+def test_a_full_or_read_only_disk_ends_with_one_line(capsys, code, reason):
+    import errno
+    from common.cli import UsageExit, guarded
+    assert errno.errorcode[code] in ("ENOSPC", "EROFS", "EACCES")
+
+    def body():
+        raise OSError(code, os.strerror(code), "/runs/x/.checkpoint.pt.tmp")
+
+    with pytest.raises(UsageExit) as stop:
+        guarded("prog", body)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"prog: error: cannot write or read /runs/x/.checkpoint.pt.tmp: {reason}\n"
+
+    def defect():
+        raise OSError(code, os.strerror(code))  # no file named: not a user's disk, a defect's traceback
+
+    with pytest.raises(OSError):
+        guarded("prog", defect)
