@@ -67,12 +67,14 @@ METHODS: List[MethodPlan] = [
     MethodPlan("piggyback_bf16", "piggyback, bf16 + channels_last", ("--amp", "on", "--channels-last", "on")),
 ]
 QUICK = {"train_limit": 160, "eval_limit": 100, "epochs": 1}
-# the learning rates of the affine scalars tried by --sweep (Adam; the scheme's default is 1e-5),
-# and the per-channel variant at the default
+# the learning rates of the affine scalars tried by --sweep beside the scheme's default
+# (Adam; a and b at the rate, c and d at the rate times their layer's weight RMS), and the
+# per-channel variant at the default
+SWEEP_RATES = ("1e-4", "1e-2")
 SWEEP: List[MethodPlan] = [
     *(MethodPlan(f"affine_lr{lr}", f"affine, scalars at {lr}", ("--scheme", "affine", "--extras-lr", lr))
-      for lr in ("1e-6", "1e-4", "1e-3")),
-    MethodPlan("affine_channel", "affine-channel, scalars at 1e-5", ("--scheme", "affine-channel")),
+      for lr in SWEEP_RATES),
+    MethodPlan("affine_channel", "affine-channel, scalars at the default", ("--scheme", "affine-channel")),
 ]
 # a second seed for affine and each of these when their top-1 differ by less than this
 SEEDED, CLOSE = ("piggyback", "finetune"), 1.0
@@ -164,7 +166,10 @@ def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], me
            size: int, batch_size: int, threads: int, total_s: float, quick: bool, plot: Optional[str]) -> str:
     from common.recipes import get_recipe
 
+    from common.schemes import get_scheme
+
     default, paper = get_recipe("default"), get_recipe("paper")
+    affine_lr = get_scheme("affine").extras_lr
     train_s = sum(m["train_time_s"] for row in results.values() for m in row.values())
     lines = [BEGIN, "## Transfer: the paper's Table 2 on real tasks", "",
              f"Written by `python -m benchmarks.transfer{' --quick' if quick else ''}`: {train_s:.0f} s of training "
@@ -215,8 +220,9 @@ def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], me
     affine_rows = [(t.name, results[t.name]) for t in tasks
                    if all(k in results.get(t.name, {}) for k in ("affine", "piggyback", "finetune"))]
     if affine_rows:
-        lines += ["", "Affine (`--scheme affine`: the binary mask plus a, b, c, d per layer, scalars at Adam "
-                      "1e-5) against binary piggyback and finetuning, top-1 (%); where two of them were within "
+        lines += ["", "Affine (`--scheme affine`: the binary mask plus a, b, c, d per layer; scalars at Adam "
+                      f"{affine_lr:g}, c and d times their layer's weight RMS) against binary piggyback and "
+                      "finetuning, top-1 (%); where two of them were within "
                       f"{CLOSE:g} point, a second seed (1) was run for both and the cells give the mean of seeds "
                       "0 and 1 (each seed in brackets). Goal: affine at or above both.", "",
                   "| task | affine | piggyback | finetune | affine - piggyback | affine - finetune | verdict |",
@@ -230,10 +236,13 @@ def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], me
     sweep_rows = [(t.name, results[t.name]) for t in tasks
                   if any(m.key in results.get(t.name, {}) for m in SWEEP)]
     if sweep_rows:
-        columns = [("affine", "1e-5 (default)")] + [(m.key, m.column.split("at ")[-1] if m.key.startswith("affine_lr")
-                                                      else "per channel, 1e-5") for m in SWEEP]
-        lines += ["", "The affine scalars' recipe (`--extras-lr`, Adam; `--sweep`): top-1 (%) and mask sparsity, "
-                      "seed 0, the masks' and classifier's recipe as above; binary piggyback for reference.", "",
+        columns = [("affine", f"{affine_lr:g} (default)")] + [
+            (m.key, m.column.split("at ")[-1] if m.key.startswith("affine_lr") else f"per channel, {affine_lr:g}")
+            for m in SWEEP]
+        lines += ["", "The affine scalars' recipe (`--extras-lr`, Adam: a and b at the rate, c and d at the rate "
+                      "times the RMS of their layer's frozen weights; `--sweep`): top-1 (%) and, in brackets, mask "
+                      "sparsity, seed 0, the masks' and classifier's recipe as above; binary piggyback for "
+                      "reference.", "",
                   "| task | binary piggyback | " + " | ".join(c for _, c in columns) + " |",
                   "|---|---|" + "---|" * len(columns)]
         for name, row in sweep_rows:
@@ -296,7 +305,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads (default 1: on 2 shared cores a second thread stalls more than it helps)")
     p.add_argument("--sweep", action="store_true",
-                   help="also train the affine scheme with its scalars at Adam 1e-6, 1e-4 and 1e-3 and per "
+                   help=f"also train the affine scheme with its scalars at Adam {', '.join(SWEEP_RATES)} and per "
                         "output channel, and add the sweep's table (default: off)")
     p.add_argument("--seeds", action=argparse.BooleanOptionalAction, default=True,
                    help=f"a second seed for affine and piggyback or finetuning where their top-1 differ by "

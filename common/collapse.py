@@ -19,6 +19,9 @@ the running minimum of the one and the maximum of the other (both from the windo
   first window's, or, for a classifier, the uniform guess's when that is larger: a
   learning rate far too high sends the loss up by orders of magnitude from the first
   steps on, with no minimum to rise from, and is seen at once (no warm-up); or
+- for a classifier, the smoothed accuracy has not risen above ``fall`` times chance by
+  the end of epoch ``stuck_epochs`` (a run at chance from its first steps on, with no
+  minimum to rise from: nothing is being learnt); or
 - the smoothed accuracy, after having risen to ``rise`` times chance or more, falls back
   to at most ``fall`` times chance. Windows of fewer than ``min_examples`` examples do
   not count for accuracy (a handful of examples is too noisy to call a collapse).
@@ -38,10 +41,11 @@ class CollapseMonitor:
     def __init__(self, chance: Optional[float] = None, *, loss_ratio: float = 2.0,
                  loss_margin: float = 0.5, rise: float = 3.0, fall: float = 1.5,
                  warmup_windows: int = 2, smoothing: float = 0.5, min_examples: int = 64,
-                 chance_margin: float = 0.25, blowup: float = 100.0):
+                 chance_margin: float = 0.25, blowup: float = 100.0, stuck_epochs: int = 2):
         self.chance = chance
         self.chance_margin = float(chance_margin)
         self.blowup = float(blowup)
+        self.stuck_epochs = int(stuck_epochs)
         self.first_loss: Optional[float] = None
         self.loss_ratio, self.loss_margin = float(loss_ratio), float(loss_margin)
         self.rise, self.fall = float(rise), float(fall)
@@ -98,6 +102,10 @@ class CollapseMonitor:
                           f"{100 * self.chance:.2f}%) after reaching {100 * self.best_acc:.2f}%")
             if self.acc_windows > self.warmup_windows:
                 self.best_acc = self.smoothed_acc if self.best_acc is None else max(self.best_acc, self.smoothed_acc)
+            if reason is None and epoch > self.stuck_epochs and self.best_acc is not None \
+                    and self.best_acc <= self.fall * self.chance:
+                reason = (f"smoothed training accuracy never rose above {100 * self.best_acc:.2f}% (chance "
+                          f"{100 * self.chance:.2f}%) in {self.stuck_epochs} epochs: nothing is being learnt")
         if reason is None or self.event is not None:
             return None
         self.event = {"step": int(step), "epoch": int(epoch), "reason": reason, "window_loss": loss,

@@ -467,9 +467,10 @@ class TrainConfig(FitConfig):
     extras_optimizer: Optional[str] = option(None, "optimizer of the scheme's trained values beside the mask "
                                              "(affine: a, b, c, d)", group="optimisation",
                                              owner=("method", "scheme"), default_text="per scheme")
-    extras_lr: Optional[float] = option(None, "learning rate of the scheme's trained values beside the mask",
-                                        group="optimisation", type=float, owner=("method", "scheme"),
-                                        default_text="per scheme")
+    extras_lr: Optional[float] = option(None, "learning rate of the scheme's trained values beside the mask "
+                                        "(affine: a and b at this rate, c and d at this rate times the RMS of "
+                                        "their layer's frozen weights)", group="optimisation", type=float,
+                                        owner=("method", "scheme"), default_text="per scheme")
 
     @classmethod
     def derive(cls, values):

@@ -495,6 +495,13 @@ def scheme_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [t for e in mask_entries(model) for t in e.extras.values()]
 
 
+def scheme_parameter_scales(model: nn.Module) -> List[float]:
+    """The learning-rate factor of each of :func:`scheme_parameters` (same order), from its
+    scheme's ``extras_lr_scale`` (``affine``: 1 for a and b, the RMS of the layer's frozen
+    weight for c and d)."""
+    return [e.module.scheme.extras_lr_scale(k, e.weight) for e in mask_entries(model) for k in e.extras]
+
+
 def task_parameters(model: nn.Module) -> List[nn.Parameter]:
     """Trainable parameters that are neither masks nor scheme extras: new heads,
     task-specific norm layers."""

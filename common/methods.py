@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from common.errors import MissingFileError, UsageError, WeightsFileError
-from common.masking import NORM_TYPES, mask_parameters, piggyback, scheme_parameters, task_parameters
+from common.masking import (NORM_TYPES, mask_parameters, piggyback, scheme_parameter_scales, scheme_parameters,
+                            task_parameters)
 from common.schemes import DEFAULT_SCHEME, get_scheme
 
 __all__ = ["Method", "Prepared", "MaskSettings", "METHODS", "get_method", "register_method", "OPTIMIZERS",
@@ -75,6 +76,8 @@ class Prepared:
     head: List[nn.Parameter]
     frozen_modules: List[nn.Module] = field(default_factory=list)
     extras: List[nn.Parameter] = field(default_factory=list)
+    # the learning-rate factor of each extra (common.masking.scheme_parameter_scales)
+    extras_lr_scales: List[float] = field(default_factory=list)
 
     def trainable_values(self) -> int:
         return sum(p.numel() for p in self.main + self.head + self.extras)
@@ -132,7 +135,8 @@ def _split(model: nn.Module, head: Sequence[str]) -> Prepared:
 
 def _prepare_piggyback(model, head, masks: MaskSettings, train_bn) -> Prepared:
     piggyback(model, **masks.as_kwargs(), train_bn=train_bn, skip=head)
-    return Prepared(main=mask_parameters(model), head=task_parameters(model), extras=scheme_parameters(model))
+    return Prepared(main=mask_parameters(model), head=task_parameters(model), extras=scheme_parameters(model),
+                    extras_lr_scales=scheme_parameter_scales(model))
 
 
 def _prepare_full(model, head, masks, train_bn) -> Prepared:
@@ -215,14 +219,16 @@ def fused_implementation(params: Sequence[torch.Tensor]) -> Dict[str, bool]:
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, weight_decay: float = 0.0,
                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    """``name`` (sgd with ``momentum``, adam, adamw) over ``params``; fused kernels where
+    """``name`` (sgd with ``momentum``, adam, adamw) over ``params`` (tensors, or param-group
+    dicts with their own ``lr``); fused kernels where
     the parameters are on a CUDA device (:func:`fused_implementation`)."""
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
     params = list(params)
-    if not params:
+    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+    if not flat:
         raise UsageError(f"optimizer {name}: no parameters to train")
-    return OPTIMIZERS[name](params, lr, weight_decay, momentum, **fused_implementation(params))
+    return OPTIMIZERS[name](params, lr, weight_decay, momentum, **fused_implementation(flat))
 
 
 def build_optimizers(prepared: Prepared, cfg) -> Dict[str, torch.optim.Optimizer]:
@@ -240,8 +246,15 @@ def build_optimizers(prepared: Prepared, cfg) -> Dict[str, torch.optim.Optimizer
         optimizers["head"] = make_optimizer(cfg.head_optimizer, prepared.head, lr=cfg.head_lr,
                                             weight_decay=cfg.head_weight_decay, momentum=momentum)
     if prepared.extras:
-        optimizers["extras"] = make_optimizer(cfg.extras_optimizer, prepared.extras, lr=cfg.extras_lr,
-                                              weight_decay=0.0, momentum=momentum)
+        scales = prepared.extras_lr_scales or [1.0] * len(prepared.extras)
+        if len(scales) != len(prepared.extras):
+            raise ValueError(f"{len(prepared.extras)} extras but {len(scales)} learning-rate scales")
+        groups: Dict[float, List[nn.Parameter]] = {}
+        for p, scale in zip(prepared.extras, scales):
+            groups.setdefault(float(scale), []).append(p)
+        optimizers["extras"] = make_optimizer(
+            cfg.extras_optimizer, [{"params": ps, "lr": cfg.extras_lr * scale} for scale, ps in groups.items()],
+            lr=cfg.extras_lr, weight_decay=0.0, momentum=momentum)
     if not optimizers:
         raise UsageError("the model has no trainable parameters")
     return optimizers

@@ -166,6 +166,12 @@ class MaskScheme:
     extras_optimizer: Optional[str] = None
     extras_lr: Optional[float] = None
 
+    def extras_lr_scale(self, name: str, weight: torch.Tensor) -> float:
+        """Factor on the extras' learning rate for extra ``name`` of ``weight``: 1 for a
+        dimensionless value; values in the weight's own units (a shift added to it) take
+        the weight's scale, so that one learning rate fits every layer."""
+        return 1.0
+
     @property
     def cost(self) -> str:
         """What a task's mask costs on disk, in words (``--help`` lists it)."""
@@ -294,13 +300,22 @@ class AffineScheme(BinaryScheme):
     extras = ("a", "b", "c", "d")
     function = _AffineMaskedWeight
     extras_optimizer = "adam"
-    extras_lr = 1e-5
+    # a and b at this rate, c and d at this rate times their layer's weight RMS (extras_lr_scale);
+    # chosen by the sweep of benchmarks.transfer (BENCHMARKS.md)
+    extras_lr = 1e-3
 
     def __init__(self, name: str = "affine", per_channel: bool = False):
         self.name = name
         self.per_channel = per_channel
         self.summary = ("binary mask M plus real a, b, c, d per " + ("output channel" if per_channel else "layer")
                         + ": W' = a W + b (M W) + c M + d")
+
+    def extras_lr_scale(self, name, weight):
+        # a and b multiply the weight (dimensionless); c and d are added to it: they move in
+        # units of the layer's weights (their root mean square), so one rate fits all layers
+        if name in ("c", "d"):
+            return float(weight.detach().float().pow(2).mean().sqrt()) or 1.0
+        return 1.0
 
     @property
     def cost(self):

@@ -43,14 +43,16 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _task_model(backbone, task, seed, train_bn=False):
+def _task_model(backbone, task, seed, train_bn=False, scheme="binary"):
     model = copy.deepcopy(backbone)
     reset_classifier(model, get_task(task).num_classes)
-    piggyback(model, skip=("fc",), train_bn=train_bn)
+    piggyback(model, skip=("fc",), train_bn=train_bn, scheme=scheme)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in masked_modules(model):  # about 30% of weights masked out
             layer.mask_real.copy_(torch.rand(layer.weight.shape, generator=g) * 0.014)
+            for name in layer.scheme.extras:  # affine scalars away from their start
+                getattr(layer, f"mask_{name}").add_(0.05 * torch.randn((), generator=g))
         for p in model.fc.parameters():
             p.copy_(torch.randn(p.shape, generator=g))
         if train_bn:  # task-specific BN that differs from the backbone's
@@ -75,7 +77,8 @@ def setup(tmp_path_factory):
     models = {}
     for k, task in enumerate(MASK_TASKS):
         train_bn = task == "dtd"  # one run with task-specific BN among plain ones
-        model = _task_model(backbone, task, seed=k, train_bn=train_bn)
+        scheme = "affine" if task == "svhn" else "binary"  # and one affine task
+        model = _task_model(backbone, task, seed=k, train_bn=train_bn, scheme=scheme)
         save_masks(model, runs / task / "masks.safetensors", task=task, arch=ARCH,
                    num_classes=get_task(task).num_classes, val_top1=10.0 + 5 * k,
                    backbone=str(backbone_path))

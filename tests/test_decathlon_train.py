@@ -250,6 +250,18 @@ def test_pretrain_then_train_all_tasks(world):
     for task in MASK_TASKS:
         masks, _, meta = read_mask_file(out / task / "masks.safetensors")[:3]
         assert meta["task"] == task and meta["scheme"] == "ternary" and summary[task]["epochs"] == 1
+    # --scheme affine: the scalars train with their own optimizer group and travel in the mask file
+    affine = world["base"] / "affine"
+    run("decathlon.train", "--task", "dtd", "--epochs", "1", "--batch-size", "16", "--workers", "0",
+        "--device", "cpu", "--data-root", world["root"], "--out", affine, "--backbone", pre / "backbone.pt",
+        "--scheme", "affine")
+    contents = read_mask_file(affine / "dtd" / "masks.safetensors")
+    assert contents.meta["scheme"] == "affine" and set(contents.extras) == set(contents.masks)
+    start = {"a": 0.0, "b": 1.0, "c": 0.0, "d": 0.0}
+    moved = [k for layer in contents.extras.values() for k, t in layer.items() if float(t.flatten()[0]) != start[k]]
+    assert {"a", "b", "c", "d"} <= set(moved)
+    config = json.loads((affine / "dtd" / "config.json").read_text())
+    assert config["scheme"] == "affine" and config["extras_optimizer"] == "adam" and config["extras_lr"] > 0
 
 
 def test_recipe_gives_mask_defaults_and_explicit_flags_win():

@@ -251,6 +251,19 @@ def test_fit_reports_a_learning_rate_far_too_high_as_a_collapse(tmp_path):
     assert json.loads((tmp_path / "r" / "log.jsonl").read_text().splitlines()[-1])["collapse"] == result.collapse
 
 
+def test_collapse_monitor_names_a_run_that_never_leaves_chance():
+    """Affine scalars at a rate far too high: loss ln 10 and accuracy 10 % from the first epoch on."""
+    mon = CollapseMonitor(chance=0.1)
+    events = [mon.update(loss=2.3026, steps=10, step=10 * i + 9, epoch=1 + i // 4, accuracy=0.1, examples=320)
+              for i in range(16)]
+    first = next(i for i, e in enumerate(events) if e)
+    assert first == 8 and "never rose above" in events[first]["reason"]  # the first window of epoch 3
+    learning = CollapseMonitor(chance=0.1)  # slow but learning: 20 % by epoch 2 is more than 1.5x chance
+    for i in range(16):
+        assert learning.update(loss=2.2, steps=10, step=i, epoch=1 + i // 4, accuracy=0.12 + 0.01 * i,
+                               examples=320) is None
+
+
 class _Collapsing(ClassificationPipeline):
     """Learns, then from the 61st step on (epoch 4) something breaks: the network's
     output is scrambled (as when a mask switches a layer off)."""

@@ -201,3 +201,30 @@ def test_help_lists_every_registered_scheme_with_its_cost():
     for name, scheme in SCHEMES.items():
         assert f"  {name}: {scheme.summary}; stores {scheme.cost}" in text
     assert "four float32 values per masked layer" in text and "four float32 values per output channel" in text
+
+
+def test_affine_shifts_learn_in_units_of_their_layers_weights():
+    """c and d are added to the weight: their learning rate is the extras' rate times the
+    RMS of the layer's frozen weight; a and b (factors) take the rate itself."""
+    import torch.nn as nn
+    from types import SimpleNamespace
+    from common.masking import mask_entries
+    from common.methods import MaskSettings, build_optimizers, get_method
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[2].weight.mul_(10)  # a layer at ten times the other's scale
+    prepared = get_method("piggyback").prepare(model, head=("4",), masks=MaskSettings(scheme="affine"),
+                                               train_bn=False)
+    cfg = SimpleNamespace(optimizer="adam", lr=1e-4, weight_decay=0.0, head_optimizer="adam", head_lr=1e-3,
+                          head_weight_decay=0.0, extras_optimizer="adam", extras_lr=1e-3, momentum=0.9)
+    extras = build_optimizers(prepared, cfg)["extras"]
+    lr_of = {id(p): g["lr"] for g in extras.param_groups for p in g["params"]}
+    for entry in mask_entries(model):
+        rms = float(entry.weight.pow(2).mean().sqrt())
+        assert lr_of[id(entry.extras["a"])] == lr_of[id(entry.extras["b"])] == pytest.approx(1e-3)
+        assert lr_of[id(entry.extras["c"])] == lr_of[id(entry.extras["d"])] == pytest.approx(1e-3 * rms)
+    scales = sorted({g["lr"] for g in extras.param_groups})
+    assert len(scales) == 3 and scales[2] == pytest.approx(1e-3)
+    rms = [float(e.weight.pow(2).mean().sqrt()) for e in mask_entries(model)]
+    assert scales[1] / scales[0] == pytest.approx(max(rms) / min(rms)) and max(rms) / min(rms) > 3

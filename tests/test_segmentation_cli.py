@@ -258,3 +258,17 @@ def test_demo_end_to_end(tmp_path):
     assert metrics["mean_iou"] > baseline["mean_iou"] + 0.05, (metrics["mean_iou"], baseline["mean_iou"])
     assert metrics["pixel_acc"] > baseline["pixel_acc"], (metrics["pixel_acc"], baseline["pixel_acc"])
     assert max(v for k, v in metrics["per_class_iou"].items() if k != "background" and v is not None) > 0.2
+
+
+def test_train_with_the_affine_scheme_stores_its_scalars_and_counts_them(pascal, tmp_path):
+    out = tmp_path / "affine"
+    done = _train_in_process(_argv(pascal, out, "--epochs", "1", "--scheme", "affine"))
+    contents = read_mask_file(out / "masks.safetensors")
+    assert contents.meta["scheme"] == "affine" and set(contents.extras) == set(contents.masks)
+    scalars = sum(t.numel() for layer in contents.extras.values() for t in layer.values())
+    assert done["storage"]["scheme_params"] == scalars == 4 * len(contents.masks)
+    model = build_model("vgg-tiny", "piggyback", resolve_backbone("vgg-tiny", backbone=str(pascal[1])))
+    load_task(out, model)  # switches the converted backbone to the file's scheme
+    layer = model.get_submodule("fc6")
+    assert layer.scheme.name == "affine"
+    assert torch.equal(layer.mask_b.detach().cpu(), contents.extras["fc6"]["b"])
