@@ -67,16 +67,14 @@ def keep_marked_sections(path: Path, text: str) -> str:
     ``<!-- NAME:end -->`` markers (the real-data section of ``benchmarks.transfer``, the CPU
     threads measurements), which this command does not measure."""
     import re
+    from benchmarks.transfer import replace_section
     try:
         old = Path(path).read_text(encoding="utf-8")
     except OSError:
         return text
     for found in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", old, re.S):
-        begin, end = f"<!-- {found.group(1)}:begin -->", f"<!-- {found.group(1)}:end -->"
-        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
-        section = found.group(0) + "\n"
-        text = pattern.sub(lambda _: section, text, count=1) if pattern.search(text) else \
-            text.rstrip("\n") + "\n\n" + section
+        name = found.group(1)
+        text = replace_section(text, found.group(0) + "\n", f"<!-- {name}:begin -->", f"<!-- {name}:end -->")
     return text
 
 

@@ -4,12 +4,15 @@ An ImageNet MobileNetV2 (the real weight file ``classification.realdata`` writes
 MNIST and the UCI handwritten digits by each method of the table: the classifier alone on
 frozen features, piggyback masks (the toolkit's default recipe), piggyback with trained
 batch-norm, finetuning of every weight, the affine scheme (the binary mask plus a, b, c, d
-per layer), and piggyback with the paper's exact recipe (to show its collapse), and piggyback under bf16 autocast with channels_last against fp32
-(``--amp on``: faster on a GPU; its accuracy here is why it is not the default). Each run is an ordinary ``classification.train`` run folder under
-``--work`` (re-running resumes or reuses it). Top-1, mask sparsity and any collapse go
-into the transfer section of BENCHMARKS.md (between its markers; the rest of the file is
-left alone), with a second seed where affine and piggyback or finetuning are within a
-point, and with ``--sweep`` the affine scalars' learning rates; the per-layer sparsity of the masks into a PNG (the paper's Fig. 3).
+per layer), piggyback with the paper's exact recipe (to show its collapse), and piggyback
+under bf16 autocast with channels_last against fp32 (``--amp on``: faster on a GPU; its
+accuracy here is why it is not the default). Each run is an ordinary
+``classification.train`` run folder under ``--work`` (re-running resumes or reuses it).
+Top-1, mask sparsity and any collapse go into the transfer section of BENCHMARKS.md
+(between its markers; the rest of the file is left alone), with a second seed where
+affine and piggyback or finetuning are within a point, and with ``--sweep`` the affine
+scalars' learning rates; the per-layer sparsity of the masks goes into a PNG (the
+paper's Fig. 3).
 
 Inputs are kept small so that everything runs on 2 CPU cores in about 50 minutes (about
 25 with ``--no-seeds`` and without ``--sweep``); the section states the sizes used.
@@ -165,7 +168,6 @@ def close_pairs(row: Dict[str, dict]) -> List[str]:
 def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], methods: Sequence[MethodPlan],
            size: int, batch_size: int, threads: int, total_s: float, quick: bool, plot: Optional[str]) -> str:
     from common.recipes import get_recipe
-
     from common.schemes import get_scheme
 
     default, paper = get_recipe("default"), get_recipe("paper")
@@ -275,10 +277,11 @@ def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], me
     return "\n".join(lines) + "\n"
 
 
-def replace_section(text: str, section: str) -> str:
-    """``text`` with the part between the transfer markers replaced by ``section`` (which
-    carries the markers), or ``section`` appended when the markers are absent."""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.S)
+def replace_section(text: str, section: str, begin: str = BEGIN, end: str = END) -> str:
+    """``text`` with the part between the ``begin`` and ``end`` markers (the transfer
+    section's by default) replaced by ``section`` (which carries the markers), or
+    ``section`` appended when the markers are absent."""
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
     if pattern.search(text):
         return pattern.sub(lambda _: section, text, count=1)
     return text.rstrip("\n") + ("\n\n" if text.strip() else "") + section
@@ -287,8 +290,8 @@ def replace_section(text: str, section: str) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m benchmarks.transfer",
                                 description="The paper's Table 2 (classifier only, piggyback, piggyback with "
-                                            "trained BN, finetuning, affine masks, and the paper's recipe) on MNIST and the UCI "
-                                            "digits with a real ImageNet MobileNetV2, on the CPU.")
+                                            "trained BN, finetuning, affine masks, and the paper's recipe) on MNIST "
+                                            "and the UCI digits with a real ImageNet MobileNetV2, on the CPU.")
     p.add_argument("--data", default=None, metavar="DIR",
                    help="folder written by python -m classification.realdata (default: $PIGGYBACK_REAL_DATA "
                         "or data/real)")
@@ -330,6 +333,7 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, dict]]:
     methods = [m for m in METHODS if m.key in args.methods]
     results: Dict[str, Dict[str, dict]] = {}
     start = time.perf_counter()
+
     def run(task: TaskPlan, method: MethodPlan) -> None:
         flags = run_flags(task, method, data=data, weights=weights, work=work, size=args.size,
                           batch_size=args.batch_size, quick=args.quick)

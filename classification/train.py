@@ -80,7 +80,7 @@ def _datasets(cfg: ClassificationConfig, tf, exclude=None):
     return train_set, eval_set
 
 
-def checked_datasets(cfg: ClassificationConfig, log=print):
+def checked_datasets(cfg: ClassificationConfig, run: RunDir, log=print):
     """The train and evaluation sets, checked before the first step: classes that differ,
     a single class, empty class folders and limits that leave a class out are refused
     (:func:`classification.data.check_splits`), and every image is decoded once
@@ -92,8 +92,6 @@ def checked_datasets(cfg: ClassificationConfig, log=print):
     tf = make_transforms(cfg)
     train_set, eval_set = _datasets(cfg, tf)
     check_splits(train_set, eval_set, train_limit=cfg.train_limit, eval_limit=cfg.eval_limit)
-    run = RunDir(cfg.out)
-    run.check_run_folder()
     cache = run.file(SCAN_CACHE) if run.file(run.CONFIG).is_file() else None  # a resumed run's folder
     bad = scan_images(list(train_set.paths) + list(eval_set.paths), cache)
     if bad and not cfg.skip_unreadable:
@@ -107,8 +105,8 @@ def checked_datasets(cfg: ClassificationConfig, log=print):
     return train_set, eval_set, bad
 
 
-def _loaders(cfg: ClassificationConfig, dist: DistInfo, prec: Precision, log=print):
-    train_set, eval_set, bad = checked_datasets(cfg, log)
+def _loaders(cfg: ClassificationConfig, run: RunDir, dist: DistInfo, prec: Precision, log=print):
+    train_set, eval_set, bad = checked_datasets(cfg, run, log)
     common = dict(batch_size=cfg.batch_size, workers=cfg.loader_workers, dist_info=dist, seed=cfg.seed,
                   pin_memory=prec.device.type == "cuda")
     return build_loader(train_set, train=True, **common), build_loader(eval_set, train=False, **common), bad
@@ -132,7 +130,7 @@ def _train(run: RunDir, cfg: ClassificationConfig, dist: DistInfo, log) -> Dict[
     seed_everything(cfg.seed, dist.rank)
     prec = Precision(dist.device, resolve_switch(cfg.amp, False),
                      resolve_switch(cfg.channels_last, default_channels_last(dist.device)))
-    train_loader, eval_loader, unreadable = _loaders(cfg, dist, prec, log)
+    train_loader, eval_loader, unreadable = _loaders(cfg, run, dist, prec, log)
     classes = train_loader.dataset.classes
     model, report = create_model(arch, len(classes), weights)
     head = report["classifier"]

@@ -424,7 +424,7 @@ def run_description(config: Mapping, metrics: Mapping, run_name: str) -> Dict[st
     resolved = config.get("resolved") if isinstance(config.get("resolved"), Mapping) else {}
     given = _text(config.get("eval_split"))
     eval_split = _text(resolved.get("eval_split")) or (given if given != "auto" else None) \
-        or _text(metrics.get("eval_split")) or (_text(metrics.get("split")) if given == "auto" else None)
+        or _text(metrics.get("eval_split"))
     if eval_split is None and seg_split is not None:
         eval_split = _SEGMENTATION_EVAL[seg_split]
     if eval_split is None and ("trainval" in config or "val_is_held_out" in metrics):  # the decathlon

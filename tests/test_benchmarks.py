@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -97,3 +99,25 @@ def test_gpu_benchmark_run_precisions_reach_decathlon_train_as_flags():
     assert switches("32:cudagraphs:resident:piggyback:cl") == (
         "piggyback, batch 32, CUDA graphs, resident loader, cl", "off", "on")
     assert switches("128:on:device:finetune:bf16cl")[1:] == ("on", "on")
+
+
+def test_transfer_seeds_close_methods_and_renders_the_affine_and_sweep_tables():
+    from benchmarks.transfer import METHODS, SWEEP, TASKS, close_pairs, render, seed_mean
+
+    def run(top1, sparsity=0.02, collapse=None):
+        return {"top1": top1, "sparsity": sparsity, "collapse": collapse, "num_classes": 10, "train_images": 100,
+                "eval_count": 50, "epochs": 1, "steps_per_epoch": 4, "step_time_s": 0.1, "train_time_s": 1.0}
+
+    row = {"piggyback": run(97.0), "finetune": run(99.0), "affine": run(97.5)}
+    assert close_pairs(row) == ["affine", "piggyback"]  # finetune is 1.5 points away
+    assert close_pairs({"piggyback": run(90.0), "affine": run(97.5)}) == []
+    row.update({"affine-seed1": run(97.9), "piggyback-seed1": run(96.0), "affine_lr1e-4": run(96.5),
+                "affine_lr1e-2": run(10.0, 0.0, {"step": 88}), "affine_channel": run(97.7)})
+    assert seed_mean(row, "affine") == pytest.approx(97.7) and seed_mean(row, "finetune") == 99.0
+    methods = [m for m in METHODS if m.key in ("piggyback", "finetune", "affine")]
+    text = render({"digits": row}, tasks=[TASKS["digits"]], methods=methods, size=32, batch_size=32, threads=1,
+                  total_s=1.0, quick=False, plot=None)
+    assert "| digits | 97.70 (97.50, 97.90) | 96.50 (97.00, 96.00) | 99.00 | +1.20 | -1.30 | **FAIL** |" in text
+    sweep = next(line for line in text.splitlines() if line.startswith("| digits | 97.00 | "))
+    assert "97.50 (0.020)" in sweep and "10.00: collapse reported at step 88 (0.000)" in sweep
+    assert len(SWEEP) == 3 and sweep.count("|") == 2 + 1 + len(SWEEP) + 1
