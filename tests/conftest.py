@@ -1,9 +1,15 @@
-"""Shared test helpers: where the project's shared reference material lives."""
+"""Shared test helpers: where the project's shared reference material lives.
+
+Every test runs with one CPU thread, in this process and in the commands it starts: the
+resume and parity tests compare float sums, which change with the thread count, and the
+thread count would otherwise follow the machine (OMP_NUM_THREADS, else its cores)."""
 import os
 import socket
 from pathlib import Path
 
-import pytest
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
 
 # The published labelled test annotations of three decathlon tasks, kept beside the
 # checkout in ../shared (they are not part of the repository).
