@@ -70,11 +70,25 @@ def _seg_loss(logits, y):
     return F.cross_entropy(logits, y, ignore_index=255)
 
 
+def _mobilenet_v2() -> nn.Module:
+    import torchvision
+    return torchvision.models.mobilenet_v2(num_classes=10)
+
+
+def _small_batch(n: int):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
 WORKLOADS: Dict[str, Callable[[], Workload]] = {
     "wrn28_4": lambda: Workload("wrn28_4", "WRN-28-4, 64x64, batch 32", _wrn28_4, _wrn_batch, 32,
                                 ("fc",), F.cross_entropy, True),
     "fcn32s": lambda: Workload("fcn32s", "FCN-32s (VGG-16), 320x320, batch 1", _fcn32s, _fcn_batch, 1,
                                _fcn_skip(), _seg_loss, False),
+    # the transfer benchmark's setting: many small layers on small maps, where the
+    # weight-sized work of masking weighs most against the convolutions
+    "mobilenet_v2": lambda: Workload("mobilenet_v2", "MobileNetV2, 32x32, batch 32", _mobilenet_v2, _small_batch,
+                                     32, ("classifier.1",), F.cross_entropy, True),
 }
 
 
@@ -129,16 +143,20 @@ def make_optimizer(name: str, params: List[nn.Parameter], fused: bool = False) -
     raise ValueError(f"unknown optimizer {name!r}; valid: adam, sgd")
 
 
-def timed_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+def timed_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor,
                loss_fn) -> Tuple[float, float, float]:
-    """One training step; returns the seconds of (forward, backward, optimiser step)."""
+    """One training step with ``opt`` (one optimiser, or several: the training commands'
+    groups); returns the seconds of (forward, backward, optimiser step)."""
+    opts = list(opt.values()) if isinstance(opt, dict) else [opt]
     t0 = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
+    for o in opts:
+        o.zero_grad(set_to_none=True)
     loss = loss_fn(model(x), y)
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
-    opt.step()
+    for o in opts:
+        o.step()
     t3 = time.perf_counter()
     return t1 - t0, t2 - t1, t3 - t2
 

@@ -40,8 +40,8 @@ from common.masking import (NORM_TYPES, mask_parameters, piggyback, scheme_param
 from common.schemes import DEFAULT_SCHEME, get_scheme
 
 __all__ = ["Method", "Prepared", "MaskSettings", "METHODS", "get_method", "register_method", "OPTIMIZERS",
-           "make_optimizer", "build_optimizers", "make_schedulers", "save_task", "load_task", "task_file", "WEIGHTS_FILE",
-           "MASKS_FILE", "WEIGHTS_FORMAT"]
+           "make_optimizer", "flat_group", "build_optimizers", "make_schedulers", "save_task", "load_task",
+           "task_file", "WEIGHTS_FILE", "MASKS_FILE", "WEIGHTS_FORMAT"]
 
 MASKS_FILE = "masks.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
@@ -204,16 +204,27 @@ def _adamw(params, lr, weight_decay, momentum, **impl):
 OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
 
 
+# A CPU group of at most this many values updates with torch's multi-tensor ("foreach")
+# kernels: one call per arithmetic operation for all its tensors instead of one per tensor,
+# and temporaries no larger than the group (torch picks per-tensor updates on the CPU).
+SMALL_GROUP = 1 << 20
+
+
 def fused_implementation(params: Sequence[torch.Tensor]) -> Dict[str, bool]:
-    """``{"fused": True}`` when every parameter is a floating-point CUDA tensor, else ``{}``
-    (torch's default, the multi-tensor "foreach" implementation). The fused kernels update
+    """``{"fused": True}`` when every parameter is a floating-point CUDA tensor; on the CPU
+    ``{"foreach": True}`` for a group of at most :data:`SMALL_GROUP` values (a mask scheme's
+    scalars, a classifier), else ``{}`` (torch's default). The fused kernels update
     all of a group's parameters in one pass instead of one pass per arithmetic operation,
     with a few kernel launches instead of dozens. Under CUDA graphs on two H100s, the
     batch-32 mask training step ran at 1.07x (fp32) and 1.26x (bf16 + channels_last) the
-    images/s with fused Adam, and its rounds varied less (BENCHMARKS-gpu.md). The update is
-    the same algorithm."""
+    images/s with fused Adam, and its rounds varied less (BENCHMARKS-gpu.md). On the CPU,
+    Adam over the 212 scalars of ``affine`` on MobileNetV2 took 3.2 ms per step with the
+    multi-tensor kernels against 5.8 ms per tensor (BENCHMARKS.md). The update is the same
+    algorithm."""
     if params and all(p.is_cuda and p.is_floating_point() for p in params):
         return {"fused": True}
+    if params and not any(p.is_cuda for p in params) and sum(p.numel() for p in params) <= SMALL_GROUP:
+        return {"foreach": True}
     return {}
 
 
@@ -229,6 +240,76 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, weig
     if not flat:
         raise UsageError(f"optimizer {name}: no parameters to train")
     return OPTIMIZERS[name](params, lr, weight_decay, momentum, **fused_implementation(flat))
+
+
+def flat_group(name: str, params: Sequence[torch.Tensor], *, lr: float, scales: Optional[Sequence[float]] = None,
+               weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """Optimizer ``name`` over many small tensors (a mask scheme's scalars: four per layer)
+    as one flat tensor, each step of ``params[i]`` times ``scales[i]`` (a learning rate per
+    tensor inside one group, which the schedulers drive as one).
+
+    torch's optimizers pay a fixed cost per tensor and step (about 20 us on a CPU core,
+    for list handling and state look-ups, on top of each kernel's own launch): 112 scalars
+    of ``affine`` on WRN-28-4 cost 3 ms per Adam step. Here the optimizer holds one leaf
+    tensor; a step pre-hook gathers the parameters' values and gradients into it (two
+    concatenations), a post-hook applies the scales and copies the values back (one
+    multi-tensor copy) and sets the parameters' gradients to None (``zero_grad`` of this
+    optimizer clears only its own tensor). For SGD (momentum included), Adam and AdamW every
+    step is proportional to the learning rate, weight decay included, so the scaled step is
+    the one a group per scale would take. A tensor without a gradient keeps its value (its
+    moments see a zero gradient). Tensors of several devices or dtypes get one group per
+    tensor instead, the same update without the gathering."""
+    params = list(params)
+    scales = [1.0] * len(params) if scales is None else [float(s) for s in scales]
+    if len(scales) != len(params):
+        raise ValueError(f"{len(params)} parameters but {len(scales)} learning-rate scales")
+    if not params:
+        raise ValueError("flat_group needs at least one parameter")
+    if len({(p.device, p.dtype) for p in params}) > 1:
+        return make_optimizer(name, [{"params": [p], "lr": lr * s} for p, s in zip(params, scales)], lr=lr,
+                              weight_decay=weight_decay, momentum=momentum)
+    sizes = [p.numel() for p in params]
+    first = params[0]
+    flat = torch.zeros(sum(sizes), dtype=first.dtype, device=first.device, requires_grad=True)
+    optimizer = make_optimizer(name, [flat], lr=lr, weight_decay=weight_decay, momentum=momentum)
+    factor = None
+    if any(s != 1.0 for s in scales):
+        factor = torch.cat([torch.full((n,), s, dtype=first.dtype) for n, s in zip(sizes, scales)]).to(first.device)
+    step: Dict[str, object] = {}
+
+    def gather(opt, args, kwargs):
+        with torch.no_grad():
+            views = [p.detach().view(-1) for p in params]
+            grads = [p.grad for p in params]
+            old = torch.cat(views)
+            flat.copy_(old)
+            if all(g is None for g in grads):
+                flat.grad = None
+            else:
+                flat.grad = torch.cat([v.new_zeros(v.shape) if g is None else g.detach().reshape(-1)
+                                       for g, v in zip(grads, views)])
+            step.update(views=views, old=old, had=[g is not None for g in grads])
+
+    def scatter(opt, args, kwargs):
+        views, old, had = step.pop("views"), step.pop("old"), step.pop("had")
+        if flat.grad is None:
+            return
+        with torch.no_grad():
+            if factor is not None:
+                flat.sub_(old).mul_(factor).add_(old)
+            parts = list(flat.split(sizes))
+            if all(had):
+                torch._foreach_copy_(views, parts)
+            else:
+                for v, part, h in zip(views, parts, had):
+                    if h:
+                        v.copy_(part)
+        for p in params:
+            p.grad = None
+
+    optimizer.register_step_pre_hook(gather)
+    optimizer.register_step_post_hook(scatter)
+    return optimizer
 
 
 def build_optimizers(prepared: Prepared, cfg) -> Dict[str, torch.optim.Optimizer]:
@@ -249,12 +330,8 @@ def build_optimizers(prepared: Prepared, cfg) -> Dict[str, torch.optim.Optimizer
         scales = prepared.extras_lr_scales or [1.0] * len(prepared.extras)
         if len(scales) != len(prepared.extras):
             raise ValueError(f"{len(prepared.extras)} extras but {len(scales)} learning-rate scales")
-        groups: Dict[float, List[nn.Parameter]] = {}
-        for p, scale in zip(prepared.extras, scales):
-            groups.setdefault(float(scale), []).append(p)
-        optimizers["extras"] = make_optimizer(
-            cfg.extras_optimizer, [{"params": ps, "lr": cfg.extras_lr * scale} for scale, ps in groups.items()],
-            lr=cfg.extras_lr, weight_decay=0.0, momentum=momentum)
+        optimizers["extras"] = flat_group(cfg.extras_optimizer, prepared.extras, lr=cfg.extras_lr, scales=scales,
+                                          momentum=momentum)
     if not optimizers:
         raise UsageError("the model has no trainable parameters")
     return optimizers

@@ -86,18 +86,19 @@ class _TernaryMaskedWeight(_StraightThrough):
 
 def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Sum ``t`` over the dimensions where ``shape`` has size 1 (the broadcast of a scalar
-    or per-channel extra over the weight)."""
+    or per-channel extra over the weight), into a new tensor: a copy when there is nothing
+    to sum (per-channel values of a 1x1 depthwise kernel), since the backward reuses ``t``."""
     dims = [i for i, s in enumerate(shape) if s == 1 and t.shape[i] != 1]
-    return t.sum(dim=dims, keepdim=True) if dims else t
+    return t.sum(dim=dims, keepdim=True) if dims else t.clone()
 
 
 def _dot_to(x: torch.Tensor, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``_reduce_to(x * y, shape)`` without the weight-sized product: one dot product for a
     per-layer value, one per output channel for per-channel values."""
     if x.dtype == y.dtype and x.shape == y.shape and x.dim() >= 1:
-        if all(s == 1 for s in shape):
+        if shape.numel() == 1:
             return torch.dot(x.reshape(-1), y.reshape(-1)).reshape(shape)
-        if shape[0] == x.shape[0] and all(s == 1 for s in shape[1:]):
+        if shape[0] == x.shape[0] and shape.numel() == shape[0]:
             return torch.linalg.vecdot(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)).reshape(shape)
     return _reduce_to(x * y, shape)
 
@@ -108,45 +109,51 @@ class _AffineMaskedWeight(torch.autograd.Function):
     and the exact gradients of a, b, c, d (sums of dE/dW' times W, M W, M and 1 over the
     entries each scalar covers). The frozen weight gets no gradient.
 
-    Written for few weight-sized passes: forward is two fused multiply-adds and one select
-    (``where(M, W (a + b) + (c + d), W a + d)``); backward one select (dE/dW' where M is
-    on), dot products for a and b, sums for c and d, one fused multiply-add for the slope
-    and one product for the mask's gradient (in place when the incoming gradient allows)."""
+    Written for few weight-sized passes and few operations per layer (small layers, such as
+    depthwise convolutions, cost their operations' fixed overhead, not their size): forward
+    is two fused multiply-adds and one select (``where(M, W (a + b) + (c + d), W a + d)``);
+    backward one select (dE/dW' where M is on), dot products for a and b, sums for c and
+    d, one fused multiply-add for the slope and one product for the mask's gradient (in
+    place when the incoming gradient allows)."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(weight, mask_real, threshold, a, b, c, d):
-        on = mask_real >= threshold
-        a, b, c, d = (t.to(weight.dtype) for t in (a, b, c, d))
-        return torch.where(on, torch.addcmul(c + d, weight, a + b), torch.addcmul(d, weight, a))
+        if a.dtype != weight.dtype:
+            a, b, c, d = (t.to(weight.dtype) for t in (a, b, c, d))
+        return torch.where(mask_real >= threshold, torch.addcmul(c + d, weight, a + b), torch.addcmul(d, weight, a))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         weight, mask_real, threshold, a, b, c, d = inputs
         ctx.threshold = threshold
         ctx.save_for_backward(weight, mask_real, b, c)
-        ctx.extra_shape = a.shape
-        ctx.extra_dtype = a.dtype
 
     @staticmethod
     def backward(ctx, grad):
         weight, mask_real, b, c = ctx.saved_tensors
         need = ctx.needs_input_grad
-        shape, dtype = ctx.extra_shape, ctx.extra_dtype
-        grads = [None] * 7
+        shape, dtype = b.shape, b.dtype
+        grads, on_grad = [None] * 7, None
         if any(need[3:7]):
             on_grad = torch.where(mask_real >= ctx.threshold, grad, 0.0) if (need[4] or need[5]) else None
             if need[3]:
-                grads[3] = _dot_to(grad, weight, shape).to(dtype)
+                grads[3] = _dot_to(grad, weight, shape)
             if need[4]:
-                grads[4] = _dot_to(on_grad, weight, shape).to(dtype)
+                grads[4] = _dot_to(on_grad, weight, shape)
             if need[5]:
-                grads[5] = _reduce_to(on_grad, shape).to(dtype)
+                grads[5] = _reduce_to(on_grad, shape)
             if need[6]:
-                grads[6] = _reduce_to(grad, shape).to(dtype)
+                grads[6] = _reduce_to(grad, shape)
+            if grad.dtype != dtype:
+                grads[3:7] = [g if g is None else g.to(dtype) for g in grads[3:7]]
         if need[1]:
-            slope = torch.addcmul(c.to(weight.dtype), weight, b.to(weight.dtype))
+            if b.dtype != weight.dtype:
+                b, c = b.to(weight.dtype), c.to(weight.dtype)
+            # the slope b W + c goes into the buffer of dE/dW' where M is on, read by now
+            free = on_grad is not None and _reusable(on_grad, weight)
+            slope = torch.addcmul(c, weight, b, out=on_grad) if free else torch.addcmul(c, weight, b)
             grads[1] = grad.mul_(slope) if _reusable(grad, weight) else grad * slope
         return tuple(grads)
 

@@ -112,12 +112,20 @@ def test_transfer_seeds_close_methods_and_renders_the_affine_and_sweep_tables():
     assert close_pairs(row) == ["affine", "piggyback"]  # finetune is 1.5 points away
     assert close_pairs({"piggyback": run(90.0), "affine": run(97.5)}) == []
     row.update({"affine-seed1": run(97.9), "piggyback-seed1": run(96.0), "affine_lr1e-4": run(96.5),
+                "affine-seed2": run(97.0), "piggyback-seed2": run(96.5), "piggyback-seed4": run(0.0),
                 "affine_lr1e-2": run(10.0, 0.0, {"step": 88}), "affine_channel": run(97.7)})
-    assert seed_mean(row, "affine") == pytest.approx(97.7) and seed_mean(row, "finetune") == 99.0
+    # seeds 0, 1, 2 (seed 4 without seed 3 is not part of the series)
+    assert seed_mean(row, "affine") == pytest.approx(97.4667, abs=1e-4) and seed_mean(row, "finetune") == 99.0
+    assert seed_mean(row, "piggyback") == pytest.approx(96.5)
     methods = [m for m in METHODS if m.key in ("piggyback", "finetune", "affine")]
     text = render({"digits": row}, tasks=[TASKS["digits"]], methods=methods, size=32, batch_size=32, threads=1,
                   total_s=1.0, quick=False, plot=None)
-    assert "| digits | 97.70 (97.50, 97.90) | 96.50 (97.00, 96.00) | 99.00 | +1.20 | -1.30 | **FAIL** |" in text
+    assert ("| digits | 97.47 (97.50, 97.90, 97.00) | 96.50 (97.00, 96.00, 96.50) | 99.00 | +0.97 | -1.53 | 2.00 "
+            "| **FAIL** |") in text
+    row["finetune"] = run(97.4)
+    text = render({"digits": row}, tasks=[TASKS["digits"]], methods=methods, size=32, batch_size=32, threads=1,
+                  total_s=1.0, quick=False, plot=None)
+    assert "| 97.40 | +0.97 | +0.07 | 2.00 | **PASS** |" in text
     sweep = next(line for line in text.splitlines() if line.startswith("| digits | 97.00 | "))
     assert "97.50 (0.020)" in sweep and "10.00: collapse reported at step 88 (0.000)" in sweep
     assert len(SWEEP) == 3 and sweep.count("|") == 2 + 1 + len(SWEEP) + 1

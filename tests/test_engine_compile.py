@@ -109,10 +109,12 @@ def test_precision_defaults_follow_compilation_on_cuda():
     assert switches(["--amp", "on", "--channels-last", "on"], cpu) == (True, True)
 
 
-def test_optimizers_use_fused_kernels_only_for_cuda_parameters():
+def test_optimizer_kernels_by_device_and_group_size():
     """make_optimizer asks torch for its fused kernels when every parameter is a floating
-    CUDA tensor; CPU parameters keep torch's default implementation."""
+    CUDA tensor; on the CPU for its multi-tensor kernels in small groups only."""
     from common.methods import fused_implementation, make_optimizer
+
+    from common.methods import SMALL_GROUP
 
     class FakeCuda:
         is_cuda = True
@@ -123,13 +125,21 @@ def test_optimizers_use_fused_kernels_only_for_cuda_parameters():
         def is_floating_point(self):
             return self.floating
 
+        def numel(self):
+            return 3
+
     assert fused_implementation([FakeCuda(), FakeCuda()]) == {"fused": True}
     assert fused_implementation([FakeCuda(), FakeCuda(floating=False)]) == {}
     assert fused_implementation([FakeCuda(), torch.zeros(2)]) == {}
     assert fused_implementation([]) == {}
+    # CPU: multi-tensor kernels for small groups (scalars, a classifier), torch's default for masks
+    assert fused_implementation([torch.zeros(1)] * 200) == {"foreach": True}
+    assert fused_implementation([torch.zeros(SMALL_GROUP // 2 + 1)] * 2) == {}
     for name in ("adam", "adamw", "sgd"):
         opt = make_optimizer(name, [torch.nn.Parameter(torch.zeros(3))], lr=0.1)
-        assert not opt.defaults.get("fused"), name
+        assert not opt.defaults.get("fused") and opt.defaults.get("foreach"), name
+        big = make_optimizer(name, [torch.nn.Parameter(torch.zeros(SMALL_GROUP + 1))], lr=0.1)
+        assert not big.defaults.get("fused") and not big.defaults.get("foreach"), name
 
 
 def test_cuda_graph_mode_marks_a_new_step_on_every_call(monkeypatch):
