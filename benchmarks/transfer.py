@@ -14,8 +14,8 @@ affine and piggyback or finetuning are within a point, and with ``--sweep`` the 
 scalars' learning rates; the per-layer sparsity of the masks goes into a PNG (the
 paper's Fig. 3).
 
-Inputs are kept small so that everything runs on 2 CPU cores in about 80 minutes (about
-30 with ``--seeds 1`` and without ``--sweep``); the section states the sizes used.
+Inputs are kept small so that everything runs on 2 CPU cores in about 70 minutes with
+``--sweep`` (about 30 with ``--seeds 1`` and without it); the section states the sizes used.
 """
 from __future__ import annotations
 

@@ -302,7 +302,8 @@ def build_parser(cls, description: str, *, epilog: Optional[str] = None, extra: 
     if any(f.name == "scheme" and f.metadata["cli"] for f in fields(cls)):
         from common.schemes import SCHEMES
         auto += ("\n\nmask schemes (--scheme; their accuracy and step time against binary masks: BENCHMARKS.md):"
-                 + "".join(f"\n  {name}: {scheme.summary}; stores {scheme.cost}" for name, scheme in SCHEMES.items()))
+                 + "".join(f"\n  {name}: {scheme.summary}; stores {scheme.cost}"
+                           + (f"; measured: {scheme.gain}" if scheme.gain else "") for name, scheme in SCHEMES.items()))
     from common.cli import Parser
     p = Parser(prog=cls.PROG, description=description, usage="%(prog)s [options]", argument_default=argparse.SUPPRESS,
                 formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -201,8 +201,10 @@ def test_help_lists_every_registered_scheme_with_its_cost():
     text = get_args_parser().format_help()
     assert "mask schemes (--scheme" in text
     for name, scheme in SCHEMES.items():
-        assert f"  {name}: {scheme.summary}; stores {scheme.cost}" in text
+        line = f"  {name}: {scheme.summary}; stores {scheme.cost}"
+        assert line + (f"; measured: {scheme.gain}" if scheme.gain else "\n") in text
     assert "four float32 values per masked layer" in text and "four float32 values per output channel" in text
+    assert SCHEMES["affine"].gain  # what it gained, in words
 
 
 @pytest.mark.parametrize("name,weight_decay", [("sgd", 5e-4), ("adam", 1e-2), ("adamw", 1e-2)])
