@@ -7,7 +7,6 @@ alone, written several ways) say where any difference comes from.
 """
 from __future__ import annotations
 
-import copy
 import gc
 import time
 from typing import Dict, List
@@ -15,7 +14,8 @@ from typing import Dict, List
 import torch
 
 from benchmarks.harness import Section, fmt, median, median_ratio, time_side_by_side
-from benchmarks.workloads import get_workload, make_optimizer, masking_kernels, prepare, timed_step
+from benchmarks.workloads import (get_workload, make_optimizer, masking_kernels, prepare, prepare_scheme,
+                                 scheme_optimizers, timed_step)
 
 GOAL = 1.05
 
@@ -36,10 +36,6 @@ def compare_schemes(workload_name: str, scheme: str, repeats: int, warmup: int =
     Adam for the masks and for the head, and the scheme's own optimiser for its values).
     With ``compiled``, both models run under ``torch.compile`` (the optimisers eager, as in
     the training commands), compiled and warmed up before the timed rounds."""
-    from types import SimpleNamespace
-
-    from common.methods import MaskSettings, build_optimizers, get_method
-    from common.schemes import get_scheme
     workload = get_workload(workload_name)
     torch.manual_seed(0)
     plain = workload.build()
@@ -49,14 +45,8 @@ def compare_schemes(workload_name: str, scheme: str, repeats: int, warmup: int =
         torch.compiler.reset()
         warmup = max(warmup, 3)  # compile, then two steps for the allocator
     for name in ("binary", scheme):
-        model = copy.deepcopy(plain)
-        prepared = get_method("piggyback").prepare(model, head=workload.skip, masks=MaskSettings(scheme=name))
-        model.train()
-        s = get_scheme(name)
-        cfg = SimpleNamespace(optimizer="adam", lr=1e-4, weight_decay=0.0, head_optimizer="adam", head_lr=1e-3,
-                              head_weight_decay=0.0, extras_optimizer=s.extras_optimizer, extras_lr=s.extras_lr,
-                              momentum=0.9)
-        opts = build_optimizers(prepared, cfg)
+        model, prepared = prepare_scheme(plain, workload, name)
+        opts = scheme_optimizers(prepared, name)
         record: List = []
         phases[name] = record
 

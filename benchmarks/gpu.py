@@ -65,12 +65,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.harness import Section, fmt, machine_info, markdown_path, median, median_ratio, render_markdown
-from benchmarks.workloads import get_workload, make_optimizer, prepare
+from benchmarks.workloads import get_workload, make_optimizer, prepare, prepare_scheme, scheme_optimizers
 from common.amp import autocast, maybe_channels_last
 from common.config import read_run_config
 from common.errors import UsageError
 from common.cli import Parser, positive_int, run_cli
-from common.runlog import atomic_write_bytes
+from common.runlog import RunDir, atomic_write_bytes
 
 # train / val images of the nine mask tasks (the challenge's published split sizes)
 SPLITS = {"aircraft": (3334, 3333), "cifar100": (40000, 10000), "daimlerpedcls": (23520, 5880),
@@ -117,12 +117,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# The optimisers of the scheme contenders, as compare_schemes in benchmarks.bench_training
-# builds them: Adam for the masks and for the head, the scheme's own for its values.
-SCHEME_OPTIMIZERS = dict(optimizer="adam", lr=1e-4, weight_decay=0.0, head_optimizer="adam", head_lr=1e-3,
-                         head_weight_decay=0.0, momentum=0.9)
-
-
 class Built(NamedTuple):
     step: Callable[[], None]  # one training step
     model: nn.Module
@@ -140,18 +134,11 @@ def build_contender(plain, method: str, device, batch: int, *, compiled: Optiona
     import copy
     workload = get_workload("wrn28_4")
     if scheme is not None:
-        from types import SimpleNamespace
-
-        from common.methods import MaskSettings, build_optimizers, get_method
-        from common.schemes import get_scheme
         if method != "piggyback":
             raise ValueError(f"a mask scheme ({scheme}) needs method piggyback, not {method!r}")
-        model = copy.deepcopy(plain)
-        prepared = get_method("piggyback").prepare(model, head=workload.skip, masks=MaskSettings(scheme=scheme))
-        model = maybe_channels_last(model.train().to(device), channels_last)
-        s = get_scheme(scheme)
-        cfg = SimpleNamespace(**SCHEME_OPTIMIZERS, extras_optimizer=s.extras_optimizer, extras_lr=s.extras_lr)
-        opts = build_optimizers(prepared, cfg)  # after the move: fused kernels on a CUDA device
+        model, prepared = prepare_scheme(plain, workload, scheme)
+        model = maybe_channels_last(model.to(device), channels_last)
+        opts = scheme_optimizers(prepared, scheme)  # after the move: fused kernels on a CUDA device
     else:
         if method == "original":
             model = original_style(copy.deepcopy(plain)).train()
@@ -567,7 +554,7 @@ def read_training_run(run_dir: Path) -> Dict[str, object]:
     """Rates of a finished run from its own log.jsonl and config.json: images/s per epoch
     (images trained / epoch time), the median after the first epoch (which compiles; the
     only epoch of a one-epoch run), ms per step and the share of the epoch outside steps."""
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line]
+    records = RunDir(run_dir).read_log()
     if not records:
         raise ValueError(f"{run_dir / 'log.jsonl'} holds no epoch")
     batch = int(read_run_config(run_dir)["batch_size"])

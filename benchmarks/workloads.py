@@ -256,3 +256,34 @@ def write_decathlon_mask_files(plain: nn.Module, directory, *, compress: bool = 
         paths[task] = save_masks(model, Path(directory) / f"{task}{suffix}.safetensors",
                                  compress=compress, task=task, arch="wrn28_4")
     return paths
+
+
+# The optimisers of the mask-scheme contenders (benchmarks.bench_training, benchmarks.gpu):
+# Adam for the masks and for the head, the scheme's own optimiser for its values.
+SCHEME_OPTIMIZERS = dict(optimizer="adam", lr=1e-4, weight_decay=0.0, head_optimizer="adam", head_lr=1e-3,
+                         head_weight_decay=0.0, momentum=0.9)
+
+
+def prepare_scheme(plain: nn.Module, workload: "Workload", scheme: str):
+    """A copy of ``plain`` prepared for piggyback with mask scheme ``scheme`` as the training
+    commands prepare it, in training mode; returns (model, prepared). Build its optimisers
+    with :func:`scheme_optimizers` once the model is on its device."""
+    import copy
+
+    from common.methods import MaskSettings, get_method
+    model = copy.deepcopy(plain)
+    prepared = get_method("piggyback").prepare(model, head=workload.skip, masks=MaskSettings(scheme=scheme))
+    return model.train(), prepared
+
+
+def scheme_optimizers(prepared, scheme: str) -> Dict[str, torch.optim.Optimizer]:
+    """The training commands' optimisers (``common.methods.build_optimizers``) for a model
+    of :func:`prepare_scheme`, with :data:`SCHEME_OPTIMIZERS` and the scheme's defaults for
+    its values."""
+    from types import SimpleNamespace
+
+    from common.methods import build_optimizers
+    from common.schemes import get_scheme
+    s = get_scheme(scheme)
+    return build_optimizers(prepared, SimpleNamespace(**SCHEME_OPTIMIZERS, extras_optimizer=s.extras_optimizer,
+                                                      extras_lr=s.extras_lr))

@@ -213,14 +213,12 @@ SMALL_GROUP = 1 << 20
 def fused_implementation(params: Sequence[torch.Tensor]) -> Dict[str, bool]:
     """``{"fused": True}`` when every parameter is a floating-point CUDA tensor; on the CPU
     ``{"foreach": True}`` for a group of at most :data:`SMALL_GROUP` values (a mask scheme's
-    scalars, a classifier), else ``{}`` (torch's default). The fused kernels update
+    scalars when not flattened by :func:`flat_group`, a classifier), else ``{}`` (torch's default). The fused kernels update
     all of a group's parameters in one pass instead of one pass per arithmetic operation,
     with a few kernel launches instead of dozens. Under CUDA graphs on two H100s, the
     batch-32 mask training step ran at 1.07x (fp32) and 1.26x (bf16 + channels_last) the
-    images/s with fused Adam, and its rounds varied less (BENCHMARKS-gpu.md). On the CPU,
-    Adam over the 212 scalars of ``affine`` on MobileNetV2 took 3.2 ms per step with the
-    multi-tensor kernels against 5.8 ms per tensor (BENCHMARKS.md). The update is the same
-    algorithm."""
+    images/s with fused Adam, and its rounds varied less (BENCHMARKS-gpu.md). The update is
+    the same algorithm."""
     if params and all(p.is_cuda and p.is_floating_point() for p in params):
         return {"fused": True}
     if params and not any(p.is_cuda for p in params) and sum(p.numel() for p in params) <= SMALL_GROUP:
@@ -327,11 +325,8 @@ def build_optimizers(prepared: Prepared, cfg) -> Dict[str, torch.optim.Optimizer
         optimizers["head"] = make_optimizer(cfg.head_optimizer, prepared.head, lr=cfg.head_lr,
                                             weight_decay=cfg.head_weight_decay, momentum=momentum)
     if prepared.extras:
-        scales = prepared.extras_lr_scales or [1.0] * len(prepared.extras)
-        if len(scales) != len(prepared.extras):
-            raise ValueError(f"{len(prepared.extras)} extras but {len(scales)} learning-rate scales")
-        optimizers["extras"] = flat_group(cfg.extras_optimizer, prepared.extras, lr=cfg.extras_lr, scales=scales,
-                                          momentum=momentum)
+        optimizers["extras"] = flat_group(cfg.extras_optimizer, prepared.extras, lr=cfg.extras_lr,
+                                          scales=prepared.extras_lr_scales or None, momentum=momentum)
     if not optimizers:
         raise UsageError("the model has no trainable parameters")
     return optimizers
