@@ -3,19 +3,21 @@
 Both contenders start from the same weights, see the same batch, use the same optimiser
 type and the same batch-norm mode, and are timed in alternating rounds in one process.
 The phase table (forward / backward / optimiser) and the kernel table (the masking work
-alone, written several ways) say where any difference comes from.
+alone, written several ways) say where any difference comes from; the forms table times the
+affine scheme's two ways of writing W' against binary masks on masks partly switched off.
 """
 from __future__ import annotations
 
 import gc
 import time
 from typing import Dict, List
+from unittest import mock
 
 import torch
 
 from benchmarks.harness import Section, fmt, median, median_ratio, time_side_by_side
 from benchmarks.workloads import (get_workload, make_optimizer, masking_kernels, prepare, prepare_scheme,
-                                 scheme_optimizers, timed_step)
+                                 scheme_optimizers, set_random_masks, timed_step)
 
 GOAL = 1.05
 
@@ -24,10 +26,51 @@ CASES_FULL = [("wrn28_4", "adam", False, 15), ("wrn28_4", "adam", True, 7), ("wr
               ("fcn32s", "adam", False, 3)]
 CASES_QUICK = [("wrn28_4", "adam", False, 5), ("fcn32s", "adam", False, 2)]
 # scheme against binary piggyback: (workload, scheme, rounds, compiled); compiled pairs
-# compile both models first (about a minute each for MobileNetV2 on two cores)
+# compile both models first (about a minute each for MobileNetV2 on two cores). A
+# MobileNetV2 step at 32 px takes about 0.15 s: many rounds are cheap there, and a
+# ratio from 7 rounds moved by 0.05 between two runs of the same code.
 SCHEME_CASES_FULL = [("wrn28_4", "affine", 15, False), ("wrn28_4", "affine-channel", 7, False),
-                     ("mobilenet_v2", "affine", 15, False), ("mobilenet_v2", "affine", 7, True)]
+                     ("mobilenet_v2", "affine", 41, False), ("mobilenet_v2", "affine", 41, True)]
 SCHEME_CASES_QUICK = [("wrn28_4", "affine", 5, False), ("mobilenet_v2", "affine", 5, False)]
+# the affine forms table: (workload, fractions of mask entries off, rounds); trained masks of
+# the transfer benchmark have 2-3 % of their entries off
+FORMS_FULL = ("mobilenet_v2", (0.0, 0.03, 0.3), 21)
+FORMS_QUICK = ("mobilenet_v2", (0.03,), 5)
+AFFINE_FORMS = ("binary: one select", "affine: select of two multiply-adds (GPU, compiled)",
+                "affine: products with a float mask (CPU eager)")
+
+
+def compare_affine_forms(workload_name: str, zero_fraction: float, repeats: int) -> Dict[str, List[float]]:
+    """Seconds for the masked weights of every masked layer, forward and backward (eq. 7 and
+    the scalars' gradients), with about ``zero_fraction`` of the mask entries off: binary
+    masks, and ``affine`` in each of its two forms (``common.schemes._cpu_eager`` chooses
+    the form; here it is held at one, then the other)."""
+    import common.schemes
+    from common.masking import mask_entries
+    workload = get_workload(workload_name)
+    torch.manual_seed(0)
+    plain = workload.build()
+    fns = {}
+    for label in AFFINE_FORMS:
+        scheme = label.split(":")[0]
+        model, _ = prepare_scheme(plain, workload, scheme)
+        set_random_masks(model, zero_fraction, scheme=scheme)
+        entries = mask_entries(model)
+        grads = [torch.randn_like(e.weight) for e in entries]
+        cpu_form = "float mask" in label
+
+        def masked_weights(entries=entries, grads=grads, cpu_form=cpu_form):
+            with mock.patch.object(common.schemes, "_cpu_eager", lambda *tensors: cpu_form):
+                for e, g in zip(entries, grads):
+                    out = e.module.scheme.masked_weight(e.weight, e.mask_real, e.module.threshold,
+                                                        list(e.extras.values()))
+                    out.backward(g.clone())  # a fresh incoming gradient, as a layer's backward hands on
+
+        fns[label] = masked_weights
+    times = time_side_by_side(fns, repeats=repeats, warmup=2)
+    del fns, plain
+    gc.collect()
+    return times
 
 
 def compare_schemes(workload_name: str, scheme: str, repeats: int, warmup: int = 1, compiled: bool = False) -> Dict:
@@ -149,6 +192,19 @@ def run(quick: bool, context: dict) -> Section:
                   "optimiser for its values), and where the difference goes (median ms of each phase):",
                   ["workload", "scheme", "mode", "scheme ms/step", "binary ms/step", "ratio", "rounds",
                    "forward +ms", "backward +ms", "optimiser +ms"], scheme_rows)
+    name, fractions, repeats = FORMS_QUICK if quick else FORMS_FULL
+    form_rows = []
+    for fraction in fractions:
+        t = compare_affine_forms(name, fraction, repeats)
+        base = t[AFFINE_FORMS[0]]
+        form_rows += [[get_workload(name).label, f"{100 * fraction:g} %", label, fmt(1e3 * median(v)),
+                       f"{median_ratio(v, base):.2f}"] for label, v in t.items()]
+    section.table("The affine scheme's W' written its two ways, against binary masks: the masked weights of "
+                  "every masked layer, forward and backward (mask and scalar gradients), on masks with a given "
+                  "fraction of entries off at random (median ms over rounds; the ratio to binary masks in the "
+                  "same rounds). Training on a CPU without torch.compile takes the float-mask form, GPUs and "
+                  "compiled steps the select:",
+                  ["workload", "entries off", "form", "ms per step", "/ binary"], form_rows)
     _diagnose(section, kernel_rows, phase_times)
     section.seconds = time.perf_counter() - start
     return section

@@ -103,6 +103,30 @@ def _dot_to(x: torch.Tensor, y: torch.Tensor, shape: torch.Size) -> torch.Tensor
     return _reduce_to(x * y, shape)
 
 
+def _cpu_eager(*tensors: torch.Tensor) -> bool:
+    """True for plain CPU tensors outside torch.compile and torch.func transforms: there the
+    affine scheme writes eq. 4 as a float mask and its scalars as products with one broadcast
+    operand, which torch's CPU kernels vectorise. A select (``where``) branches on each mask
+    entry, and a multiply-add with two broadcast operands is not vectorised (the forms table
+    of BENCHMARKS.md, section 1)."""
+    return not torch.compiler.is_compiling() and all(t.device.type == "cpu" and not _is_transformed(t)
+                                                       for t in tensors)
+
+
+def _mask_values(mask_real: torch.Tensor, threshold: float, dtype: torch.dtype) -> torch.Tensor:
+    """eq. 4 as 0.0 / 1.0 in ``dtype``: one copy and one in-place comparison, in the mask's
+    own dtype as ``mask_real >= threshold`` compares (converting a boolean tensor to floats
+    is a slower kernel on the CPU)."""
+    m = mask_real.clone().ge_(threshold)
+    return m if m.dtype == dtype else m.to(dtype)
+
+
+def _times_plus(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x * s + t`` for scalars or per-channel values ``s``, ``t``: a product, then an
+    in-place sum (for the CPU path of :func:`_cpu_eager`)."""
+    return torch.mul(x, s, out=out).add_(t) if out is not None else torch.mul(x, s).add_(t)
+
+
 class _AffineMaskedWeight(torch.autograd.Function):
     """``W' = a W + b (M W) + c M + d`` with M the binary mask of eq. 4. Backward: the
     straight-through estimator of eq. 7 applied to W', dE/d(mask_real) = dE/dW' * (b W + c),
@@ -110,11 +134,13 @@ class _AffineMaskedWeight(torch.autograd.Function):
     entries each scalar covers). The frozen weight gets no gradient.
 
     Written for few weight-sized passes and few operations per layer (small layers, such as
-    depthwise convolutions, cost their operations' fixed overhead, not their size): forward
-    is two fused multiply-adds and one select (``where(M, W (a + b) + (c + d), W a + d)``);
-    backward one select (dE/dW' where M is on), dot products for a and b, sums for c and
-    d, one fused multiply-add for the slope and one product for the mask's gradient (in
-    place when the incoming gradient allows)."""
+    depthwise convolutions, cost their operations' fixed overhead, not their size). Forward:
+    on a GPU and when compiled, two fused multiply-adds and one select (``where(M, W (a + b)
+    + (c + d), W a + d)``); in CPU eager mode (:func:`_cpu_eager`) ``(W a + d) + M (W b + c)``
+    with M as floats. Backward: dE/dW' where M is on (a select, or a product with M on the
+    CPU), dot products for a and b, sums for c and d, the slope ``b W + c`` into that
+    buffer once it is read, and one product for the mask's gradient (in place when the
+    incoming gradient allows)."""
 
     generate_vmap_rule = True
 
@@ -122,6 +148,9 @@ class _AffineMaskedWeight(torch.autograd.Function):
     def forward(weight, mask_real, threshold, a, b, c, d):
         if a.dtype != weight.dtype:
             a, b, c, d = (t.to(weight.dtype) for t in (a, b, c, d))
+        if _cpu_eager(weight, mask_real, a, b, c, d):
+            return torch.addcmul(_times_plus(weight, a, d), _mask_values(mask_real, threshold, weight.dtype),
+                                 _times_plus(weight, b, c))
         return torch.where(mask_real >= threshold, torch.addcmul(c + d, weight, a + b), torch.addcmul(d, weight, a))
 
     @staticmethod
@@ -136,8 +165,11 @@ class _AffineMaskedWeight(torch.autograd.Function):
         need = ctx.needs_input_grad
         shape, dtype = b.shape, b.dtype
         grads, on_grad = [None] * 7, None
+        cpu = _cpu_eager(grad, weight, mask_real, b, c)
         if any(need[3:7]):
-            on_grad = torch.where(mask_real >= ctx.threshold, grad, 0.0) if (need[4] or need[5]) else None
+            if need[4] or need[5]:
+                on_grad = (grad * _mask_values(mask_real, ctx.threshold, grad.dtype) if cpu
+                           else torch.where(mask_real >= ctx.threshold, grad, 0.0))
             if need[3]:
                 grads[3] = _dot_to(grad, weight, shape)
             if need[4]:
@@ -152,8 +184,8 @@ class _AffineMaskedWeight(torch.autograd.Function):
             if b.dtype != weight.dtype:
                 b, c = b.to(weight.dtype), c.to(weight.dtype)
             # the slope b W + c goes into the buffer of dE/dW' where M is on, read by now
-            free = on_grad is not None and _reusable(on_grad, weight)
-            slope = torch.addcmul(c, weight, b, out=on_grad) if free else torch.addcmul(c, weight, b)
+            free = on_grad if on_grad is not None and _reusable(on_grad, weight) else None
+            slope = _times_plus(weight, b, c, out=free) if cpu else torch.addcmul(c, weight, b, out=free)
             grads[1] = grad.mul_(slope) if _reusable(grad, weight) else grad * slope
         return tuple(grads)
 
@@ -313,9 +345,9 @@ class AffineScheme(BinaryScheme):
     # a and b at this rate, c and d at this rate times their layer's weight RMS (extras_lr_scale);
     # chosen by the sweep of benchmarks.transfer (BENCHMARKS.md)
     extras_lr = 1e-3
-    gain = ("on real MNIST with an ImageNet MobileNetV2, above binary masks and level with finetuning; on the "
-            "UCI digits level with both; its training step costs more than binary's, little when compiled on a "
-            "CPU, most on a GPU")
+    gain = ("on real MNIST with an ImageNet MobileNetV2, above binary masks and a quarter point under finetuning; "
+            "on the UCI digits level with both, and between them with the training command's defaults; its "
+            "training step costs more than binary's, little when compiled on a CPU, most on a GPU")
 
     def __init__(self, name: str = "affine", per_channel: bool = False):
         self.name = name

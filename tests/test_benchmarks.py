@@ -129,3 +129,10 @@ def test_transfer_seeds_close_methods_and_renders_the_affine_and_sweep_tables():
     sweep = next(line for line in text.splitlines() if line.startswith("| digits | 97.00 | "))
     assert "97.50 (0.020)" in sweep and "10.00: collapse reported at step 88 (0.000)" in sweep
     assert len(SWEEP) == 3 and sweep.count("|") == 2 + 1 + len(SWEEP) + 1
+
+
+def test_affine_forms_are_timed_against_binary_masks():
+    from benchmarks.bench_training import AFFINE_FORMS, compare_affine_forms
+    times = compare_affine_forms("mobilenet_v2", 0.03, repeats=2)
+    assert list(times) == list(AFFINE_FORMS)
+    assert all(len(v) == 2 and min(v) > 0 for v in times.values())

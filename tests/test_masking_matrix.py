@@ -108,7 +108,10 @@ def _assert_eq7(model, xs, grads=None):
     assert set(got) == set(expected)
     for key in expected:
         assert got[key] is not None, key
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+        # fp32 sums: an entry's error follows the size of the gradient, not of the entry (a
+        # compiled step and the eager folded network round W' differently)
+        scale = float(expected[key].abs().max())
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6 * max(1.0, scale), msg=key)
 
 
 def _assert_folds(model, x):

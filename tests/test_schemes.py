@@ -158,10 +158,16 @@ def test_affine_starts_as_the_backbone_and_contains_piggyback(name):
         torch.testing.assert_close(affine.eval()(x), binary(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", ["cpu-eager", "select"])
 @pytest.mark.parametrize("name", ["affine", "affine-channel"])
 @pytest.mark.parametrize("shape", [(6, 3, 3, 3), (6, 1, 1, 1), (5, 4), (5, 1)],
                          ids=["conv", "1x1-depthwise", "linear", "linear-one-input"])
-def test_affine_gradients_match_an_independent_computation(name, shape):
+def test_affine_gradients_match_an_independent_computation(name, shape, path, monkeypatch):
+    # both ways of writing W': products with a float mask (CPU eager) and the select that
+    # GPUs and compiled steps use
+    import common.schemes
+    if path == "select":
+        monkeypatch.setattr(common.schemes, "_cpu_eager", lambda *tensors: False)
     torch.manual_seed(0)
     weight = torch.randn(*shape, dtype=torch.float64)
     mask_real = (torch.rand(weight.shape, dtype=torch.float64) * 0.02 - 0.005).requires_grad_()
