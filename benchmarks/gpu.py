@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -397,7 +396,7 @@ def end_to_end(root: Path, task: str, out: Path, runs, epochs: int, extra: List[
             log(f"  {label}: failed\n" + proc.stdout[-2000:] + proc.stderr[-3000:])
             rows.append([label, "failed", "", "", "", f"{time.perf_counter() - t0:.0f}"])
         else:
-            records = [json.loads(line) for line in (run_dir / task / "log.jsonl").read_text().splitlines() if line]
+            records = RunDir(run_dir / task).read_log()
             cfg = read_run_config(run_dir / task)
             per_epoch = [cfg["train_images"] / r["epoch_time_s"] for r in records]
             steady = records[1:] or records  # epoch 1 holds compilation and the cache fill

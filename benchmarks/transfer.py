@@ -20,7 +20,6 @@ Inputs are kept small so that everything runs on 2 CPU cores in about 70 minutes
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from common.cli import Parser, positive_int, run_cli
-from common.runlog import atomic_write_bytes, atomic_write_json
+from common.runlog import RunDir, atomic_write_bytes, atomic_write_json
 
 __all__ = ["get_args_parser", "main", "cli", "METHODS", "TASKS", "replace_section", "BEGIN", "END"]
 
@@ -123,8 +122,7 @@ def run_one(flags: List[str], label: str) -> dict:
         shutil.rmtree(args.out)
         metrics = train(args, DistInfo(), log=log)
     # time spent training and evaluating, also for a run finished by an earlier call
-    metrics["train_time_s"] = sum(json.loads(line)["epoch_time_s"]
-                                  for line in (Path(args.out) / "log.jsonl").read_text().splitlines() if line.strip())
+    metrics["train_time_s"] = sum(r["epoch_time_s"] for r in RunDir(args.out).read_log())
     return metrics
 
 
