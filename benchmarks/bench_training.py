@@ -36,8 +36,10 @@ SCHEME_CASES_QUICK = [("wrn28_4", "affine", 5, False), ("mobilenet_v2", "affine"
 # the transfer benchmark have 2-3 % of their entries off
 FORMS_FULL = ("mobilenet_v2", (0.0, 0.03, 0.3), 21)
 FORMS_QUICK = ("mobilenet_v2", (0.03,), 5)
-AFFINE_FORMS = ("binary: one select", "affine: select of two multiply-adds (GPU, compiled)",
-                "affine: products with a float mask (CPU eager)")
+# (label, scheme, CPU eager form): binary masks, then affine in each of its two forms
+AFFINE_FORMS = (("binary: one select", "binary", False),
+                ("affine: select of two multiply-adds (GPU, compiled)", "affine", False),
+                ("affine: products with a float mask (CPU eager)", "affine", True))
 
 
 def compare_affine_forms(workload_name: str, zero_fraction: float, repeats: int) -> Dict[str, List[float]]:
@@ -51,13 +53,11 @@ def compare_affine_forms(workload_name: str, zero_fraction: float, repeats: int)
     torch.manual_seed(0)
     plain = workload.build()
     fns = {}
-    for label in AFFINE_FORMS:
-        scheme = label.split(":")[0]
+    for label, scheme, cpu_form in AFFINE_FORMS:
         model, _ = prepare_scheme(plain, workload, scheme)
         set_random_masks(model, zero_fraction, scheme=scheme)
         entries = mask_entries(model)
         grads = [torch.randn_like(e.weight) for e in entries]
-        cpu_form = "float mask" in label
 
         def masked_weights(entries=entries, grads=grads, cpu_form=cpu_form):
             with mock.patch.object(common.schemes, "_cpu_eager", lambda *tensors: cpu_form):
@@ -196,7 +196,7 @@ def run(quick: bool, context: dict) -> Section:
     form_rows = []
     for fraction in fractions:
         t = compare_affine_forms(name, fraction, repeats)
-        base = t[AFFINE_FORMS[0]]
+        base = t[AFFINE_FORMS[0][0]]
         form_rows += [[get_workload(name).label, f"{100 * fraction:g} %", label, fmt(1e3 * median(v)),
                        f"{median_ratio(v, base):.2f}"] for label, v in t.items()]
     section.table("The affine scheme's W' written its two ways, against binary masks: the masked weights of "
