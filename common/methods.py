@@ -249,10 +249,11 @@ def flat_group(name: str, params: Sequence[torch.Tensor], *, lr: float, scales: 
     torch's optimizers pay a fixed cost per tensor and step (about 20 us on a CPU core,
     for list handling and state look-ups, on top of each kernel's own launch): 112 scalars
     of ``affine`` on WRN-28-4 cost 3 ms per Adam step. Here the optimizer holds one leaf
-    tensor; a step pre-hook gathers the parameters' values and gradients into it (two
-    concatenations), a post-hook applies the scales and copies the values back (one
-    multi-tensor copy) and sets the parameters' gradients to None (``zero_grad`` of this
-    optimizer clears only its own tensor). For SGD (momentum included), Adam and AdamW every
+    tensor; a step pre-hook copies the parameters' values and gradients into it and into
+    one gradient buffer (a multi-tensor copy each, into views made once), a post-hook
+    applies the scales and copies the values back (one multi-tensor copy) and sets the
+    parameters' gradients to None (``zero_grad`` of this optimizer clears only its own
+    tensor). For SGD (momentum included), Adam and AdamW every
     step is proportional to the learning rate, weight decay included, so the scaled step is
     the one a group per scale would take. A tensor without a gradient keeps its value (its
     moments see a zero gradient). Tensors of several devices or dtypes get one group per
@@ -273,35 +274,43 @@ def flat_group(name: str, params: Sequence[torch.Tensor], *, lr: float, scales: 
     factor = None
     if any(s != 1.0 for s in scales):
         factor = torch.cat([torch.full((n,), s, dtype=first.dtype) for n, s in zip(sizes, scales)]).to(first.device)
+    # views of the flat tensor and of one gradient buffer, one per parameter and shaped like
+    # it, made once: a step moves values and gradients with one multi-tensor copy each way
+    flat_views = [t.view(p.shape) for t, p in zip(flat.detach().split(sizes), params)]
+    grad_buffer = torch.zeros_like(flat, requires_grad=False)
+    grad_views = [t.view(p.shape) for t, p in zip(grad_buffer.split(sizes), params)]
     step: Dict[str, object] = {}
 
     def gather(opt, args, kwargs):
         with torch.no_grad():
-            views = [p.detach().view(-1) for p in params]
-            grads = [p.grad for p in params]
-            old = torch.cat(views)
-            flat.copy_(old)
-            if all(g is None for g in grads):
+            torch._foreach_copy_(flat_views, params)
+            had = [p.grad is not None for p in params]
+            if not any(had):
                 flat.grad = None
             else:
-                flat.grad = torch.cat([v.new_zeros(v.shape) if g is None else g.detach().reshape(-1)
-                                       for g, v in zip(grads, views)])
-            step.update(views=views, old=old, had=[g is not None for g in grads])
+                if all(had):
+                    torch._foreach_copy_(grad_views, [p.grad for p in params])
+                else:
+                    grad_buffer.zero_()
+                    for v, p in zip(grad_views, params):
+                        if p.grad is not None:
+                            v.copy_(p.grad)
+                flat.grad = grad_buffer
+            step.update(old=flat.detach().clone() if factor is not None else None, had=had)
 
     def scatter(opt, args, kwargs):
-        views, old, had = step.pop("views"), step.pop("old"), step.pop("had")
-        if flat.grad is None:
+        old, had = step.pop("old"), step.pop("had")
+        if not any(had):
             return
         with torch.no_grad():
             if factor is not None:
                 flat.sub_(old).mul_(factor).add_(old)
-            parts = list(flat.split(sizes))
             if all(had):
-                torch._foreach_copy_(views, parts)
+                torch._foreach_copy_(params, flat_views)
             else:
-                for v, part, h in zip(views, parts, had):
+                for p, part, h in zip(params, flat_views, had):
                     if h:
-                        v.copy_(part)
+                        p.copy_(part)
         for p in params:
             p.grad = None
 

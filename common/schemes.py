@@ -33,9 +33,20 @@ __all__ = ["MaskScheme", "BinaryScheme", "TernaryScheme", "AffineScheme", "SCHEM
 DEFAULT_SCHEME = "binary"
 
 
+_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def _is_transformed(t: torch.Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check is not None and check(t))
+    return bool(_WRAPPED is not None and _WRAPPED(t))
+
+
+def _transforms_active(*tensors: torch.Tensor) -> bool:
+    """True inside a torch.func transform (one global check where torch has it, else any of
+    ``tensors`` wrapped by one)."""
+    if _TRANSFORMS_ACTIVE is not None:
+        return bool(_TRANSFORMS_ACTIVE())
+    return any(_is_transformed(t) for t in tensors)
 
 
 def _reusable(grad: torch.Tensor, like: torch.Tensor) -> bool:
@@ -103,14 +114,31 @@ def _dot_to(x: torch.Tensor, y: torch.Tensor, shape: torch.Size) -> torch.Tensor
     return _reduce_to(x * y, shape)
 
 
+def _stacked_sums(grad: torch.Tensor, weight: torch.Tensor, on: torch.Tensor, shape: torch.Size) -> List[torch.Tensor]:
+    """The gradients of a, b, c, d (sums of dE/dW' times W, M W, M and 1 over the entries
+    each covers) as one reduction of the four products stacked, for compiled steps: the
+    compiler makes one reduction of it instead of one per value, and the per-layer
+    launches, not the weight-sized work, are what these values cost on a GPU
+    (BENCHMARKS-gpu.md, 6e)."""
+    on_grad = torch.where(on, grad, 0.0)
+    stacked = torch.stack([grad * weight, on_grad * weight, on_grad, grad])
+    dims = [i + 1 for i, s in enumerate(shape) if s == 1 and weight.shape[i] != 1]
+    sums = stacked.sum(dim=dims, keepdim=True) if dims else stacked
+    return list(sums.unbind(0))
+
+
 def _cpu_eager(*tensors: torch.Tensor) -> bool:
     """True for plain CPU tensors outside torch.compile and torch.func transforms: there the
     affine scheme writes eq. 4 as a float mask and its scalars as products with one broadcast
     operand, which torch's CPU kernels vectorise. A select (``where``) branches on each mask
     entry, and a multiply-add with two broadcast operands is not vectorised (the forms table
     of BENCHMARKS.md, section 1)."""
-    return not torch.compiler.is_compiling() and all(t.device.type == "cpu" and not _is_transformed(t)
-                                                       for t in tensors)
+    if torch.compiler.is_compiling() or _transforms_active(*tensors):
+        return False
+    for t in tensors:
+        if t.device.type != "cpu":
+            return False
+    return True
 
 
 def _mask_values(mask_real: torch.Tensor, threshold: float, dtype: torch.dtype) -> torch.Tensor:
@@ -166,7 +194,11 @@ class _AffineMaskedWeight(torch.autograd.Function):
         shape, dtype = b.shape, b.dtype
         grads, on_grad = [None] * 7, None
         cpu = _cpu_eager(grad, weight, mask_real, b, c)
-        if any(need[3:7]):
+        if any(need[3:7]) and torch.compiler.is_compiling():
+            grads[3:7] = _stacked_sums(grad, weight, mask_real >= ctx.threshold, shape)
+            if grad.dtype != dtype:
+                grads[3:7] = [g.to(dtype) for g in grads[3:7]]
+        elif any(need[3:7]):
             if need[4] or need[5]:
                 on_grad = (grad * _mask_values(mask_real, ctx.threshold, grad.dtype) if cpu
                            else torch.where(mask_real >= ctx.threshold, grad, 0.0))

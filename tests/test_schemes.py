@@ -158,13 +158,14 @@ def test_affine_starts_as_the_backbone_and_contains_piggyback(name):
         torch.testing.assert_close(affine.eval()(x), binary(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("path", ["cpu-eager", "select"])
+@pytest.mark.parametrize("path", ["cpu-eager", "select", "compiled"])
 @pytest.mark.parametrize("name", ["affine", "affine-channel"])
 @pytest.mark.parametrize("shape", [(6, 3, 3, 3), (6, 1, 1, 1), (5, 4), (5, 1)],
                          ids=["conv", "1x1-depthwise", "linear", "linear-one-input"])
 def test_affine_gradients_match_an_independent_computation(name, shape, path, monkeypatch):
-    # both ways of writing W': products with a float mask (CPU eager) and the select that
-    # GPUs and compiled steps use
+    # every way of writing W' and its gradients: products with a float mask (CPU eager), the
+    # select that GPUs use, and the traced form of compiled steps (one stacked reduction for
+    # the scalars' gradients)
     import common.schemes
     if path == "select":
         monkeypatch.setattr(common.schemes, "_cpu_eager", lambda *tensors: False)
@@ -175,7 +176,11 @@ def test_affine_gradients_match_an_independent_computation(name, shape, path, mo
     extras = [(t.double() + 0.3 * torch.randn(t.shape, dtype=torch.float64)).requires_grad_()
               for t in scheme.init_extras(weight).values()]
     upstream = torch.randn(weight.shape, dtype=torch.float64)
-    out = scheme.masked_weight(weight, mask_real, 5e-3, extras)
+    masked = scheme.masked_weight
+    if path == "compiled":
+        torch._dynamo.reset()
+        masked = torch.compile(scheme.masked_weight, backend="eager", fullgraph=True)
+    out = masked(weight, mask_real, 5e-3, extras)
     (out * upstream).sum().backward()
     m = (mask_real.detach() >= 5e-3).double()
     ref_extras = [t.detach().clone().requires_grad_() for t in extras]
