@@ -6,8 +6,8 @@ Format: safetensors (no pickle, safe to open from anyone). Tensors:
   (1 bit per weight for binary masks, 2 for ternary; :mod:`common.schemes`) or, with
   ``compress=True``, entropy-coded (:mod:`common.entropy`), as uint8;
 - ``sign/<key>``: signed masks saved compressed: one packed sign bit per non-zero entry;
-- ``extra/<key>/<name>``: the scheme's trained values beside the mask (``affine``'s a, b,
-  c, d), float32;
+- ``extra/<key>/<name>``: the scheme's trained values beside the mask (``affine``: one
+  tensor ``abcd`` whose rows are a, b, c, d), float32;
 - ``state/<key>``: the task's own trained tensors (new heads, task-specific norm layers).
 
 Header (strings; format version 2): ``format``, ``format_version``, ``scheme``,

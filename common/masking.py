@@ -5,8 +5,8 @@ real-valued mask ``mask_real`` of the same shape. The forward pass uses ``weight
 where ``m`` is the thresholded mask (eq. 4); the backward pass hands the gradient of ``m``
 straight to ``mask_real`` (eq. 5-7): d(loss)/d(mask_real) = d(loss)/d(weight * m) * weight.
 The layer's ``weight`` attribute stays the frozen pretrained tensor. Schemes with trained
-values beside the mask (``affine``: four scalars per layer) keep them as parameters of the
-layer too, ``mask_a`` ... ``mask_d`` (:func:`extra_name`).
+values beside the mask (``affine``: four scalars per layer, as one tensor) keep them as
+parameters of the layer too, ``mask_abcd`` (:func:`extra_name`).
 
 The masked forward is stateless: it reads the frozen weight and the mask and computes
 ``weight * m`` through the mask scheme's autograd Function (:mod:`common.schemes`), which
@@ -26,7 +26,7 @@ import copy
 import hashlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -61,8 +61,8 @@ def mask_name(weight_name: str) -> str:
 
 
 def extra_name(weight_name: str, key: str) -> str:
-    """Name of a scheme's extra ``key`` for ``weight_name``: ``mask_a`` for ``weight``,
-    ``in_proj_mask_a`` for ``in_proj_weight`` and so on."""
+    """Name of a scheme's extra ``key`` for ``weight_name``: ``mask_abcd`` for ``weight``,
+    ``in_proj_mask_abcd`` for ``in_proj_weight`` and so on."""
     return mask_name(weight_name).replace("mask_real", f"mask_{key}")
 
 
@@ -495,10 +495,10 @@ def scheme_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [t for e in mask_entries(model) for t in e.extras.values()]
 
 
-def scheme_parameter_scales(model: nn.Module) -> List[float]:
-    """The learning-rate factor of each of :func:`scheme_parameters` (same order), from its
-    scheme's ``extras_lr_scale`` (``affine``: 1 for a and b, the RMS of the layer's frozen
-    weight for c and d)."""
+def scheme_parameter_scales(model: nn.Module) -> List[Union[float, Tuple[float, ...]]]:
+    """The learning-rate factor of each of :func:`scheme_parameters` (same order), or its
+    factor per row, from its scheme's ``extras_lr_scale`` (``affine``: 1 for rows a and b,
+    the RMS of the layer's frozen weight for rows c and d)."""
     return [e.module.scheme.extras_lr_scale(k, e.weight) for e in mask_entries(model) for k in e.extras]
 
 

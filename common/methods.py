@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -77,7 +77,7 @@ class Prepared:
     frozen_modules: List[nn.Module] = field(default_factory=list)
     extras: List[nn.Parameter] = field(default_factory=list)
     # the learning-rate factor of each extra (common.masking.scheme_parameter_scales)
-    extras_lr_scales: List[float] = field(default_factory=list)
+    extras_lr_scales: List[Union[float, Tuple[float, ...]]] = field(default_factory=list)
 
     def trainable_values(self) -> int:
         return sum(p.numel() for p in self.main + self.head + self.extras)
@@ -240,31 +240,49 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], *, lr: float, weig
     return OPTIMIZERS[name](params, lr, weight_decay, momentum, **fused_implementation(flat))
 
 
-def flat_group(name: str, params: Sequence[torch.Tensor], *, lr: float, scales: Optional[Sequence[float]] = None,
+def _row_scales(scale, param: torch.Tensor):
+    """A learning-rate scale as a float, or as a tuple of one float per row (dimension 0) of
+    ``param``."""
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    rows = tuple(float(s) for s in scale)
+    if param.dim() == 0 or len(rows) != param.shape[0]:
+        raise ValueError(f"{len(rows)} learning-rate scales for a tensor of shape {tuple(param.shape)}; "
+                         "expected one float, or one per row (its first dimension)")
+    return rows[0] if len(set(rows)) == 1 else rows
+
+
+def flat_group(name: str, params: Sequence[torch.Tensor], *, lr: float,
+               scales: Optional[Sequence[Union[float, Sequence[float]]]] = None,
                weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
-    """Optimizer ``name`` over many small tensors (a mask scheme's scalars: four per layer)
-    as one flat tensor, each step of ``params[i]`` times ``scales[i]`` (a learning rate per
-    tensor inside one group, which the schedulers drive as one).
+    """Optimizer ``name`` over many small tensors (a mask scheme's values: ``affine``'s
+    four scalars of each layer) as one flat tensor, each step of ``params[i]`` times
+    ``scales[i]``: a float, or one float per row (dimension 0) of ``params[i]`` (a learning
+    rate per tensor or row inside one group, which the schedulers drive as one).
 
     torch's optimizers pay a fixed cost per tensor and step (about 20 us on a CPU core,
-    for list handling and state look-ups, on top of each kernel's own launch): 112 scalars
-    of ``affine`` on WRN-28-4 cost 3 ms per Adam step. Here the optimizer holds one leaf
-    tensor; a step pre-hook copies the parameters' values and gradients into it and into
-    one gradient buffer (a multi-tensor copy each, into views made once), a post-hook
+    for list handling and state look-ups, on top of each kernel's own launch): 112 tensors
+    (WRN-28-4's affine scalars, one tensor each) cost 3 ms per Adam step. Here the
+    optimizer holds one leaf tensor; a step pre-hook copies the parameters' values and
+    gradients into it and into one gradient buffer (a multi-tensor copy each, into views
+    made once), a post-hook
     applies the scales and copies the values back (one multi-tensor copy) and sets the
     parameters' gradients to None (``zero_grad`` of this optimizer clears only its own
-    tensor). For SGD (momentum included), Adam and AdamW every
-    step is proportional to the learning rate, weight decay included, so the scaled step is
-    the one a group per scale would take. A tensor without a gradient keeps its value (its
-    moments see a zero gradient). Tensors of several devices or dtypes get one group per
-    tensor instead, the same update without the gathering."""
+    tensor). For SGD (momentum included), Adam and AdamW every step is proportional to the
+    learning rate, weight decay included, so the scaled step is the one a group per scale
+    would take. A tensor without a gradient keeps its value (its moments see a zero
+    gradient). Tensors of several devices or dtypes get one group per tensor instead, the
+    same update without the gathering (scales per row need one device and dtype)."""
     params = list(params)
-    scales = [1.0] * len(params) if scales is None else [float(s) for s in scales]
-    if len(scales) != len(params):
+    if scales is not None and len(scales) != len(params):
         raise ValueError(f"{len(params)} parameters but {len(scales)} learning-rate scales")
+    scales = [1.0] * len(params) if scales is None else [_row_scales(s, p) for s, p in zip(scales, params)]
     if not params:
         raise ValueError("flat_group needs at least one parameter")
     if len({(p.device, p.dtype) for p in params}) > 1:
+        if any(isinstance(s, tuple) for s in scales):
+            raise UsageError("learning-rate scales per row need every parameter on one device and in one dtype; got "
+                             + ", ".join(sorted({f"{p.device}/{p.dtype}" for p in params})))
         return make_optimizer(name, [{"params": [p], "lr": lr * s} for p, s in zip(params, scales)], lr=lr,
                               weight_decay=weight_decay, momentum=momentum)
     sizes = [p.numel() for p in params]
@@ -273,7 +291,9 @@ def flat_group(name: str, params: Sequence[torch.Tensor], *, lr: float, scales: 
     optimizer = make_optimizer(name, [flat], lr=lr, weight_decay=weight_decay, momentum=momentum)
     factor = None
     if any(s != 1.0 for s in scales):
-        factor = torch.cat([torch.full((n,), s, dtype=first.dtype) for n, s in zip(sizes, scales)]).to(first.device)
+        factor = torch.cat([torch.tensor(s, dtype=first.dtype).repeat_interleave(n // len(s)) if isinstance(s, tuple)
+                            else torch.full((n,), s, dtype=first.dtype)
+                            for n, s in zip(sizes, scales)]).to(first.device)
     # views of the flat tensor and of one gradient buffer, one per parameter and shaped like
     # it, made once: a step moves values and gradients with one multi-tensor copy each way
     flat_views = [t.view(p.shape) for t, p in zip(flat.detach().split(sizes), params)]

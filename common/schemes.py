@@ -5,7 +5,7 @@ A scheme owns, in one place:
 - the hard threshold of eq. 4 (``binarize``) and the masked weight with its
   straight-through gradient (eq. 5-7), as an autograd Function that saves only tensors;
 - the trained per-layer values it adds beside the mask (``extras``: none for ``binary``
-  and ``ternary``; the four scalars of ``affine``), their initial values and the
+  and ``ternary``; ``affine``'s four scalars, as one tensor), their initial values and the
   optimizer settings they train with by default;
 - the inverse used when a mask is loaded (``real_values``: a ``mask_real`` that
   thresholds back to a given mask);
@@ -20,7 +20,7 @@ it from the registry.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -114,17 +114,16 @@ def _dot_to(x: torch.Tensor, y: torch.Tensor, shape: torch.Size) -> torch.Tensor
     return _reduce_to(x * y, shape)
 
 
-def _stacked_sums(grad: torch.Tensor, weight: torch.Tensor, on: torch.Tensor, shape: torch.Size) -> List[torch.Tensor]:
+def _stacked_sums(grad: torch.Tensor, weight: torch.Tensor, on: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The gradients of a, b, c, d (sums of dE/dW' times W, M W, M and 1 over the entries
-    each covers) as one reduction of the four products stacked, for compiled steps: the
-    compiler makes one reduction of it instead of one per value, and the per-layer
-    launches, not the weight-sized work, are what these values cost on a GPU
-    (BENCHMARKS-gpu.md, 6e)."""
+    each covers), shape ``(4, *shape)``, as one reduction of the four products stacked, for
+    compiled steps: the compiler makes one reduction of it instead of one per value, and
+    the per-layer launches, not the weight-sized work, are what these values cost on a GPU
+    (BENCHMARKS-gpu.md, 6f)."""
     on_grad = torch.where(on, grad, 0.0)
     stacked = torch.stack([grad * weight, on_grad * weight, on_grad, grad])
     dims = [i + 1 for i, s in enumerate(shape) if s == 1 and weight.shape[i] != 1]
-    sums = stacked.sum(dim=dims, keepdim=True) if dims else stacked
-    return list(sums.unbind(0))
+    return stacked.sum(dim=dims, keepdim=True) if dims else stacked
 
 
 def _cpu_eager(*tensors: torch.Tensor) -> bool:
@@ -156,65 +155,57 @@ def _times_plus(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, out: Optional
 
 
 class _AffineMaskedWeight(torch.autograd.Function):
-    """``W' = a W + b (M W) + c M + d`` with M the binary mask of eq. 4. Backward: the
-    straight-through estimator of eq. 7 applied to W', dE/d(mask_real) = dE/dW' * (b W + c),
-    and the exact gradients of a, b, c, d (sums of dE/dW' times W, M W, M and 1 over the
-    entries each scalar covers). The frozen weight gets no gradient.
+    """``W' = a W + b (M W) + c M + d`` with M the binary mask of eq. 4 and a, b, c, d the
+    rows of one tensor (``abcd``, shape ``(4, *values)``: one tensor per layer, so autograd
+    and the optimizer handle one tensor, not four). Backward: the straight-through estimator
+    of eq. 7 applied to W', dE/d(mask_real) = dE/dW' * (b W + c), and the exact gradients of
+    a, b, c, d (sums of dE/dW' times W, M W, M and 1 over the entries each value covers),
+    stacked like ``abcd``. The frozen weight gets no gradient.
 
     Written for few weight-sized passes and few operations per layer (small layers, such as
     depthwise convolutions, cost their operations' fixed overhead, not their size). Forward:
     on a GPU and when compiled, two fused multiply-adds and one select (``where(M, W (a + b)
     + (c + d), W a + d)``); in CPU eager mode (:func:`_cpu_eager`) ``(W a + d) + M (W b + c)``
-    with M as floats. Backward: dE/dW' where M is on (a select, or a product with M on the
-    CPU), dot products for a and b, sums for c and d, the slope ``b W + c`` into that
-    buffer once it is read, and one product for the mask's gradient (in place when the
-    incoming gradient allows)."""
+    with M as floats. Backward: when compiled, one reduction of the four products stacked
+    (:func:`_stacked_sums`); otherwise dE/dW' where M is on (a select, or a product with M
+    on the CPU), dot products for a and b and sums for c and d. Then the slope ``b W + c``
+    into the buffer of dE/dW' where M is on, once it is read, and one product for the
+    mask's gradient (in place when the incoming gradient allows)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(weight, mask_real, threshold, a, b, c, d):
-        if a.dtype != weight.dtype:
-            a, b, c, d = (t.to(weight.dtype) for t in (a, b, c, d))
-        if _cpu_eager(weight, mask_real, a, b, c, d):
+    def forward(weight, mask_real, threshold, abcd):
+        a, b, c, d = (abcd if abcd.dtype == weight.dtype else abcd.to(weight.dtype)).unbind(0)
+        if _cpu_eager(weight, mask_real, abcd):
             return torch.addcmul(_times_plus(weight, a, d), _mask_values(mask_real, threshold, weight.dtype),
                                  _times_plus(weight, b, c))
         return torch.where(mask_real >= threshold, torch.addcmul(c + d, weight, a + b), torch.addcmul(d, weight, a))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        weight, mask_real, threshold, a, b, c, d = inputs
+        weight, mask_real, threshold, abcd = inputs
         ctx.threshold = threshold
-        ctx.save_for_backward(weight, mask_real, b, c)
+        ctx.save_for_backward(weight, mask_real, abcd)
 
     @staticmethod
     def backward(ctx, grad):
-        weight, mask_real, b, c = ctx.saved_tensors
+        weight, mask_real, abcd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        shape, dtype = b.shape, b.dtype
-        grads, on_grad = [None] * 7, None
-        cpu = _cpu_eager(grad, weight, mask_real, b, c)
-        if any(need[3:7]) and torch.compiler.is_compiling():
-            grads[3:7] = _stacked_sums(grad, weight, mask_real >= ctx.threshold, shape)
-            if grad.dtype != dtype:
-                grads[3:7] = [g.to(dtype) for g in grads[3:7]]
-        elif any(need[3:7]):
-            if need[4] or need[5]:
-                on_grad = (grad * _mask_values(mask_real, ctx.threshold, grad.dtype) if cpu
-                           else torch.where(mask_real >= ctx.threshold, grad, 0.0))
-            if need[3]:
-                grads[3] = _dot_to(grad, weight, shape)
-            if need[4]:
-                grads[4] = _dot_to(on_grad, weight, shape)
-            if need[5]:
-                grads[5] = _reduce_to(on_grad, shape)
-            if need[6]:
-                grads[6] = _reduce_to(grad, shape)
-            if grad.dtype != dtype:
-                grads[3:7] = [g if g is None else g.to(dtype) for g in grads[3:7]]
+        shape, dtype = abcd.shape[1:], abcd.dtype
+        grads, on_grad = [None] * 4, None
+        cpu = _cpu_eager(grad, weight, mask_real, abcd)
+        if need[3] and torch.compiler.is_compiling():
+            grads[3] = _stacked_sums(grad, weight, mask_real >= ctx.threshold, shape)
+        elif need[3]:
+            on_grad = (grad * _mask_values(mask_real, ctx.threshold, grad.dtype) if cpu
+                       else torch.where(mask_real >= ctx.threshold, grad, 0.0))
+            grads[3] = torch.stack([_dot_to(grad, weight, shape), _dot_to(on_grad, weight, shape),
+                                    _reduce_to(on_grad, shape), _reduce_to(grad, shape)])
+        if grads[3] is not None and grads[3].dtype != dtype:
+            grads[3] = grads[3].to(dtype)
         if need[1]:
-            if b.dtype != weight.dtype:
-                b, c = b.to(weight.dtype), c.to(weight.dtype)
+            _, b, c, _ = (abcd if abcd.dtype == weight.dtype else abcd.to(weight.dtype)).unbind(0)
             # the slope b W + c goes into the buffer of dE/dW' where M is on, read by now
             free = on_grad if on_grad is not None and _reusable(on_grad, weight) else None
             slope = _times_plus(weight, b, c, out=free) if cpu else torch.addcmul(c, weight, b, out=free)
@@ -240,10 +231,11 @@ class MaskScheme:
     # (``--help`` shows it; the figures are in BENCHMARKS.md)
     gain: str = ""
 
-    def extras_lr_scale(self, name: str, weight: torch.Tensor) -> float:
-        """Factor on the extras' learning rate for extra ``name`` of ``weight``: 1 for a
-        dimensionless value; values in the weight's own units (a shift added to it) take
-        the weight's scale, so that one learning rate fits every layer."""
+    def extras_lr_scale(self, name: str, weight: torch.Tensor) -> Union[float, Tuple[float, ...]]:
+        """Factor on the extras' learning rate for extra ``name`` of ``weight``, or one
+        factor per row (dimension 0) of the extra: 1 for a dimensionless value; values in
+        the weight's own units (a shift added to it) take the weight's scale, so that one
+        learning rate fits every layer."""
         return 1.0
 
     @property
@@ -368,10 +360,11 @@ class AffineScheme(BinaryScheme):
     """A binary mask M and four real values a, b, c, d per layer (or per output channel:
     weight dimension 0) that turn the frozen weight into ``W' = a W + b (M W) + c M + d``.
     They start at a = 0, b = 1, c = d = 0: with every mask entry on, the backbone itself;
-    piggyback is the case a = c = d = 0, b = 1. Stored as the binary mask's bits plus the
-    extras in float32."""
+    piggyback is the case a = c = d = 0, b = 1. The four are the rows of one extra,
+    ``abcd`` (the layer's ``mask_abcd``, shape ``(4, 1, ...)`` or ``(4, out channels, 1,
+    ...)``), stored in float32 beside the binary mask's bits."""
 
-    extras = ("a", "b", "c", "d")
+    extras = ("abcd",)
     function = _AffineMaskedWeight
     extras_optimizer = "adam"
     # a and b at this rate, c and d at this rate times their layer's weight RMS (extras_lr_scale);
@@ -390,11 +383,10 @@ class AffineScheme(BinaryScheme):
             self.gain = "on real MNIST and the UCI digits, one seed each, level with affine"
 
     def extras_lr_scale(self, name, weight):
-        # a and b multiply the weight (dimensionless); c and d are added to it: they move in
-        # units of the layer's weights (their root mean square), so one rate fits all layers
-        if name in ("c", "d"):
-            return float(weight.detach().float().pow(2).mean().sqrt()) or 1.0
-        return 1.0
+        # rows a and b multiply the weight (dimensionless); c and d are added to it: they move
+        # in units of the layer's weights (their root mean square), so one rate fits all layers
+        rms = float(weight.detach().float().pow(2).mean().sqrt()) or 1.0
+        return (1.0, 1.0, rms, rms)
 
     @property
     def cost(self):
@@ -403,12 +395,12 @@ class AffineScheme(BinaryScheme):
 
     def extras_shape(self, weight_shape):
         dims = len(weight_shape)
-        return (int(weight_shape[0]),) + (1,) * (dims - 1) if self.per_channel else (1,) * dims
+        return (4,) + ((int(weight_shape[0]),) + (1,) * (dims - 1) if self.per_channel else (1,) * dims)
 
     def init_extras(self, weight):
-        shape = self.extras_shape(weight.shape)
-        start = {"a": 0.0, "b": 1.0, "c": 0.0, "d": 0.0}
-        return {k: torch.full(shape, v, dtype=torch.float32, device=weight.device) for k, v in start.items()}
+        abcd = torch.zeros(self.extras_shape(weight.shape), dtype=torch.float32, device=weight.device)
+        abcd[1] = 1.0  # a = 0, b = 1, c = d = 0
+        return {"abcd": abcd}
 
 
 SCHEMES: Dict[str, MaskScheme] = {}

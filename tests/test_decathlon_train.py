@@ -257,9 +257,11 @@ def test_pretrain_then_train_all_tasks(world):
         "--scheme", "affine")
     contents = read_mask_file(affine / "dtd" / "masks.safetensors")
     assert contents.meta["scheme"] == "affine" and set(contents.extras) == set(contents.masks)
-    start = {"a": 0.0, "b": 1.0, "c": 0.0, "d": 0.0}
-    moved = [k for layer in contents.extras.values() for k, t in layer.items() if float(t.flatten()[0]) != start[k]]
-    assert {"a", "b", "c", "d"} <= set(moved)
+    start = (0.0, 1.0, 0.0, 0.0)  # rows a, b, c, d of each layer's one tensor
+    assert all(set(layer) == {"abcd"} and layer["abcd"].shape[0] == 4 for layer in contents.extras.values())
+    moved = {r for layer in contents.extras.values() for r in range(4)
+             if float(layer["abcd"][r].flatten()[0]) != start[r]}
+    assert moved == {0, 1, 2, 3}
     config = json.loads((affine / "dtd" / "config.json").read_text())
     assert config["scheme"] == "affine" and config["extras_optimizer"] == "adam" and config["extras_lr"] > 0
 

@@ -173,8 +173,9 @@ def test_affine_gradients_match_an_independent_computation(name, shape, path, mo
     weight = torch.randn(*shape, dtype=torch.float64)
     mask_real = (torch.rand(weight.shape, dtype=torch.float64) * 0.02 - 0.005).requires_grad_()
     scheme = get_scheme(name)
-    extras = [(t.double() + 0.3 * torch.randn(t.shape, dtype=torch.float64)).requires_grad_()
-              for t in scheme.init_extras(weight).values()]
+    (abcd,) = scheme.init_extras(weight).values()  # one tensor per layer, rows a, b, c, d
+    assert abcd.shape[0] == 4 and abcd.shape[1:] == scheme.extras_shape(weight.shape)[1:]
+    extras = [(abcd.double() + 0.3 * torch.randn(abcd.shape, dtype=torch.float64)).requires_grad_()]
     upstream = torch.randn(weight.shape, dtype=torch.float64)
     masked = scheme.masked_weight
     if path == "compiled":
@@ -183,13 +184,14 @@ def test_affine_gradients_match_an_independent_computation(name, shape, path, mo
     out = masked(weight, mask_real, 5e-3, extras)
     (out * upstream).sum().backward()
     m = (mask_real.detach() >= 5e-3).double()
-    ref_extras = [t.detach().clone().requires_grad_() for t in extras]
-    ref = _affine_reference(weight, m, *ref_extras)
+    rows = [t.detach().clone().requires_grad_() for t in extras[0].unbind(0)]  # a, b, c, d apart
+    ref = _affine_reference(weight, m, *rows)
     torch.testing.assert_close(out.detach(), ref.detach())
     (ref * upstream).sum().backward()
-    for got, want in zip(extras, ref_extras):
-        torch.testing.assert_close(got.grad, want.grad)
-    a, b, c, d = (t.detach() for t in extras)
+    assert extras[0].grad.shape == extras[0].shape
+    for got, want in zip(extras[0].grad.unbind(0), rows):
+        torch.testing.assert_close(got, want.grad)
+    a, b, c, d = extras[0].detach().unbind(0)
     # eq. 7 on W': dE/dW' times what switching the entry on changes, b W + c
     torch.testing.assert_close(mask_real.grad, upstream * (b * weight + c))
 
@@ -293,6 +295,23 @@ def test_flat_group_over_mixed_dtypes_uses_one_group_per_tensor():
     assert torch.allclose(params[0], torch.full((2,), -0.1)) and torch.allclose(params[1], torch.full((3,), -0.2, dtype=torch.float64))
 
 
+def test_flat_group_scales_per_row_and_refuses_what_it_cannot_scale():
+    from common.errors import UsageError
+    from common.methods import flat_group
+    params = [torch.zeros(3, 2, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    opt = flat_group("sgd", params, lr=0.1, scales=[(1.0, 2.0, 3.0), 0.5], momentum=0.0)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    want = -0.1 * torch.tensor([1.0, 2.0, 3.0]).view(3, 1).expand(3, 2)
+    assert torch.allclose(params[0], want) and torch.allclose(params[1], torch.full((2,), -0.05))
+    with pytest.raises(ValueError, match="2 learning-rate scales for a tensor of shape \\(3, 2\\)"):
+        flat_group("sgd", [torch.zeros(3, 2, requires_grad=True)], lr=0.1, scales=[(1.0, 2.0)])
+    mixed = [torch.zeros(2, 2, requires_grad=True), torch.zeros(2, dtype=torch.float64, requires_grad=True)]
+    with pytest.raises(UsageError, match="scales per row need every parameter on one device and in one dtype"):
+        flat_group("sgd", mixed, lr=0.1, scales=[(1.0, 2.0), 1.0])
+
+
 def test_affine_shifts_learn_in_units_of_their_layers_weights():
     """c and d are added to the weight: their learning rate is the extras' rate times the
     RMS of the layer's frozen weight; a and b (factors) take the rate itself."""
@@ -313,21 +332,27 @@ def test_affine_shifts_learn_in_units_of_their_layers_weights():
     assert len(extras.param_groups) == 1  # one group: the per-layer rates scale its steps
     # the reference: plain Adam with one group per parameter at the rate it should get
     entries = mask_entries(model)
-    rms = {id(t): float(e.weight.pow(2).mean().sqrt()) for e in entries for t in e.extras.values()}
-    rate = {id(e.extras[k]): 1e-3 * (rms[id(e.extras[k])] if k in "cd" else 1.0) for e in entries for k in "abcd"}
-    copies = {id(p): p.detach().clone().requires_grad_(True) for p in prepared.extras}
-    reference = torch.optim.Adam([{"params": [copies[id(p)]], "lr": rate[id(p)]} for p in prepared.extras])
+    # one tensor per layer whose rows a, b, c, d each get their own rate: the reference holds
+    # each row as its own tensor
+    rms = {id(e.extras["abcd"]): float(e.weight.pow(2).mean().sqrt()) for e in entries}
+    assert [id(p) for p in prepared.extras] == list(rms)
+    rows = {(id(p), r): p.detach()[r].clone().requires_grad_(True) for p in prepared.extras for r in range(4)}
+    rate = {(i, r): 1e-3 * (rms[i] if r >= 2 else 1.0) for (i, r) in rows}
+    reference = torch.optim.Adam([{"params": [t], "lr": rate[k]} for k, t in rows.items()])
     schedulers = [torch.optim.lr_scheduler.MultiStepLR(o, milestones=[2], gamma=0.1) for o in (extras, reference)]
     for step in range(4):
-        grads = {id(p): torch.randn_like(p) * (step + 1) for p in prepared.extras}
         for p in prepared.extras:
-            p.grad, copies[id(p)].grad = grads[id(p)].clone(), grads[id(p)].clone()
+            p.grad = torch.randn_like(p) * (step + 1)
+            for r in range(4):
+                rows[(id(p), r)].grad = p.grad[r].clone()
         extras.step()
         reference.step()
         for s in schedulers:
             s.step()
     for p in prepared.extras:
-        assert torch.allclose(p, copies[id(p)], rtol=1e-5, atol=1e-9), p
-    moved = {k: max(abs(float(e.extras[k].detach().sum()) - (1.0 if k == "b" else 0.0)) for e in entries) for k in "abcd"}
-    ratios = [rms[id(e.extras["c"])] for e in entries]
-    assert max(ratios) / min(ratios) > 3 and all(v > 0 for v in moved.values())
+        for r in range(4):
+            assert torch.allclose(p.detach()[r], rows[(id(p), r)], rtol=1e-5, atol=1e-9), (p, r)
+    moved = [max(abs(float(p.detach()[r].sum()) - (1.0 if r == 1 else 0.0)) for p in prepared.extras)
+             for r in range(4)]
+    ratios = list(rms.values())
+    assert max(ratios) / min(ratios) > 3 and all(v > 0 for v in moved)

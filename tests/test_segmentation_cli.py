@@ -271,4 +271,4 @@ def test_train_with_the_affine_scheme_stores_its_scalars_and_counts_them(pascal,
     load_task(out, model)  # switches the converted backbone to the file's scheme
     layer = model.get_submodule("fc6")
     assert layer.scheme.name == "affine"
-    assert torch.equal(layer.mask_b.detach().cpu(), contents.extras["fc6"]["b"])
+    assert torch.equal(layer.mask_abcd.detach().cpu(), contents.extras["fc6"]["abcd"])
