@@ -408,8 +408,9 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
         if taken:
             run.release_lock()
         kept = (f"the checkpoint holds epoch {len(history)}" if history else "no epoch was checkpointed")
-        raise KeyboardInterrupt(f"{exc or f'in epoch {epoch + 1}'}; {kept}: re-run the same command to resume") \
-            from None
+        # a signal outside the training steps carries no message: say where the run was
+        where = str(exc) or (f"after epoch {epoch + 1}" if len(history) > epoch else f"in epoch {epoch + 1}")
+        raise KeyboardInterrupt(f"{where}; {kept}: re-run the same command to resume") from None
     except BaseException:
         if created and not saved:
             run.discard()

@@ -450,3 +450,24 @@ def test_affine_run_resumes_bit_identically(tmp_path):
     abcd = dict(full.named_parameters())[names[0]].detach()
     for row, start in zip(abcd.unbind(0), (0.0, 1.0, 0.0, 0.0)):  # a, b, c, d each moved
         assert not torch.equal(row, torch.full_like(row, start))
+
+
+@pytest.mark.parametrize("when,where", [("epoch 1/3", "after epoch 1"), ("epoch 2/3", "after epoch 2")])
+def test_an_interrupt_between_epochs_says_which_epoch_the_checkpoint_holds(tmp_path, when, where):
+    """Ctrl-C outside the training steps (here while an epoch's line is printed, after its
+    checkpoint) carries no message of its own; the run says where it stopped."""
+    def log(line):
+        if when in line and "ETA" in line:  # the epoch's summary, printed after its checkpoint
+            raise KeyboardInterrupt()
+
+    model = _mlp()
+    prepared = METHODS["piggyback"].prepare(model, head=("3",), masks=MaskSettings())
+    cfg = SimpleNamespace(optimizer="adam", lr=1e-3, weight_decay=0.0, head_optimizer="adam", head_lr=1e-2,
+                          head_weight_decay=0.0, momentum=0.9)
+    train, val = _loaders(_data())
+    with pytest.raises(KeyboardInterrupt) as info:
+        fit(RunDir(tmp_path / "run"), FitState(model, build_optimizers(prepared, cfg), {}),
+            ClassificationPipeline(CPU, val, 3), train, epochs=3, config={"epochs": 3}, dist=ONE,
+            set_epoch=train.sampler.set_epoch, print_freq=100, log=log)
+    n = where.split()[-1]
+    assert str(info.value) == f"{where}; the checkpoint holds epoch {n}: re-run the same command to resume"
