@@ -149,7 +149,10 @@ def trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor],
                          where: str = "checkpoint") -> None:
-    """Inverse of :func:`trainable_state`: exactly the trainable keys must be present."""
+    """Inverse of :func:`trainable_state`: exactly the trainable keys must be present (mask
+    scheme extras saved in an earlier layout of their scheme are converted first)."""
+    from common.masking import upgrade_scheme_state
+    state = upgrade_scheme_state(model, state)
     expected = set(trainable_state(model))
     if set(state) != expected:
         raise CheckpointError(f"{where} does not match this model: missing {sorted(expected - set(state))[:5]}, "

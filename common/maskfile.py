@@ -227,7 +227,7 @@ def read_mask_metadata(path) -> dict:
     scheme_obj = get_scheme(scheme)
     for name, info in layers.items():
         want = {k: list(scheme_obj.extras_shape(info["shape"])) for k in scheme_obj.extras}
-        if info.get("extras", {}) != want:
+        if info.get("extras", {}) not in (want, scheme_obj.legacy_extras_shapes(info["shape"])):
             raise MaskFileError(f"{path}: layer {name!r} lists extras {info.get('extras', {})}; {scheme} masks of "
                                 f"shape {info['shape']} have {want}")
     meta = dict(user)
@@ -294,6 +294,9 @@ def read_mask_file(path) -> MaskFileContents:
             if not bool(torch.isfinite(t).all()):
                 raise MaskFileError(f"{path}: tensor {key!r} holds non-finite values")
             extras.setdefault(name, {})[k] = t
+    for name, layer in extras.items():  # an earlier layout of the scheme's extras, in the current one
+        extras[name] = scheme.upgrade_extras(layer)
+        meta["layers"][name]["extras"] = {k: list(t.shape) for k, t in extras[name].items()}
     state = {k[len("state/"):]: v for k, v in tensors.items() if k.startswith("state/")}
     return MaskFileContents(masks, state, meta, extras)
 

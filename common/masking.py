@@ -40,7 +40,7 @@ __all__ = [
     "MaskedConvTranspose2d", "MaskedConvTranspose3d", "MaskedLinear", "MaskedMultiheadAttention",
     "FixedNorm", "binarize", "apply_mask", "piggyback", "masked_modules", "mask_entries", "MaskEntry",
     "mask_parameters", "task_parameters", "task_state_modules", "fold_masks", "backbone_fingerprint",
-    "is_piggybacked", "set_binary_mask", "mask_name", "extra_name", "MASK_INITS", "NORM_TYPES",
+    "is_piggybacked", "set_binary_mask", "mask_name", "extra_name", "upgrade_scheme_state", "MASK_INITS", "NORM_TYPES",
     "conversion_settings", "scheme_parameters", "set_layer_scheme",
 ]
 
@@ -488,6 +488,25 @@ def mask_entries(model: nn.Module) -> List[MaskEntry]:
 
 def mask_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [e.mask_real for e in mask_entries(model)]
+
+
+def upgrade_scheme_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state`` (state-dict keys of ``model``) with each masked weight's scheme extras in
+    the layout ``model`` has: those saved in an earlier layout of its scheme (``affine``'s
+    ``mask_a`` ... ``mask_d``, now the rows of ``mask_abcd``) converted; the rest as it is."""
+    state = dict(state)
+    for name, module in masked_modules(model):
+        prefix = f"{name}." if name else ""
+        for wname in module.masked_weights():
+            current = [prefix + extra_name(wname, k) for k in module.scheme.extras]
+            legacy = module.scheme.legacy_extras_shapes(module._parameters[wname].shape)
+            if not legacy or all(k in state for k in current):
+                continue
+            old = {k: prefix + extra_name(wname, k) for k in legacy}
+            if all(v in state for v in old.values()):
+                upgraded = module.scheme.upgrade_extras({k: state.pop(v) for k, v in old.items()})
+                state.update({prefix + extra_name(wname, k): t for k, t in upgraded.items()})
+    return state
 
 
 def scheme_parameters(model: nn.Module) -> List[nn.Parameter]:

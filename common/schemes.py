@@ -263,6 +263,16 @@ class MaskScheme:
         """Shape of each extra for a weight of ``weight_shape``."""
         return ()
 
+    def legacy_extras_shapes(self, weight_shape: Sequence[int]) -> Optional[Dict[str, List[int]]]:
+        """The extras (key: shape) an earlier layout of this scheme stored for a weight of
+        ``weight_shape``, still read by :meth:`upgrade_extras`; None when there is none."""
+        return None
+
+    def upgrade_extras(self, extras: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``extras`` (one weight's, by key) in this scheme's current layout: those of an
+        earlier layout converted, current ones as they are."""
+        return dict(extras)
+
     def binarize(self, mask_real: torch.Tensor, threshold: float) -> torch.Tensor:
         raise NotImplementedError
 
@@ -396,6 +406,18 @@ class AffineScheme(BinaryScheme):
     def extras_shape(self, weight_shape):
         dims = len(weight_shape)
         return (4,) + ((int(weight_shape[0]),) + (1,) * (dims - 1) if self.per_channel else (1,) * dims)
+
+    # the earlier layout: a, b, c, d as four tensors of the values' shape (files and
+    # checkpoints written before they became the rows of one tensor)
+    _LEGACY = ("a", "b", "c", "d")
+
+    def legacy_extras_shapes(self, weight_shape):
+        return {k: list(self.extras_shape(weight_shape)[1:]) for k in self._LEGACY}
+
+    def upgrade_extras(self, extras):
+        if set(extras) == set(self._LEGACY):
+            return {"abcd": torch.stack([extras[k] for k in self._LEGACY])}
+        return dict(extras)
 
     def init_extras(self, weight):
         abcd = torch.zeros(self.extras_shape(weight.shape), dtype=torch.float32, device=weight.device)

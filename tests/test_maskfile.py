@@ -277,3 +277,52 @@ def test_classifier_accessor_on_torchvision_and_timm():
         assert get_classifier(model)[0] == name
         assert reset_classifier(model, 7) == name
         assert get_classifier(model)[1].out_features == 7
+
+
+def _as_four_tensors(path, out):
+    """The mask file at ``path`` rewritten in the affine scheme's earlier layout: a, b, c, d
+    as four tensors per layer (``extra/<layer>/a`` ...), the header listing them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    layers = json.loads(meta["layers"])
+    for name, info in layers.items():
+        abcd = tensors.pop(f"extra/{name}/abcd")
+        for k, row in zip("abcd", abcd.unbind(0)):
+            tensors[f"extra/{name}/{k}"] = row.contiguous()
+        info["extras"] = {k: list(abcd.shape[1:]) for k in "abcd"}
+    meta["layers"] = json.dumps(layers)
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["affine", "affine-channel"])
+def test_affine_files_and_checkpoints_of_the_four_tensor_layout_still_load(tmp_path, scheme):
+    from common.checkpoint import load_trainable_state, trainable_state
+    from common.maskfile import read_mask_file
+    base = backbone()
+    trained = task_model(base, 4, seed=1, scheme=scheme)
+    old = _as_four_tensors(save_masks(trained, tmp_path / "t.safetensors", task="svhn"), tmp_path / "old.safetensors")
+    contents = read_mask_file(old)
+    for e in mask_entries(trained):
+        assert set(contents.extras[e.key]) == {"abcd"}
+        assert torch.equal(contents.extras[e.key]["abcd"], e.extras["abcd"].detach())
+        assert contents.meta["layers"][e.key]["extras"] == {"abcd": list(e.extras["abcd"].shape)}
+    x = torch.randn(2, 3, 8, 8)
+    fresh = task_model(base, 4, seed=99, scheme=scheme)
+    load_masks(fresh, old)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
+    # a checkpoint's model state with mask_a ... mask_d
+    state = trainable_state(trained)
+    legacy = {}
+    for k, t in state.items():
+        if k.endswith("mask_abcd"):
+            legacy.update({k[:-len("abcd")] + c: row.clone() for c, row in zip("abcd", t.unbind(0))})
+        else:
+            legacy[k] = t
+    again = task_model(base, 4, seed=7, scheme=scheme)
+    load_trainable_state(again, legacy)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), trained(x), rtol=0, atol=0)
