@@ -7,7 +7,8 @@ Format: safetensors (no pickle, safe to open from anyone). Tensors:
   ``compress=True``, entropy-coded (:mod:`common.entropy`), as uint8;
 - ``sign/<key>``: signed masks saved compressed: one packed sign bit per non-zero entry;
 - ``extra/<key>/<name>``: the scheme's trained values beside the mask (``affine``: one
-  tensor ``abcd`` whose rows are a, b, c, d), float32;
+  tensor ``abcd`` whose rows are a, b, c, d; files of its earlier layout, with ``a`` ...
+  ``d`` apart, are read and converted), float32;
 - ``state/<key>``: the task's own trained tensors (new heads, task-specific norm layers).
 
 Header (strings; format version 2): ``format``, ``format_version``, ``scheme``,
