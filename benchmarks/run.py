@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,7 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "work, a second thread that is descheduled stalls every parallel "
                              "operation, which distorts timings far more than it speeds them up)")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), metavar="NAME",
-                        help=f"run only these benchmarks (choices: {', '.join(BENCHMARKS)})")
+                        help=f"run only these benchmarks (choices: {', '.join(BENCHMARKS)}); the report's other "
+                             "sections stay as they were (default: all)")
     return parser
 
 
@@ -78,6 +80,40 @@ def keep_marked_sections(path: Path, text: str) -> str:
     return text
 
 
+_NUMBERED = re.compile(r"^## (\d+\. .+)$", re.M)
+_SUMMARY_ROWS = re.compile(r"^## Summary\n\n\|.*\n\|---.*\n((?:\|.*\n)*)", re.M)
+
+
+def _report_parts(text: str):
+    """A report's summary rows and body per numbered section (``## 1. Training overhead``
+    up to the next heading or marked section)."""
+    rows: dict = {}
+    found = _SUMMARY_ROWS.search(text)
+    for line in (found.group(1).splitlines() if found else ()):
+        rows.setdefault(line.split("|")[1].strip(), []).append(line)
+    bodies = {}
+    heads = list(_NUMBERED.finditer(text))
+    for i, head in enumerate(heads):
+        body = text[head.start():heads[i + 1].start() if i + 1 < len(heads) else len(text)]
+        cut = re.search(r"^(<!-- [\w-]+:begin -->|## )", body[3:], re.M)
+        bodies[head.group(1)] = (body[:cut.start() + 3] if cut else body).rstrip() + "\n"
+    return rows, bodies
+
+
+def keep_sections_not_run(old: str, text: str) -> str:
+    """``text`` (a report of some benchmarks, ``--only``) with the numbered sections of the
+    report ``old`` that it lacks put back, summary rows and bodies, in section order."""
+    old_rows, old_bodies = _report_parts(old)
+    new_rows, new_bodies = _report_parts(text)
+    found = _SUMMARY_ROWS.search(text)
+    if found is None or not set(old_bodies) - set(new_bodies):
+        return text
+    titles = sorted(set(old_bodies) | set(new_bodies), key=lambda t: int(t.split(".")[0]))
+    rows = [r for t in titles for r in (new_rows.get(t, []) if t in new_bodies else old_rows.get(t, []))]
+    bodies = [new_bodies[t] if t in new_bodies else old_bodies[t] for t in titles]
+    return text[:found.start(1)] + "".join(r + "\n" for r in rows) + "\n" + "\n".join(bodies)
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
     torch.set_num_threads(args.threads)
@@ -86,11 +122,19 @@ def main(args: argparse.Namespace) -> int:
     sections = run_benchmarks(names, args.quick, args.threads)
     total = time.perf_counter() - start
     mode = "quick" if args.quick else "full"
-    preamble = (f"Written by `python -m benchmarks.run{' --quick' if args.quick else ''}` "
-                f"({mode} run, {total:.0f} s on the machine below). Every comparison is timed "
-                f"side by side in one process; figures are medians of repeated runs. "
-                f"The machine's 2 cores may be shared with other work, which shows as noise.")
+    command = f"python -m benchmarks.run{' --quick' if args.quick else ''}"
+    if args.only:
+        numbers = [s.title.split(".")[0] for s in sections]
+        written = (f"Section{'s' if len(numbers) > 1 else ''} {', '.join(numbers)} written by `{command} --only "
+                   f"{' '.join(names)}` ({mode} run, {total:.0f} s on the machine below), the others by an earlier "
+                   f"call.")
+    else:
+        written = f"Written by `{command}` ({mode} run, {total:.0f} s on the machine below)."
+    preamble = (f"{written} Every comparison is timed side by side in one process; figures are medians of "
+                f"repeated runs. The machine's 2 cores may be shared with other work, which shows as noise.")
     text = render_markdown(sections, machine_info(), title="Benchmarks", preamble=preamble)
+    if args.only and Path(args.out).is_file():  # the sections not run stay as they were
+        text = keep_sections_not_run(Path(args.out).read_text(encoding="utf-8"), text)
     text = keep_marked_sections(args.out, text)
     atomic_write_bytes(args.out, text.encode("utf-8"))
     print(f"[benchmarks] wrote {args.out} ({total:.0f} s)")

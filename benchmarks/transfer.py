@@ -11,11 +11,12 @@ accuracy here is why it is not the default). Each run is an ordinary
 Top-1, mask sparsity and any collapse go into the transfer section of BENCHMARKS.md
 (between its markers; the rest of the file is left alone), with seeds 1 and 2 where
 affine and piggyback or finetuning are within a point, and with ``--sweep`` the affine
-scalars' learning rates; the per-layer sparsity of the masks goes into a PNG (the
-paper's Fig. 3).
+scalars' learning rates (with those seeds for a rate within a point of the default); the
+per-layer sparsity of the masks goes into a PNG (the paper's Fig. 3).
 
-Inputs are kept small so that everything runs on 2 CPU cores in about 70 minutes with
-``--sweep`` (about 30 with ``--seeds 1`` and without it); the section states the sizes used.
+Inputs are kept small so that everything runs on 2 CPU cores in about 85 minutes with
+``--sweep`` and the default seeds (about 30 with ``--seeds 1`` and without it; a run takes
+about two minutes); the section states the sizes used.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ QUICK = {"train_limit": 160, "eval_limit": 100, "epochs": 1}
 # the learning rates of the affine scalars tried by --sweep beside the scheme's default
 # (Adam; a and b at the rate, c and d at the rate times their layer's weight RMS), and the
 # per-channel variant at the default
-SWEEP_RATES = ("1e-4", "1e-2")
+SWEEP_RATES = ("1e-4", "1e-3", "1e-2")
 SWEEP: List[MethodPlan] = [
     *(MethodPlan(f"affine_lr{lr}", f"affine, scalars at {lr}", ("--scheme", "affine", "--extras-lr", lr))
       for lr in SWEEP_RATES),
@@ -174,6 +175,15 @@ def close_pairs(row: Dict[str, dict]) -> List[str]:
     return ["affine", *near] if near else []
 
 
+def close_rates(row: Dict[str, dict]) -> List[str]:
+    """The swept learning rates of the affine scalars whose seed-0 top-1 is within CLOSE of
+    the default's: the seeds decide between them and the default."""
+    if "affine" not in row:
+        return []
+    return [k for k in row if k.startswith("affine_lr") and "-seed" not in k
+            and abs(row[k]["top1"] - row["affine"]["top1"]) < CLOSE]
+
+
 def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], methods: Sequence[MethodPlan],
            size: int, batch_size: int, threads: int, total_s: float, quick: bool, plot: Optional[str]) -> str:
     from common.recipes import get_recipe
@@ -255,13 +265,14 @@ def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], me
             (m.key, m.column.split("at ")[-1] if m.key.startswith("affine_lr") else f"per channel, {affine_lr:g}")
             for m in SWEEP]
         lines += ["", "The affine scalars' recipe (`--extras-lr`, Adam: a and b at the rate, c and d at the rate "
-                      "times the RMS of their layer's frozen weights; `--sweep`): top-1 (%) and, in brackets, mask "
-                      "sparsity, seed 0, the masks' and classifier's recipe as above; binary piggyback for "
-                      "reference.", "",
+                      "times the RMS of their layer's frozen weights; `--sweep`): top-1 (%) of seed 0, or the mean over "
+                      "the seeds run with each seed in brackets (rates within a point of the default get the "
+                      "default's seeds), and seed 0's mask sparsity; the masks' and classifier's recipe as above; "
+                      "binary piggyback (seed 0) for reference.", "",
                   "| task | binary piggyback | " + " | ".join(c for _, c in columns) + " |",
                   "|---|---|" + "---|" * len(columns)]
         for name, row in sweep_rows:
-            cells = [_cell(row[k]) + f" ({row[k]['sparsity']:.3f})" if k in row else "not run"
+            cells = [f"{seed_cell(row, k)}; sparsity {row[k]['sparsity']:.3f}" if k in row else "not run"
                      for k, _ in columns]
             ref = f"{row['piggyback']['top1']:.2f}" if "piggyback" in row else "not run"
             lines.append(f"| {name} | {ref} | " + " | ".join(cells) + " |")
@@ -322,7 +333,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch threads (default 1: on 2 shared cores a second thread stalls more than it helps)")
     p.add_argument("--sweep", action="store_true",
                    help=f"also train the affine scheme with its scalars at Adam {', '.join(SWEEP_RATES)} and per "
-                        "output channel, and add the sweep's table (default: off)")
+                        "output channel, and add the sweep's table; a rate within a point of the default gets "
+                        "--seeds seeds as well (default: off)")
     p.add_argument("--seeds", type=positive_int, default=SEEDS, metavar="N",
                    help=f"seeds 0 to N-1 for affine and piggyback or finetuning where their top-1 (seed 0) differ "
                         f"by less than {CLOSE:g} point; 1: seed 0 only (default: {SEEDS})")
@@ -352,6 +364,7 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, dict]]:
         results.setdefault(task.name, {})[method.key] = run_one(flags, f"{task.name} {method.column}")
 
     by_key = {m.key: m for m in METHODS}
+    sweep_by_key = {m.key: m for m in SWEEP}
     for task in tasks:
         for method in methods:
             run(task, method)
@@ -361,6 +374,10 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, dict]]:
         if args.sweep:
             for method in SWEEP:
                 run(task, method)
+            rates = close_rates(results[task.name]) if args.seeds > 1 else []
+            for key in (["affine", *rates] if rates else []):  # affine's seeds already run are reused
+                for seed in range(1, args.seeds):
+                    run(task, with_seed(by_key.get(key) or sweep_by_key[key], seed))
     total = time.perf_counter() - start
     atomic_write_json(work / "summary.json", results)
     layers = {t: results[t]["piggyback"]["sparsity_layers"] for t in results if "piggyback" in results[t]}
