@@ -95,8 +95,9 @@ def _report_parts(text: str):
     heads = list(_NUMBERED.finditer(text))
     for i, head in enumerate(heads):
         body = text[head.start():heads[i + 1].start() if i + 1 < len(heads) else len(text)]
-        cut = re.search(r"^(<!-- [\w-]+:begin -->|## )", body[3:], re.M)
-        bodies[head.group(1)] = (body[:cut.start() + 3] if cut else body).rstrip() + "\n"
+        # the body ends at the next heading or marked section after its own heading line
+        cut = re.compile(r"^(<!-- [\w-]+:begin -->|## )", re.M).search(body, len(head.group(0)))
+        bodies[head.group(1)] = (body[:cut.start()] if cut else body).rstrip() + "\n"
     return rows, bodies
 
 

@@ -363,8 +363,7 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, dict]]:
                           batch_size=args.batch_size, quick=args.quick)
         results.setdefault(task.name, {})[method.key] = run_one(flags, f"{task.name} {method.column}")
 
-    by_key = {m.key: m for m in METHODS}
-    sweep_by_key = {m.key: m for m in SWEEP}
+    by_key = {m.key: m for m in (*METHODS, *SWEEP)}
     for task in tasks:
         for method in methods:
             run(task, method)
@@ -375,9 +374,10 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, dict]]:
             for method in SWEEP:
                 run(task, method)
             rates = close_rates(results[task.name]) if args.seeds > 1 else []
-            for key in (["affine", *rates] if rates else []):  # affine's seeds already run are reused
+            for key in (["affine", *rates] if rates else []):
                 for seed in range(1, args.seeds):
-                    run(task, with_seed(by_key.get(key) or sweep_by_key[key], seed))
+                    if f"{key}-seed{seed}" not in results[task.name]:  # affine's may have run above
+                        run(task, with_seed(by_key[key], seed))
     total = time.perf_counter() - start
     atomic_write_json(work / "summary.json", results)
     layers = {t: results[t]["piggyback"]["sparsity_layers"] for t in results if "piggyback" in results[t]}

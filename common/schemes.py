@@ -154,6 +154,11 @@ def _times_plus(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, out: Optional
     return torch.mul(x, s, out=out).add_(t) if out is not None else torch.mul(x, s).add_(t)
 
 
+def _rows(abcd: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+    """a, b, c, d: the rows of ``abcd`` in the weight's ``dtype``."""
+    return (abcd if abcd.dtype == dtype else abcd.to(dtype)).unbind(0)
+
+
 class _AffineMaskedWeight(torch.autograd.Function):
     """``W' = a W + b (M W) + c M + d`` with M the binary mask of eq. 4 and a, b, c, d the
     rows of one tensor (``abcd``, shape ``(4, *values)``: one tensor per layer, so autograd
@@ -176,7 +181,7 @@ class _AffineMaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(weight, mask_real, threshold, abcd):
-        a, b, c, d = (abcd if abcd.dtype == weight.dtype else abcd.to(weight.dtype)).unbind(0)
+        a, b, c, d = _rows(abcd, weight.dtype)
         if _cpu_eager(weight, mask_real, abcd):
             # into the buffer of W a + d: a weight-sized allocation fewer (fresh ones page-fault on the CPU)
             return _times_plus(weight, a, d).addcmul_(_mask_values(mask_real, threshold, weight.dtype),
@@ -206,7 +211,7 @@ class _AffineMaskedWeight(torch.autograd.Function):
         if grads[3] is not None and grads[3].dtype != dtype:
             grads[3] = grads[3].to(dtype)
         if need[1]:
-            _, b, c, _ = (abcd if abcd.dtype == weight.dtype else abcd.to(weight.dtype)).unbind(0)
+            _, b, c, _ = _rows(abcd, weight.dtype)
             # the slope b W + c goes into the buffer of dE/dW' where M is on, read by now
             free = on_grad if on_grad is not None and _reusable(on_grad, weight) else None
             slope = _times_plus(weight, b, c, out=free) if cpu else torch.addcmul(c, weight, b, out=free)
