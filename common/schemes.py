@@ -128,10 +128,11 @@ def _stacked_sums(grad: torch.Tensor, weight: torch.Tensor, on: torch.Tensor, sh
 
 def _cpu_eager(*tensors: torch.Tensor) -> bool:
     """True for plain CPU tensors outside torch.compile and torch.func transforms: there the
-    affine scheme writes eq. 4 as a float mask and its scalars as products with one broadcast
-    operand, which torch's CPU kernels vectorise. A select (``where``) branches on each mask
-    entry, and a multiply-add with two broadcast operands is not vectorised (the forms table
-    of BENCHMARKS.md, section 1)."""
+    affine scheme takes :class:`_AffineMaskedWeightCPU`, which writes eq. 4 as a float mask
+    and its scalars as products with one broadcast operand or a Python number, which torch's
+    CPU kernels vectorise. A select (``where``) branches on each mask entry, and a
+    multiply-add with two broadcast operands is not vectorised (the forms table of
+    BENCHMARKS.md, section 1)."""
     if torch.compiler.is_compiling() or _transforms_active(*tensors):
         return False
     for t in tensors:
@@ -141,11 +142,9 @@ def _cpu_eager(*tensors: torch.Tensor) -> bool:
 
 
 def _mask_values(mask_real: torch.Tensor, threshold: float, dtype: torch.dtype) -> torch.Tensor:
-    """eq. 4 as 0.0 / 1.0 in ``dtype``: one copy and one in-place comparison, in the mask's
-    own dtype as ``mask_real >= threshold`` compares (converting a boolean tensor to floats
-    is a slower kernel on the CPU)."""
-    m = mask_real.clone().ge_(threshold)
-    return m if m.dtype == dtype else m.to(dtype)
+    """eq. 4 as 0.0 / 1.0 in ``dtype``: one comparison written straight into a new float
+    tensor (converting a boolean tensor to floats is a slower kernel on the CPU)."""
+    return torch.ge(mask_real, threshold, out=torch.empty_like(mask_real, dtype=dtype))
 
 
 def _times_plus(x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -159,33 +158,44 @@ def _rows(abcd: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
     return (abcd if abcd.dtype == dtype else abcd.to(dtype)).unbind(0)
 
 
+def _abcd_grad(grad: torch.Tensor, weight: torch.Tensor, on_grad: torch.Tensor, shape: torch.Size,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The gradients of a, b, c, d stacked like ``abcd``: sums of dE/dW' times W, M W, M and
+    1 over the entries each value covers, from dE/dW' and dE/dW' where M is on (``on_grad``):
+    dot products for a and b, sums for c and d (for per-layer values of contiguous tensors,
+    on flat views: four operations fewer per layer and step)."""
+    if (shape.numel() == 1 and grad.dtype == weight.dtype == on_grad.dtype
+            and grad.is_contiguous() and weight.is_contiguous() and on_grad.is_contiguous()):
+        g, w, o = grad.view(-1), weight.view(-1), on_grad.view(-1)
+        sums = torch.stack([torch.dot(g, w), torch.dot(o, w), o.sum(), g.sum()]).view((4,) + shape)
+        return sums if sums.dtype == dtype else sums.to(dtype)
+    g = torch.stack([_dot_to(grad, weight, shape), _dot_to(on_grad, weight, shape),
+                     _reduce_to(on_grad, shape), _reduce_to(grad, shape)])
+    return g if g.dtype == dtype else g.to(dtype)
+
+
 class _AffineMaskedWeight(torch.autograd.Function):
     """``W' = a W + b (M W) + c M + d`` with M the binary mask of eq. 4 and a, b, c, d the
     rows of one tensor (``abcd``, shape ``(4, *values)``: one tensor per layer, so autograd
     and the optimizer handle one tensor, not four). Backward: the straight-through estimator
     of eq. 7 applied to W', dE/d(mask_real) = dE/dW' * (b W + c), and the exact gradients of
-    a, b, c, d (sums of dE/dW' times W, M W, M and 1 over the entries each value covers),
-    stacked like ``abcd``. The frozen weight gets no gradient.
+    a, b, c, d (:func:`_abcd_grad`), stacked like ``abcd``. The frozen weight gets no gradient.
 
-    Written for few weight-sized passes and few operations per layer (small layers, such as
-    depthwise convolutions, cost their operations' fixed overhead, not their size). Forward:
-    on a GPU and when compiled, two fused multiply-adds and one select (``where(M, W (a + b)
-    + (c + d), W a + d)``); in CPU eager mode (:func:`_cpu_eager`) ``(W a + d) + M (W b + c)``
-    with M as floats. Backward: when compiled, one reduction of the four products stacked
-    (:func:`_stacked_sums`); otherwise dE/dW' where M is on (a select, or a product with M
-    on the CPU), dot products for a and b and sums for c and d. Then the slope ``b W + c``
-    into the buffer of dE/dW' where M is on, once it is read, and one product for the
-    mask's gradient (in place when the incoming gradient allows)."""
+    This is the form for GPUs, compiled steps and torch.func transforms; CPU eager steps take
+    :class:`_AffineMaskedWeightCPU` (:meth:`AffineScheme.masked_weight` chooses). Written for
+    few weight-sized passes and few operations per layer (small layers, such as depthwise
+    convolutions, cost their operations' fixed overhead, not their size). Forward: two fused
+    multiply-adds and one select (``where(M, W (a + b) + (c + d), W a + d)``). Backward: when
+    compiled, one reduction of the four products stacked (:func:`_stacked_sums`); otherwise
+    dE/dW' where M is on (a select), dot products and sums. Then the slope ``b W + c`` into the
+    buffer of dE/dW' where M is on, once it is read, and one product for the mask's gradient
+    (in place when the incoming gradient allows)."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(weight, mask_real, threshold, abcd):
         a, b, c, d = _rows(abcd, weight.dtype)
-        if _cpu_eager(weight, mask_real, abcd):
-            # into the buffer of W a + d: a weight-sized allocation fewer (fresh ones page-fault on the CPU)
-            return _times_plus(weight, a, d).addcmul_(_mask_values(mask_real, threshold, weight.dtype),
-                                                      _times_plus(weight, b, c))
         return torch.where(mask_real >= threshold, torch.addcmul(c + d, weight, a + b), torch.addcmul(d, weight, a))
 
     @staticmethod
@@ -198,25 +208,75 @@ class _AffineMaskedWeight(torch.autograd.Function):
     def backward(ctx, grad):
         weight, mask_real, abcd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        shape, dtype = abcd.shape[1:], abcd.dtype
+        shape = abcd.shape[1:]
         grads, on_grad = [None] * 4, None
-        cpu = _cpu_eager(grad, weight, mask_real, abcd)
         if need[3] and torch.compiler.is_compiling():
-            grads[3] = _stacked_sums(grad, weight, mask_real >= ctx.threshold, shape)
+            grads[3] = _stacked_sums(grad, weight, mask_real >= ctx.threshold, shape).to(abcd.dtype)
         elif need[3]:
-            on_grad = (_mask_values(mask_real, ctx.threshold, grad.dtype).mul_(grad) if cpu
-                       else torch.where(mask_real >= ctx.threshold, grad, 0.0))
-            grads[3] = torch.stack([_dot_to(grad, weight, shape), _dot_to(on_grad, weight, shape),
-                                    _reduce_to(on_grad, shape), _reduce_to(grad, shape)])
-        if grads[3] is not None and grads[3].dtype != dtype:
-            grads[3] = grads[3].to(dtype)
+            on_grad = torch.where(mask_real >= ctx.threshold, grad, 0.0)
+            grads[3] = _abcd_grad(grad, weight, on_grad, shape, abcd.dtype)
         if need[1]:
             _, b, c, _ = _rows(abcd, weight.dtype)
             # the slope b W + c goes into the buffer of dE/dW' where M is on, read by now
             free = on_grad if on_grad is not None and _reusable(on_grad, weight) else None
-            slope = _times_plus(weight, b, c, out=free) if cpu else torch.addcmul(c, weight, b, out=free)
+            slope = torch.addcmul(c, weight, b, out=free)
             grads[1] = grad.mul_(slope) if _reusable(grad, weight) else grad * slope
         return tuple(grads)
+
+
+class _AffineMaskedWeightCPU(torch.autograd.Function):
+    """:class:`_AffineMaskedWeight` for CPU eager steps (:func:`_cpu_eager`): the same values
+    and gradients, written for the CPU's vectorised kernels and few weight-sized passes.
+
+    Forward: M as a float tensor (one comparison), then ``W a + d``, plus ``b (M W)`` and
+    ``c M`` in place, with a, b, c, d as Python numbers for per-layer values (one product
+    operand, no broadcast tensor; per-channel values: ``(W a + d) + M (W b + c)``). The
+    float M is kept for the backward, which needs it: one weight-sized tensor per masked
+    layer from the forward to the backward, in exchange for a comparison, an allocation and
+    a pass over the weights fewer per layer and step (BENCHMARKS.md, the affine scheme's cost). Backward,
+    when the incoming gradient may be overwritten (:func:`_reusable`): dE/dW' where M is on
+    written into M, dot products and sums for the scalars (:func:`_abcd_grad`), and the
+    mask's gradient ``c dE/dW' + b (dE/dW' W)`` into the same buffer. Otherwise (a graph for
+    higher-order gradients, a non-contiguous gradient) the out-of-place form with a, b, c, d
+    as tensors, so that their own gradients flow. The mask is handed over once: a second
+    backward through a retained graph computes it again."""
+
+    @staticmethod
+    def forward(ctx, weight, mask_real, threshold, abcd):
+        mask = _mask_values(mask_real, threshold, weight.dtype)
+        values = abcd.reshape(4).tolist() if abcd.numel() == 4 else None
+        if values is not None:
+            a, b, c, d = values
+            out = torch.mul(weight, a).add_(d).addcmul_(mask, weight, value=b).add_(mask, alpha=c)
+        else:
+            a, b, c, d = _rows(abcd, weight.dtype)
+            out = _times_plus(weight, a, d).addcmul_(mask, _times_plus(weight, b, c))
+        ctx.threshold, ctx.values, ctx.mask = threshold, values, mask
+        ctx.save_for_backward(weight, mask_real, abcd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mask_real, abcd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = ctx.__dict__.pop("mask", None)
+        reuse = _reusable(grad, weight)
+        if mask is None or not reuse:
+            mask = _mask_values(mask_real, ctx.threshold, grad.dtype)
+        grads, on_grad = [None] * 4, None
+        if need[3]:
+            on_grad = mask.mul_(grad) if reuse else mask * grad
+            grads[3] = _abcd_grad(grad, weight, on_grad, abcd.shape[1:], abcd.dtype)
+        if need[1]:
+            free = (on_grad if on_grad is not None else mask) if reuse else None
+            if ctx.values is not None and reuse:
+                _, b, c, _ = ctx.values
+                grads[1] = torch.mul(grad, c, out=free).addcmul_(grad, weight, value=b)
+            else:
+                _, b, c, _ = _rows(abcd, weight.dtype)
+                slope = _times_plus(weight, b, c, out=free)
+                grads[1] = grad.mul_(slope) if reuse else grad * slope
+        return None, grads[1], None, grads[3]
 
 
 class MaskScheme:
@@ -386,10 +446,10 @@ class AffineScheme(BinaryScheme):
     # a and b at this rate, c and d at this rate times their layer's weight RMS (extras_lr_scale);
     # chosen by the sweep of benchmarks.transfer (BENCHMARKS.md)
     extras_lr = 3e-4
-    gain = ("on real MNIST and the UCI digits with an ImageNet MobileNetV2 (five seeds), level with binary masks "
-            "or above them; 0.22 point above finetuning on the digits, 0.19 under it on MNIST, and level with it "
-            "with the training command's defaults; its training step costs more than binary's, little when "
-            "compiled on a CPU, most on a GPU")
+    gain = ("on real MNIST and the UCI digits with an ImageNet MobileNetV2 (five seeds), within 0.25 point of "
+            "binary masks and of finetuning either way (0.25 above binary masks on MNIST, 0.15 under them on the "
+            "digits, 0.04 under finetuning on MNIST), and level with finetuning with the training command's "
+            "defaults; its training step costs a little more than binary's on a CPU, more on a GPU")
 
     def __init__(self, name: str = "affine", per_channel: bool = False):
         self.name = name
@@ -425,6 +485,10 @@ class AffineScheme(BinaryScheme):
         if set(extras) == set(self._LEGACY):
             return {"abcd": torch.stack([extras[k] for k in self._LEGACY])}
         return dict(extras)
+
+    def masked_weight(self, weight, mask_real, threshold, extras=()):
+        fn = _AffineMaskedWeightCPU if _cpu_eager(weight, mask_real, *extras) else self.function
+        return fn.apply(weight, mask_real, threshold, *extras)
 
     def init_extras(self, weight):
         abcd = torch.zeros(self.extras_shape(weight.shape), dtype=torch.float32, device=weight.device)

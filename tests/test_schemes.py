@@ -182,6 +182,9 @@ def test_affine_gradients_match_an_independent_computation(name, shape, path, mo
         torch._dynamo.reset()
         masked = torch.compile(scheme.masked_weight, backend="eager", fullgraph=True)
     out = masked(weight, mask_real, 5e-3, extras)
+    if path != "compiled":  # the form the path names is the one that ran
+        form = "_AffineMaskedWeightCPU" if path == "cpu-eager" else "_AffineMaskedWeightBackward"
+        assert type(out.grad_fn).__name__.startswith(form)
     (out * upstream).sum().backward()
     m = (mask_real.detach() >= 5e-3).double()
     rows = [t.detach().clone().requires_grad_() for t in extras[0].unbind(0)]  # a, b, c, d apart
@@ -194,6 +197,37 @@ def test_affine_gradients_match_an_independent_computation(name, shape, path, mo
     a, b, c, d = extras[0].detach().unbind(0)
     # eq. 7 on W': dE/dW' times what switching the entry on changes, b W + c
     torch.testing.assert_close(mask_real.grad, upstream * (b * weight + c))
+
+
+@pytest.mark.parametrize("path", ["cpu-eager", "select"])
+@pytest.mark.parametrize("name", ["affine", "affine-channel"])
+def test_affine_retained_graphs_and_higher_order_gradients(name, path, monkeypatch):
+    # the CPU form hands its float mask from the forward to the first backward: a second
+    # backward through a retained graph must give the same gradients, and a graph of the
+    # gradients (create_graph) must carry a, b, c, d as values with gradients of their own
+    import common.schemes
+    if path == "select":
+        monkeypatch.setattr(common.schemes, "_cpu_eager", lambda *tensors: False)
+    torch.manual_seed(1)
+    scheme = get_scheme(name)
+    weight = torch.randn(6, 3, 3, 3, dtype=torch.float64)
+    mask_real = (torch.rand(weight.shape, dtype=torch.float64) * 0.02 - 0.005).requires_grad_()
+    (abcd,) = scheme.init_extras(weight).values()
+    abcd = (abcd.double() + 0.3 * torch.randn(abcd.shape, dtype=torch.float64)).requires_grad_()
+    upstream, probe = torch.randn(weight.shape, dtype=torch.float64), torch.randn(weight.shape, dtype=torch.float64)
+    loss = (scheme.masked_weight(weight, mask_real, 5e-3, [abcd]) * upstream).sum()
+    first = torch.autograd.grad(loss, [mask_real, abcd], retain_graph=True)
+    second = torch.autograd.grad(loss, [mask_real, abcd], retain_graph=True)
+    for f, s in zip(first, second):
+        torch.testing.assert_close(f, s, rtol=0, atol=0)
+    # second order: d/d(abcd) of sum(dE/d(mask_real) * probe), with dE/d(mask_real) = upstream * (b W + c)
+    mask_grad, _ = torch.autograd.grad(loss, [mask_real, abcd], create_graph=True)
+    (got,) = torch.autograd.grad((mask_grad * probe).sum(), abcd)
+    rows = [t.detach().clone().requires_grad_() for t in abcd.unbind(0)]
+    (upstream * (rows[1] * weight + rows[2]) * probe).sum().backward()
+    want = torch.stack([torch.zeros_like(rows[0]) if r.grad is None else r.grad for r in rows])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(mask_grad.detach(), first[0])
 
 
 def test_affine_storage_is_about_one_bit_per_weight(tmp_path):
