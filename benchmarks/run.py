@@ -82,6 +82,8 @@ def keep_marked_sections(path: Path, text: str) -> str:
 
 _NUMBERED = re.compile(r"^## (\d+\. .+)$", re.M)
 _SUMMARY_ROWS = re.compile(r"^## Summary\n\n\|.*\n\|---.*\n((?:\|.*\n)*)", re.M)
+# where a section's body ends: the next heading or marked section
+_SECTION_END = re.compile(r"^(<!-- [\w-]+:begin -->|## )", re.M)
 
 
 def _report_parts(text: str):
@@ -96,7 +98,7 @@ def _report_parts(text: str):
     for i, head in enumerate(heads):
         body = text[head.start():heads[i + 1].start() if i + 1 < len(heads) else len(text)]
         # the body ends at the next heading or marked section after its own heading line
-        cut = re.compile(r"^(<!-- [\w-]+:begin -->|## )", re.M).search(body, len(head.group(0)))
+        cut = _SECTION_END.search(body, len(head.group(0)))
         bodies[head.group(1)] = (body[:cut.start()] if cut else body).rstrip() + "\n"
     return rows, bodies
 

@@ -168,10 +168,10 @@ def _abcd_grad(grad: torch.Tensor, weight: torch.Tensor, on_grad: torch.Tensor, 
             and grad.is_contiguous() and weight.is_contiguous() and on_grad.is_contiguous()):
         g, w, o = grad.view(-1), weight.view(-1), on_grad.view(-1)
         sums = torch.stack([torch.dot(g, w), torch.dot(o, w), o.sum(), g.sum()]).view((4,) + shape)
-        return sums if sums.dtype == dtype else sums.to(dtype)
-    g = torch.stack([_dot_to(grad, weight, shape), _dot_to(on_grad, weight, shape),
-                     _reduce_to(on_grad, shape), _reduce_to(grad, shape)])
-    return g if g.dtype == dtype else g.to(dtype)
+    else:
+        sums = torch.stack([_dot_to(grad, weight, shape), _dot_to(on_grad, weight, shape),
+                            _reduce_to(on_grad, shape), _reduce_to(grad, shape)])
+    return sums if sums.dtype == dtype else sums.to(dtype)
 
 
 class _AffineMaskedWeight(torch.autograd.Function):
@@ -233,13 +233,14 @@ class _AffineMaskedWeightCPU(torch.autograd.Function):
     operand, no broadcast tensor; per-channel values: ``(W a + d) + M (W b + c)``). The
     float M is kept for the backward, which needs it: one weight-sized tensor per masked
     layer from the forward to the backward, in exchange for a comparison, an allocation and
-    a pass over the weights fewer per layer and step (BENCHMARKS.md, the affine scheme's cost). Backward,
-    when the incoming gradient may be overwritten (:func:`_reusable`): dE/dW' where M is on
-    written into M, dot products and sums for the scalars (:func:`_abcd_grad`), and the
-    mask's gradient ``c dE/dW' + b (dE/dW' W)`` into the same buffer. Otherwise (a graph for
-    higher-order gradients, a non-contiguous gradient) the out-of-place form with a, b, c, d
-    as tensors, so that their own gradients flow. The mask is handed over once: a second
-    backward through a retained graph computes it again."""
+    a pass over the weights fewer per layer and step (BENCHMARKS.md, the affine scheme's
+    cost). Backward, when the incoming gradient may be overwritten (:func:`_reusable`):
+    dE/dW' where M is on written into M, dot products and sums for the scalars
+    (:func:`_abcd_grad`), and the mask's gradient ``c dE/dW' + b (dE/dW' W)`` into the same
+    buffer. Otherwise (a graph for higher-order gradients, a non-contiguous gradient) the
+    out-of-place form with a, b, c, d as tensors, so that their own gradients flow, and M
+    only read. The mask is handed over once: a second backward through a retained graph
+    computes it again."""
 
     @staticmethod
     def forward(ctx, weight, mask_real, threshold, abcd):
@@ -260,9 +261,9 @@ class _AffineMaskedWeightCPU(torch.autograd.Function):
         weight, mask_real, abcd = ctx.saved_tensors
         need = ctx.needs_input_grad
         mask = ctx.__dict__.pop("mask", None)
+        if mask is None:
+            mask = _mask_values(mask_real, ctx.threshold, weight.dtype)
         reuse = _reusable(grad, weight)
-        if mask is None or not reuse:
-            mask = _mask_values(mask_real, ctx.threshold, grad.dtype)
         grads, on_grad = [None] * 4, None
         if need[3]:
             on_grad = mask.mul_(grad) if reuse else mask * grad
