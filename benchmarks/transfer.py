@@ -11,8 +11,9 @@ accuracy here is why it is not the default). Each run is an ordinary
 Top-1, mask sparsity and any collapse go into the transfer section of BENCHMARKS.md
 (between its markers; the rest of the file is left alone), with seeds 1 and 2 where
 affine and piggyback or finetuning are within a point, and with ``--sweep`` the affine
-scalars' learning rates (with those seeds for a rate within a point of the default); the
-per-layer sparsity of the masks goes into a PNG (the paper's Fig. 3).
+scalars' learning rates and per-channel values (with those seeds for a variant within a
+point of the default); the per-layer sparsity of the masks goes into a PNG (the paper's
+Fig. 3).
 
 Inputs are kept small so that everything runs on 2 CPU cores in about 85 minutes with
 ``--sweep`` and the default seeds (about 30 with ``--seeds 1`` and without it; a run takes
@@ -175,13 +176,13 @@ def close_pairs(row: Dict[str, dict]) -> List[str]:
     return ["affine", *near] if near else []
 
 
-def close_rates(row: Dict[str, dict]) -> List[str]:
-    """The swept learning rates of the affine scalars whose seed-0 top-1 is within CLOSE of
-    the default's: the seeds decide between them and the default."""
+def close_variants(row: Dict[str, dict]) -> List[str]:
+    """The swept variants of the affine scheme (its scalars' rates, per channel) whose seed-0
+    top-1 is within CLOSE of the default's: the seeds decide between them and the default."""
     if "affine" not in row:
         return []
-    return [k for k in row if k.startswith("affine_lr") and "-seed" not in k
-            and abs(row[k]["top1"] - row["affine"]["top1"]) < CLOSE]
+    swept = {m.key for m in SWEEP}
+    return [k for k in row if k in swept and abs(row[k]["top1"] - row["affine"]["top1"]) < CLOSE]
 
 
 def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], methods: Sequence[MethodPlan],
@@ -266,7 +267,7 @@ def render(results: Dict[str, Dict[str, dict]], *, tasks: Sequence[TaskPlan], me
             for m in SWEEP]
         lines += ["", "The affine scalars' recipe (`--extras-lr`, Adam: a and b at the rate, c and d at the rate "
                       "times the RMS of their layer's frozen weights; `--sweep`): top-1 (%) of seed 0, or the mean over "
-                      "the seeds run with each seed in brackets (rates within a point of the default get the "
+                      "the seeds run with each seed in brackets (variants within a point of the default get the "
                       "default's seeds), and seed 0's mask sparsity; the masks' and classifier's recipe as above; "
                       "binary piggyback (seed 0) for reference.", "",
                   "| task | binary piggyback | " + " | ".join(c for _, c in columns) + " |",
@@ -333,8 +334,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="torch threads (default 1: on 2 shared cores a second thread stalls more than it helps)")
     p.add_argument("--sweep", action="store_true",
                    help=f"also train the affine scheme with its scalars at Adam {', '.join(SWEEP_RATES)} and per "
-                        "output channel, and add the sweep's table; a rate within a point of the default gets "
-                        "--seeds seeds as well (default: off)")
+                        "output channel, and add the sweep's table; a variant within a point of the default "
+                        "gets --seeds seeds as well (default: off)")
     p.add_argument("--seeds", type=positive_int, default=SEEDS, metavar="N",
                    help=f"seeds 0 to N-1 for affine and piggyback or finetuning where their top-1 (seed 0) differ "
                         f"by less than {CLOSE:g} point; 1: seed 0 only (default: {SEEDS})")
@@ -373,8 +374,8 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, dict]]:
         if args.sweep:
             for method in SWEEP:
                 run(task, method)
-            rates = close_rates(results[task.name]) if args.seeds > 1 else []
-            for key in (["affine", *rates] if rates else []):
+            variants = close_variants(results[task.name]) if args.seeds > 1 else []
+            for key in (["affine", *variants] if variants else []):
                 for seed in range(1, args.seeds):
                     if f"{key}-seed{seed}" not in results[task.name]:  # affine's may have run above
                         run(task, with_seed(by_key[key], seed))
