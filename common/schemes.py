@@ -447,10 +447,10 @@ class AffineScheme(BinaryScheme):
     # a and b at this rate, c and d at this rate times their layer's weight RMS (extras_lr_scale);
     # chosen by the sweep of benchmarks.transfer (BENCHMARKS.md)
     extras_lr = 3e-4
-    gain = ("on real MNIST and the UCI digits with an ImageNet MobileNetV2 (five seeds), within 0.25 point of "
-            "binary masks and of finetuning either way (0.25 above binary masks on MNIST, 0.15 under them on the "
-            "digits, 0.04 under finetuning on MNIST), and level with finetuning with the training command's "
-            "defaults; its training step costs a little more than binary's on a CPU, more on a GPU")
+    gain = ("on real MNIST and the UCI digits with an ImageNet MobileNetV2 (ten seeds), above binary masks on "
+            "MNIST and level with binary masks and finetuning elsewhere (within 0.15 point under them), and level "
+            "with finetuning with the training command's defaults; its training step costs a little more than "
+            "binary's on a CPU, more on a GPU")
 
     def __init__(self, name: str = "affine", per_channel: bool = False):
         self.name = name
@@ -458,9 +458,9 @@ class AffineScheme(BinaryScheme):
         self.summary = ("binary mask M plus real a, b, c, d per " + ("output channel" if per_channel else "layer")
                         + ": W' = a W + b (M W) + c M + d")
         if per_channel:  # BENCHMARKS.md: the transfer sweep (five seeds) and the affine section (ten)
-            self.gain = ("on real MNIST and the UCI digits with an ImageNet MobileNetV2, above binary masks and "
-                         "finetuning over five seeds and level with them over ten; more float32 values on disk "
-                         "than affine, most on networks with few weights per output channel")
+            self.gain = ("on real MNIST and the UCI digits with an ImageNet MobileNetV2 (ten seeds), above binary "
+                         "masks on MNIST and level with binary masks and finetuning elsewhere; more float32 values "
+                         "on disk than affine, most on networks with few weights per output channel")
 
     def extras_lr_scale(self, name, weight):
         # rows a and b multiply the weight (dimensionless); c and d are added to it: they move
