@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import Section, fmt, median
-from decathlon.data import DecathlonDataset, annotation_path, build_loader, set_loader_epoch
+from common.loaders import build_loader, set_loader_epoch
+from decathlon.data import DecathlonDataset, annotation_path
 from decathlon.synthetic import make_synthetic_decathlon
 from decathlon.transforms import build_transforms
 

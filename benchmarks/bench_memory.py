@@ -14,16 +14,17 @@ gradients and optimiser state, each the size of the weights for Adam.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import ClassVar, Tuple
 
 from benchmarks.harness import Section, fmt
-from common.cli import Parser, positive_int
-from common.cli import run_cli
+from common.errors import UsageError
+from common.settings import Settings, at_least, option
 
 MIB = 2 ** 20
 # (workload, method, mask dtype); the bf16 variant stores masks and their Adam state in bf16
@@ -58,7 +59,7 @@ def _nbytes(tensors) -> int:
 def probe(workload_name: str, method: str, mask_dtype: str, steps: int, threads: int) -> dict:
     import torch
 
-    from benchmarks.workloads import get_workload, make_optimizer, prepare, timed_step
+    from benchmarks.workloads import get_workload, bench_optimizer, prepare, timed_step
     from common.masking import mask_parameters
 
     torch.set_num_threads(threads)
@@ -74,7 +75,7 @@ def probe(workload_name: str, method: str, mask_dtype: str, steps: int, threads:
     masks = mask_parameters(model)
     for p in masks:
         p.data = p.data.to(getattr(torch, mask_dtype))
-    opt = make_optimizer("adam", params)
+    opt = bench_optimizer("adam", params)
     for _ in range(steps):
         timed_step(model, opt, x, y, workload.loss)
     peak = _status_mb("VmHWM")  # since the reset, or since the start where it was refused
@@ -160,28 +161,30 @@ def _findings(results: dict) -> str:
         "float32. Storage after training is unaffected (binary masks, benchmark 3).")
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = Parser(description="One memory probe (used by benchmarks.run).")
-    parser.add_argument("--probe", nargs=2, metavar=("WORKLOAD", "METHOD"), required=True,
-                        help="workload (wrn28_4, fcn32s) and method (piggyback, finetune)")
-    parser.add_argument("--mask-dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--steps", type=positive_int, default=2)
-    parser.add_argument("--threads", type=positive_int, default=1)
-    return parser
+@dataclass(frozen=True)
+class ProbeConfig(Settings):
+    PROG: ClassVar[str] = "python -m benchmarks.bench_memory"
+    DESCRIPTION: ClassVar[str] = "One memory probe (used by benchmarks.run)."
+
+    probe: Tuple[str, ...] = option((), "workload (wrn28_4, fcn32s) and method (piggyback, finetune)", nargs=2,
+                                    metavar=("WORKLOAD", "METHOD"))
+    mask_dtype: str = option("float32", "dtype of the real-valued masks", choices=("float32", "bfloat16"))
+    steps: int = option(2, "training steps", type=int)
+    threads: int = option(1, "torch threads", group="runtime", type=int)
+
+    def check(self) -> None:
+        from benchmarks.workloads import WORKLOADS
+        super().check()
+        at_least("steps", self.steps, 1)
+        at_least("threads", self.threads, 1)
+        if len(self.probe) != 2 or self.probe[0] not in WORKLOADS or self.probe[1] not in ("piggyback", "finetune"):
+            raise UsageError(f"--probe {' '.join(self.probe)}: expected a workload of {sorted(WORKLOADS)} and a "
+                             f"method of ['finetune', 'piggyback']")
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    from benchmarks.workloads import WORKLOADS
-    workload, method = args.probe
-    if workload not in WORKLOADS or method not in ("piggyback", "finetune"):
-        parser.error(f"--probe {workload} {method}: expected a workload of {sorted(WORKLOADS)} "
-                     f"and a method of ['finetune', 'piggyback']")
-    return args
-
-
-def main(args: argparse.Namespace) -> None:
+def main(args: ProbeConfig) -> None:
     print(json.dumps(probe(*args.probe, args.mask_dtype, args.steps, args.threads)))
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(get_args_parser(), main, None, check_args))
+    sys.exit(ProbeConfig.run(main))

@@ -16,7 +16,7 @@ from unittest import mock
 import torch
 
 from benchmarks.harness import Section, fmt, median, median_ratio, time_side_by_side
-from benchmarks.workloads import (get_workload, make_optimizer, masking_kernels, prepare, prepare_scheme,
+from benchmarks.workloads import (get_workload, bench_optimizer, masking_kernels, prepare, prepare_scheme,
                                  scheme_optimizers, set_random_masks, timed_step)
 
 GOAL = 1.05
@@ -45,9 +45,9 @@ AFFINE_FORMS = (("binary: one select", "binary", False),
 def compare_affine_forms(workload_name: str, zero_fraction: float, repeats: int) -> Dict[str, List[float]]:
     """Seconds for the masked weights of every masked layer, forward and backward (eq. 7 and
     the scalars' gradients), with about ``zero_fraction`` of the mask entries off: binary
-    masks, and ``affine`` in each of its two forms (``common.schemes._cpu_eager`` chooses
+    masks, and ``affine`` in each of its two forms (``common.kernels.cpu_eager`` chooses
     the form; here it is held at one, then the other)."""
-    import common.schemes
+    import common.kernels
     from common.masking import mask_entries
     workload = get_workload(workload_name)
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def compare_affine_forms(workload_name: str, zero_fraction: float, repeats: int)
         grads = [torch.randn_like(e.weight) for e in entries]
 
         def masked_weights(entries=entries, grads=grads, cpu_form=cpu_form):
-            with mock.patch.object(common.schemes, "_cpu_eager", lambda *tensors: cpu_form):
+            with mock.patch.object(common.kernels, "cpu_eager", lambda *tensors: cpu_form):
                 for e, g in zip(entries, grads):
                     out = e.module.scheme.masked_weight(e.weight, e.mask_real, e.module.threshold,
                                                         list(e.extras.values()))
@@ -75,7 +75,7 @@ def compare_affine_forms(workload_name: str, zero_fraction: float, repeats: int)
 
 def compare_schemes(workload_name: str, scheme: str, repeats: int, warmup: int = 1, compiled: bool = False) -> Dict:
     """Seconds per step of piggyback with ``scheme`` and with binary masks, side by side,
-    each with the optimisers a training command builds (``common.methods.build_optimizers``:
+    each with the optimisers a training command builds (``common.optimizers.build_optimizers``:
     Adam for the masks and for the head, and the scheme's own optimiser for its values).
     With ``compiled``, both models run under ``torch.compile`` (the optimisers eager, as in
     the training commands), compiled and warmed up before the timed rounds."""
@@ -120,7 +120,7 @@ def compare(workload_name: str, optimizer: str, train_bn: bool, repeats: int, wa
         # the last contender takes the plain model itself: one copy fewer of VGG-16
         model, params = prepare(plain, method, workload, train_bn=train_bn,
                                 copy_model=method != "finetune")
-        opt = make_optimizer(optimizer, params)
+        opt = bench_optimizer(optimizer, params)
         record: List = []
         phases[method], models[method] = record, model
 

@@ -7,17 +7,17 @@ script, ``python -m benchmarks.gpu``, for a machine with an accelerator.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Optional, Tuple
 
 from benchmarks.harness import Section, machine_info, markdown_path, render_markdown
-from common.cli import Parser, positive_int
-from common.cli import run_cli
-from common.runlog import atomic_write_bytes
+from common.atomic import atomic_write_bytes
+from common.settings import Settings, at_least, option
 
 # name -> module; run in this order (the data benchmark reads the training throughput)
 BENCHMARKS = {
@@ -26,27 +26,32 @@ BENCHMARKS = {
     "storage": "benchmarks.bench_storage",
     "data": "benchmarks.bench_data",
     "memory": "benchmarks.bench_memory",
-    "gpu": "benchmarks.gpu",
+    "gpu": "benchmarks.gpu_steps",
+    "published": "benchmarks.bench_published",
 }
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="python -m benchmarks.run",
-        description="Time and size the piggyback toolkit on this machine's CPU; write BENCHMARKS.md.")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer rounds and cases (a smoke run; figures are noisier)")
-    parser.add_argument("--out", type=markdown_path, default=REPO_ROOT / "BENCHMARKS.md",
-                        help="Markdown report to write (default: BENCHMARKS.md at the repository root)")
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="torch intra-op threads (default 1: on a small machine shared with other "
-                             "work, a second thread that is descheduled stalls every parallel "
-                             "operation, which distorts timings far more than it speeds them up)")
-    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), metavar="NAME",
-                        help=f"run only these benchmarks (choices: {', '.join(BENCHMARKS)}); the report's other "
-                             "sections stay as they were (default: all)")
-    return parser
+@dataclass(frozen=True)
+class BenchmarksConfig(Settings):
+    PROG: ClassVar[str] = "python -m benchmarks.run"
+    DESCRIPTION: ClassVar[str] = "Time and size the piggyback toolkit on this machine's CPU; write BENCHMARKS.md."
+
+    quick: bool = option(False, "fewer rounds and cases (a smoke run; figures are noisier)", type=bool)
+    out: str = option(str(REPO_ROOT / "BENCHMARKS.md"), "Markdown report to write", type=markdown_path,
+                      default_text="BENCHMARKS.md at the repository root")
+    threads: int = option(1, "torch intra-op threads (one: a descheduled second thread distorts timings)", group="runtime", type=int)
+    only: Optional[Tuple[str, ...]] = option(None, "run only these benchmarks; the report's other sections stay as "
+                                             "they were", nargs="+", choices=tuple(sorted(BENCHMARKS)), metavar="NAME",
+                                             default_text="all")
+
+    def check(self) -> None:
+        super().check()
+        at_least("threads", self.threads, 1)
+
+
+def get_args_parser():
+    return BenchmarksConfig.parser()
 
 
 def run_benchmarks(names, quick: bool, threads: int):
@@ -69,6 +74,7 @@ def keep_marked_sections(path: Path, text: str) -> str:
     ``<!-- NAME:end -->`` markers (the real-data section of ``benchmarks.transfer``, the CPU
     threads measurements), which this command does not measure."""
     import re
+
     from benchmarks.transfer import replace_section
     try:
         old = Path(path).read_text(encoding="utf-8")
@@ -117,7 +123,7 @@ def keep_sections_not_run(old: str, text: str) -> str:
     return text[:found.start(1)] + "".join(r + "\n" for r in rows) + "\n" + "\n".join(bodies)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: BenchmarksConfig) -> int:
     import torch
     torch.set_num_threads(args.threads)
     names = [n for n in BENCHMARKS if args.only is None or n in args.only]
@@ -145,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cli(argv=None) -> int:
-    return run_cli(get_args_parser(), main, argv)
+    return BenchmarksConfig.run(main, argv)
 
 
 if __name__ == "__main__":

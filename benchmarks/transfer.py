@@ -21,17 +21,18 @@ about two minutes); the section states the sizes used.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
-from common.cli import Parser, positive_int, run_cli
-from common.runlog import RunDir, atomic_write_bytes, atomic_write_json
+from common.atomic import atomic_write_bytes, atomic_write_json
+
+from common.runlog import RunDir
+from common.settings import Settings, at_least, option
 
 __all__ = ["get_args_parser", "main", "cli", "METHODS", "TASKS", "replace_section", "BEGIN", "END"]
 
@@ -107,9 +108,11 @@ def run_flags(task: TaskPlan, method: MethodPlan, *, data: Path, weights: Path, 
 
 
 def run_one(flags: List[str], label: str) -> dict:
-    from classification.train import parse_config, train
+    from classification.train import parse_config
+    from classification.training import ClassificationTask
     from common.distributed import DistInfo
     from common.errors import ResumeError
+    from common.runner import run_training
 
     args = parse_config(flags)
 
@@ -118,11 +121,11 @@ def run_one(flags: List[str], label: str) -> dict:
             print(f"[{label}] {line}", flush=True)
 
     try:
-        metrics = train(args, DistInfo(), log=log)
+        metrics = run_training(ClassificationTask(args, DistInfo(), log))
     except ResumeError as exc:  # the folder holds a run with other settings (e.g. an older recipe)
         print(f"[{label}] starting over: {exc}", flush=True)
         shutil.rmtree(args.out)
-        metrics = train(args, DistInfo(), log=log)
+        metrics = run_training(ClassificationTask(args, DistInfo(), log))
     # time spent training and evaluating, also for a run finished by an earlier call
     metrics["train_time_s"] = sum(r["epoch_time_s"] for r in RunDir(args.out).read_log())
     return metrics
@@ -311,41 +314,44 @@ def replace_section(text: str, section: str, begin: str = BEGIN, end: str = END)
     return text.rstrip("\n") + ("\n\n" if text.strip() else "") + section
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m benchmarks.transfer",
-                                description="The paper's Table 2 (classifier only, piggyback, piggyback with "
-                                            "trained BN, finetuning, affine masks, and the paper's recipe) on MNIST "
-                                            "and the UCI digits with a real ImageNet MobileNetV2, on the CPU.")
-    p.add_argument("--data", default=None, metavar="DIR",
-                   help="folder written by python -m classification.realdata (default: $PIGGYBACK_REAL_DATA "
-                        "or data/real)")
-    p.add_argument("--work", default="runs/transfer", metavar="DIR",
-                   help="run folders, one per task and method; re-running reuses them (default: runs/transfer)")
-    p.add_argument("--markdown", default=str(REPO_ROOT / "BENCHMARKS.md"), metavar="FILE",
-                   help="Markdown file whose transfer section is written (default: BENCHMARKS.md)")
-    p.add_argument("--plot", default=str(REPO_ROOT / "benchmarks" / "transfer_sparsity.png"), metavar="PNG",
-                   help="per-layer sparsity picture (default: benchmarks/transfer_sparsity.png)")
-    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS), help="tasks (default: all)")
-    p.add_argument("--methods", nargs="+", choices=[m.key for m in METHODS], default=[m.key for m in METHODS],
-                   help="methods (default: all)")
-    p.add_argument("--size", type=positive_int, default=32, help="input size in px (default: 32)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="batch size (default: 32)")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch threads (default 1: on 2 shared cores a second thread stalls more than it helps)")
-    p.add_argument("--sweep", action="store_true",
-                   help=f"also train the affine scheme with its scalars at Adam {', '.join(SWEEP_RATES)} and per "
-                        "output channel, and add the sweep's table; a variant within a point of the default "
-                        "gets --seeds seeds as well (default: off)")
-    p.add_argument("--seeds", type=positive_int, default=SEEDS, metavar="N",
-                   help=f"seeds 0 to N-1 for affine and piggyback or finetuning where their top-1 (seed 0) differ "
-                        f"by less than {CLOSE:g} point; 1: seed 0 only (default: {SEEDS})")
-    p.add_argument("--quick", action="store_true",
-                   help=f"a smoke run: {QUICK['train_limit']} training and {QUICK['eval_limit']} test images, "
-                        f"{QUICK['epochs']} epoch")
-    return p
+@dataclass(frozen=True)
+class TransferConfig(Settings):
+    PROG: ClassVar[str] = "python -m benchmarks.transfer"
+    DESCRIPTION: ClassVar[str] = ("The paper's Table 2 (classifier only, piggyback, piggyback with trained BN, "
+                                  "finetuning, affine masks, and the paper's recipe) on MNIST and the UCI digits with "
+                                  "a real ImageNet MobileNetV2, on the CPU.")
+
+    data: Optional[str] = option(None, "folder written by python -m classification.realdata", group="input",
+                                 metavar="DIR", default_text="$PIGGYBACK_REAL_DATA or data/real")
+    work: str = option("runs/transfer", "run folders, one per task and method; re-running reuses them", metavar="DIR")
+    markdown: str = option(str(REPO_ROOT / "BENCHMARKS.md"), "Markdown file whose transfer section is written",
+                           metavar="FILE", default_text="BENCHMARKS.md")
+    plot: str = option(str(REPO_ROOT / "benchmarks" / "transfer_sparsity.png"), "per-layer sparsity picture",
+                       metavar="PNG", default_text="benchmarks/transfer_sparsity.png")
+    tasks: Tuple[str, ...] = option(tuple(TASKS), "tasks", nargs="+", choices=tuple(TASKS), default_text="all")
+    methods: Tuple[str, ...] = option(tuple(m.key for m in METHODS), "methods", nargs="+",
+                                      choices=tuple(m.key for m in METHODS), default_text="all")
+    size: int = option(32, "input size in px", group="data", type=int)
+    batch_size: int = option(32, "batch size", type=int)
+    threads: int = option(1, "torch threads (on 2 shared cores a second thread stalls more than it helps)",
+                          group="runtime", type=int)
+    sweep: bool = option(False, "also sweep the affine scalars' rates and per-channel values (a table of its own)", type=bool)
+    seeds: int = option(SEEDS, f"seeds 0 to N-1 for methods whose top-1 (seed 0) is within {CLOSE:g} point of "
+                        f"another's; 1: seed 0 only", type=int, metavar="N")
+    quick: bool = option(False, f"a smoke run: {QUICK['train_limit']} training and {QUICK['eval_limit']} test images, "
+                         f"{QUICK['epochs']} epoch", type=bool)
+
+    def check(self) -> None:
+        super().check()
+        for name in ("size", "batch_size", "threads", "seeds"):
+            at_least(name, getattr(self, name), 1)
 
 
-def main(args: argparse.Namespace) -> Dict[str, Dict[str, dict]]:
+def get_args_parser():
+    return TransferConfig.parser()
+
+
+def main(args: TransferConfig) -> Dict[str, Dict[str, dict]]:
     import torch
 
     from classification.realdata import ensure_real_data
@@ -401,7 +407,7 @@ def main(args: argparse.Namespace) -> Dict[str, Dict[str, dict]]:
 
 
 def cli(argv=None) -> int:
-    return run_cli(get_args_parser(), main, argv)
+    return TransferConfig.run(main, argv)
 
 
 if __name__ == "__main__":

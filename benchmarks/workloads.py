@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from common.masking import mask_parameters, masked_modules, piggyback, scheme_parameters, task_parameters
 
-__all__ = ["Workload", "WORKLOADS", "get_workload", "prepare", "make_optimizer",
+__all__ = ["Workload", "WORKLOADS", "get_workload", "prepare", "bench_optimizer",
            "timed_step", "masking_kernels", "set_random_masks",
            "decathlon_zero_fractions", "write_decathlon_mask_files"]
 
@@ -40,7 +40,7 @@ class Workload:
 
 
 def _wrn28_4() -> nn.Module:
-    from decathlon.models import create_model
+    from decathlon.networks import create_model
     return create_model("wrn28_4", 100)
 
 
@@ -131,7 +131,7 @@ def prepare(plain: nn.Module, method: str, workload: Workload, *, train_bn: bool
     return model, params
 
 
-def make_optimizer(name: str, params: List[nn.Parameter], fused: bool = False) -> torch.optim.Optimizer:
+def bench_optimizer(name: str, params: List[nn.Parameter], fused: bool = False) -> torch.optim.Optimizer:
     """The same optimiser type for both methods: Adam (the paper's piggyback optimiser)
     or SGD with momentum (the finetuning baselines'); torch's fused kernels when ``fused``,
     its default (foreach) implementation otherwise."""
@@ -277,12 +277,12 @@ def prepare_scheme(plain: nn.Module, workload: "Workload", scheme: str):
 
 
 def scheme_optimizers(prepared, scheme: str) -> Dict[str, torch.optim.Optimizer]:
-    """The training commands' optimisers (``common.methods.build_optimizers``) for a model
+    """The training commands' optimisers (``common.optimizers.build_optimizers``) for a model
     of :func:`prepare_scheme`, with :data:`SCHEME_OPTIMIZERS` and the scheme's defaults for
     its values."""
     from types import SimpleNamespace
 
-    from common.methods import build_optimizers
+    from common.optimizers import build_optimizers
     from common.schemes import get_scheme
     s = get_scheme(scheme)
     return build_optimizers(prepared, SimpleNamespace(**SCHEME_OPTIMIZERS, extras_optimizer=s.extras_optimizer,

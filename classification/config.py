@@ -7,6 +7,7 @@ from typing import ClassVar, Dict, Optional, Tuple
 
 from common.config import TrainConfig, option
 from common.errors import UsageError
+from common.methods import get_method
 
 __all__ = ["ClassificationConfig", "DATA_ROOT_ENV"]
 
@@ -16,25 +17,24 @@ DATA_ROOT_ENV = "CLASSIFICATION_ROOT"
 @dataclass(frozen=True)
 class ClassificationConfig(TrainConfig):
     PROG: ClassVar[str] = "python -m classification.train"
+    DESCRIPTION: ClassVar[str] = ("Learn a new classification task on a frozen ImageNet network with a piggyback "
+                                  "mask (or a baseline of the paper's Table 2) over an ImageFolder tree "
+                                  "DIR/train/<class>/*, DIR/test/<class>/* (or val/).")
     DATA_ROOT_ENV: ClassVar[Optional[str]] = DATA_ROOT_ENV
+    RESOLVED_ABSENT: ClassVar[Dict[str, object]] = {"test_images": None}
     AUTO: ClassVar[Dict[str, str]] = {
         "compile": "on for CUDA (torch.compile's default mode), off on the CPU",
         "amp": "off: fp32 (TF32 matrix units on a GPU)",
         "channels_last": "on for CUDA, off on the CPU",
     }
 
-    data_root: Optional[str] = option("data/classification", "ImageFolder tree DIR/train/<class>/*, "
-                                      "DIR/test/<class>/* (or val/); $CLASSIFICATION_ROOT when set",
+    data_root: Optional[str] = option("data/classification", "ImageFolder tree DIR/{train,val,test}/<class>/*; $CLASSIFICATION_ROOT when set",
                                       metavar="DIR", path=True, resume="free")
     out: str = option("runs/classification", "run folder for config.json, log.jsonl, checkpoints and results",
                       metavar="DIR", path=True, resume="free")
-    arch: Optional[str] = option(None, "torchvision name (resnet50, vgg16, mobilenet_v2 ...) or timm name "
-                                 "(timm:NAME, or a bare name torchvision lacks)", metavar="NAME",
-                                 default_text="the 'arch' a safetensors --weights file records")
-    backbone: Optional[str] = option(None, "local ImageNet weight file of --arch (.pth/.pt/.bin/.safetensors): a "
-                                     "path, a file name in $TORCH_HOME/hub/checkpoints, or 'imagenet' for "
-                                     "torchvision's default file there; nothing is downloaded; required except "
-                                     "for --method scratch", flags=("--weights", "--backbone"), metavar="FILE",
+    arch: Optional[str] = option(None, "torchvision name (resnet50, vgg16 ...) or timm name (timm:NAME)", metavar="NAME",
+                                 default_text="the arch a .safetensors --weights file records")
+    backbone: Optional[str] = option(None, "ImageNet weights of --arch: a path, a file name in $TORCH_HOME/hub/checkpoints, or imagenet", flags=("--weights", "--backbone"), metavar="FILE",
                                      resume="free")
     lr_steps: Optional[Tuple[int, ...]] = option((15,), "epochs after which every learning rate is multiplied "
                                                  "by --lr-gamma (paper: 30 epochs, /10 after 15)",
@@ -46,14 +46,15 @@ class ClassificationConfig(TrainConfig):
                                              "the image area; 1 1 = the whole image", group="data", type=float,
                                              nargs=2, metavar=("LO", "HI"))
     hflip: str = option("on", "random horizontal flips at training time", group="data", choices=("on", "off"))
-    eval_split: str = option("auto", "split scored after every epoch; auto = test/ if present, else val/",
+    eval_split: str = option("auto", "split scored after every epoch; auto = val/ (test/ then once at the end), else test/",
                              group="data", choices=("auto", "test", "val"))
     train_limit: Optional[int] = option(None, "train on a class-balanced subset of N images", group="data",
                                         type=int, metavar="N", default_text="all")
     eval_limit: Optional[int] = option(None, "evaluate on a class-balanced subset of N images", group="data",
                                        type=int, metavar="N", default_text="all")
-    skip_unreadable: bool = option(False, "leave out images that cannot be decoded (listed in the run folder's "
-                                   "unreadable.json) instead of refusing the dataset", group="data", type=bool)
+    init_masks: Optional[str] = option(None, "start masks and classifier from a training checkpoint of the piggyback authors' code", group="masks", metavar="FILE", path=True,
+                                       absent=None)
+    skip_unreadable: bool = option(False, "leave out undecodable images (listed in config.json) instead of refusing", group="data", type=bool)
 
     @classmethod
     def derive(cls, values):
@@ -63,9 +64,10 @@ class ClassificationConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        from common.methods import get_method
         if not get_method(self.method).needs_backbone and not self.arch:
             raise UsageError(f"--method {self.method} needs --arch")
+        if self.init_masks and not get_method(self.method).uses_masks:
+            raise UsageError(f"--init-masks starts piggyback masks; --method {self.method} trains none")
         if self.size < 8:
             raise UsageError(f"--size must be >= 8, got {self.size}")
         if self.eval_resize < self.size:

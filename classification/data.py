@@ -14,7 +14,8 @@ The scan result is cached by (path, size, mtime) so a resumed run does not repea
 Training samples get a random resized crop (a random area fraction in ``crop_scale``
 and aspect ratio in [3/4, 4/3], resized to ``size`` px) and a horizontal flip with
 probability 1/2; evaluation resizes the shorter side to ``eval_resize`` and takes the
-centre ``size`` px crop. With ``size=224``, ``eval_resize=256``, ``crop_scale=(0.08, 1)``
+centre ``size`` px crop (or, ``eval_mode="squash"``, resizes the whole image to ``size`` x
+``size``). With ``size=224``, ``eval_resize=256``, ``crop_scale=(0.08, 1)``
 this is the usual ImageNet-style transfer setting the paper's section 4 trains with.
 Random choices come from a generator seeded by ``(seed, epoch, index)``, so a resumed run
 sees exactly the augmentations an uninterrupted one would.
@@ -36,9 +37,13 @@ from common.errors import DataError, MissingFileError, UsageError
 from common.images import decode_rgb, to_rgb
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ClassificationTransform", "ImageFolderDataset",
-           "resolve_split", "random_resized_crop_box", "subset_indices", "build_loader", "set_loader_epoch",
-           "EVAL_SPLITS", "check_splits", "scan_images"]
+           "resolve_split", "random_resized_crop_box", "subset_indices", 
+           "EVAL_SPLITS", "EVAL_MODES", "check_splits", "scan_images"]
 
+# Evaluation: "crop" resizes the shorter side to eval_resize and takes the centre size
+# crop; "squash" resizes the whole image to size x size (the piggyback authors' *_cropped
+# datasets, already cropped to their object).
+EVAL_MODES = ("crop", "squash")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_SPLITS = ("test", "val")
@@ -77,13 +82,16 @@ class ClassificationTransform:
 
     def __init__(self, *, train: bool, size: int = 224, eval_resize: Optional[int] = None,
                  crop_scale: Tuple[float, float] = (0.08, 1.0), hflip: bool = True,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 eval_mode: str = "crop"):
         eval_resize = int(round(size * 256 / 224)) if eval_resize is None else int(eval_resize)
         if size < 1 or eval_resize < size:
             raise UsageError(f"need 1 <= size <= eval_resize, got size {size}, eval_resize {eval_resize}")
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise UsageError(f"crop scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
-        self.train, self.size, self.eval_resize = bool(train), int(size), eval_resize
+        if eval_mode not in EVAL_MODES:
+            raise UsageError(f"evaluation mode {eval_mode!r}; expected one of {', '.join(EVAL_MODES)}")
+        self.train, self.size, self.eval_resize, self.eval_mode = bool(train), int(size), eval_resize, eval_mode
         self.crop_scale, self.hflip = (float(crop_scale[0]), float(crop_scale[1])), bool(hflip)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -98,6 +106,9 @@ class ClassificationTransform:
             img = img.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
             if self.hflip and rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        elif self.eval_mode == "squash":  # the whole image to size x size (pre-cropped datasets)
+            if (img.width, img.height) != (self.size, self.size):
+                img = img.resize((self.size, self.size), Image.BILINEAR)
         else:
             short = min(img.width, img.height)
             if short != self.eval_resize:
@@ -111,35 +122,55 @@ class ClassificationTransform:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(train={self.train}, size={self.size}, eval_resize={self.eval_resize}, "
-                f"crop_scale={self.crop_scale}, hflip={self.hflip})")
+                f"crop_scale={self.crop_scale}, hflip={self.hflip}, eval_mode={self.eval_mode!r})")
 
 
-def resolve_split(root: Union[str, Path], split: str) -> str:
-    """``train``, ``test`` or ``val``; ``auto`` is ``test`` when that folder exists, else ``val``."""
+def resolve_split(root: Union[str, Path], split: str, order: Sequence[str] = EVAL_SPLITS) -> str:
+    """``train``, ``test`` or ``val``; ``auto`` is the first of ``order`` whose folder
+    exists (``test`` before ``val`` by default: what an evaluation scores)."""
     root = Path(root)
     if split != "auto":
         return split
-    for name in EVAL_SPLITS:
+    for name in order:
         if (root / name).is_dir():
             return name
     raise MissingFileError(f"{root} has neither test/ nor val/ (expected {root}/test/<class>/*)")
 
 
-def _scan(folder: Path) -> Tuple[List[str], List[Tuple[str, int]]]:
+def unread_text(counts: Dict[str, int]) -> str:
+    """``12 .gif files, 1 .svg file (readable: .jpg, ...)``: what a folder held that is not read."""
+    kinds = ", ".join(f"{n} {ext} file{'s' if n > 1 else ''}" for ext, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"{kinds} (readable: {', '.join(IMG_EXTENSIONS)})"
+
+
+def _scan(folder: Path) -> Tuple[List[str], List[Tuple[str, int]], List[Dict[str, int]]]:
     if not folder.is_dir():
         raise MissingFileError(f"{folder} is not a folder (expected an ImageFolder tree "
                                f"{folder}/<class>/<image>)")
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"{folder} has no class sub-folders")
-    samples = []
+    samples, unread = [], []
     for c, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        files, other = [], {}
+        for p in sorted((folder / name).rglob("*")):
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            if p.suffix.lower() in IMG_EXTENSIONS:
+                files.append(p)
+            else:
+                ext = p.suffix.lower() or "(no extension)"
+                other[ext] = other.get(ext, 0) + 1
         samples.extend((str(p), c) for p in files)
+        unread.append(other)
     if not samples:
-        raise DataError(f"{folder} holds no images ({', '.join(IMG_EXTENSIONS)})")
-    return classes, samples
+        total: Dict[str, int] = {}
+        for other in unread:
+            for ext, n in other.items():
+                total[ext] = total.get(ext, 0) + n
+        held = f": {unread_text(total)}" if total else f" ({', '.join(IMG_EXTENSIONS)})"
+        raise DataError(f"{folder} holds no images this toolkit reads{held}")
+    return classes, samples, unread
 
 
 def _class_quota(counts: np.ndarray, n: int) -> np.ndarray:
@@ -185,7 +216,7 @@ class ImageFolderDataset(Dataset):
             raise MissingFileError(f"data root {self.root} is not a folder (expected "
                                    f"{self.root}/train/<class>/* and test/ or val/)")
         self.split = resolve_split(self.root, split)
-        self.classes, samples = _scan(self.root / self.split)
+        self.classes, samples, self.unread = _scan(self.root / self.split)
         if classes is not None and list(classes) != self.classes:
             raise DataError(f"{self.root / self.split} has classes {self.classes[:5]}... "
                             f"({len(self.classes)}), the training split has {list(classes)[:5]}... "
@@ -292,7 +323,9 @@ def check_splits(train_set: ImageFolderDataset, eval_set: ImageFolderDataset, *,
             folder = dataset.root / dataset.split / empty[0]
             more = f" (and {len(empty) - 1} more empty class folders)" if len(empty) > 1 else ""
             excluded = f" after excluding {len(dataset.excluded)} unreadable files" if dataset.excluded else ""
-            raise DataError(f"class folder {folder} holds no images{excluded}{more}; "
+            other = dataset.unread[dataset.classes.index(empty[0])]
+            held = f" this toolkit reads, only {unread_text(other)}" if other else ""
+            raise DataError(f"class folder {folder} holds no images{held}{excluded}{more}; "
                             f"add images or remove the folder from every split")
     for dataset, limit, flag in ((train_set, train_limit, "--train-limit"),
                                  (eval_set, eval_limit, "--eval-limit")):
@@ -329,7 +362,7 @@ def scan_images(paths: Iterable[Union[str, os.PathLike]],
     JSON file keyed by absolute path, size and modification time (written atomically, also
     every few thousand files so an interrupted scan keeps its progress); a later call
     decodes only the files that are new or changed since."""
-    from common.runlog import atomic_write_json
+    from common.atomic import atomic_write_json
 
     cache_file = Path(cache_path) if cache_path is not None else None
     cache = _read_scan_cache(cache_file) if cache_file is not None else {}
@@ -369,36 +402,3 @@ def scan_images(paths: Iterable[Union[str, os.PathLike]],
     if cache_file is not None and fresh:
         save()
     return bad
-
-
-def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int = 0,
-                 dist_info=None, seed: int = 0, pin_memory: bool = False):
-    """A DataLoader whose order and worker seeds depend on ``(seed, epoch, rank)`` only
-    (call :func:`set_loader_epoch` before each epoch); distributed runs shard it.
-
-    Training drops the last incomplete batch (when there is a complete one): batch-norm
-    layers that train (finetuning, ``--train-bn``) would otherwise fold the statistics of
-    a handful of images into their running averages at the end of every epoch, and the
-    evaluation that follows reads exactly those."""
-    from torch.utils.data import DataLoader
-
-    from common.distributed import make_sampler
-    from common.seed import epoch_generator, worker_init_fn
-
-    rank = dist_info.rank if dist_info is not None else 0
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=make_sampler(dataset, dist_info, train, seed),
-                        num_workers=workers, pin_memory=pin_memory,
-                        drop_last=train and len(dataset) >= batch_size * (dist_info.world_size if dist_info else 1),
-                        generator=epoch_generator(seed, 0, rank), worker_init_fn=worker_init_fn,
-                        persistent_workers=False)  # workers must see set_epoch's value
-    loader.seed_and_rank = (int(seed), rank)
-    return loader
-
-
-def set_loader_epoch(loader, epoch: int) -> None:
-    """Sampler order, worker seeds and per-sample augmentation seeds of ``epoch``."""
-    from common.seed import reseed_loader
-
-    seed, rank = loader.seed_and_rank
-    reseed_loader(loader, seed, epoch, rank)
-    loader.dataset.set_epoch(epoch)

@@ -17,7 +17,7 @@ from common.errors import UsageError
 from common.heads import get_classifier, reset_classifier
 from classification.weights import load_pretrained, resolve_weights
 
-__all__ = ["build_model", "create_model", "arch_source", "torchvision_names", "TIMM_PREFIX"]
+__all__ = ["build_network", "pretrained_model", "arch_source", "torchvision_names", "TIMM_PREFIX"]
 
 TIMM_PREFIX = "timm:"
 
@@ -53,7 +53,7 @@ def _close(name: str, names: List[str]) -> str:
     return f" (close names: {', '.join(near)})" if near else ""
 
 
-def build_model(arch: str) -> nn.Module:
+def build_network(arch: str) -> nn.Module:
     """``arch`` with its library's default classifier and random weights."""
     source, name = arch_source(arch)
     if source == "torchvision":
@@ -65,11 +65,11 @@ def build_model(arch: str) -> nn.Module:
     return timm.create_model(name, pretrained=False)
 
 
-def create_model(arch: str, num_classes: int, weights: Union[None, str, Path] = None) -> Tuple[nn.Module, dict]:
+def pretrained_model(arch: str, num_classes: int, weights: Union[None, str, Path] = None) -> Tuple[nn.Module, dict]:
     """``arch`` filled from the weight file ``weights`` (see
     :func:`classification.weights.resolve_weights`; ``None``: random weights) with a new
     ``num_classes``-way classifier. Returns (model, report of what was loaded)."""
-    model = build_model(arch)
+    model = build_network(arch)
     report: dict = {"arch": arch, "source": "random"}
     if weights is not None:
         path = resolve_weights(weights, arch_source(arch)[1])

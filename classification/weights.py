@@ -1,9 +1,11 @@
 """Pretrained weight files: where they are, how they are read, and how their keys are
 adapted to the model they are loaded into.
 
-A weight file is a state dict saved with ``torch.save`` (``.pth``, ``.pt``, ``.bin``; read
-with ``weights_only=True``) or a safetensors file, possibly wrapped (``{"state_dict":
-...}``, ``{"model": ...}``) and possibly with DataParallel's ``module.`` prefix. A file whose
+A weight file is a state dict saved with ``torch.save`` (``.pth``, ``.pt``, ``.bin``, any
+layout since torch 0.2, a whole pickled network included; read by
+:func:`common.torchfile.read_torch_file`, which runs nothing the file names) or a safetensors
+file, possibly wrapped (``{"state_dict": ...}``, ``{"model": ...}``) and possibly with
+DataParallel's ``module.`` prefix. A file whose
 keys follow another layout of the same architecture is adapted by a registered *layout*:
 a pure function from state dict to state dict (see :func:`register_layout`). The first
 layout after which every model key but the classifier is present, nothing is left over
@@ -15,19 +17,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from common.errors import MissingFileError, WeightsFileError
 from common.heads import classifier_name
+from common.torchfile import read_state_dict, read_torch_file, sniff_file
 
-__all__ = ["Layout", "LAYOUTS", "register_layout", "resolve_weights", "read_state_dict",
+__all__ = ["Layout", "LAYOUTS", "register_layout", "resolve_weights", 
            "check_weights_file", "fit_state_dict", "load_pretrained", "hub_checkpoint_dir"]
 
 StateDict = Dict[str, torch.Tensor]
-_WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
 
 
 @dataclass(frozen=True)
@@ -125,27 +127,15 @@ def _torchvision_default_file(arch: str) -> str:
     return Path(weights.DEFAULT.url).name
 
 
-def _sniff(path: Path) -> str:
-    """'safetensors', 'torch' or 'other', from the first bytes of the file."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if len(head) >= 9 and 2 <= int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{":
-        return "safetensors"
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"  # torch.save's zip container, or a legacy pickle
-    return "other"
-
-
 def check_weights_file(path: Union[str, Path]) -> None:
     """Refuse, with one line saying what the file is, a file that is not pretrained weights:
     a mask file or a full-weights file of a trained task, a text or other file."""
     from common.maskfile import MASK_FORMAT
     from common.weightsfile import safetensors_metadata
     path = Path(path)
-    kind = _sniff(path)
-    if kind == "other":
-        raise WeightsFileError(f"--weights {path} is not a weight file (neither a torch.save file nor "
-                               f"safetensors); pass an ImageNet weight file of --arch")
+    kind = sniff_file(path)
+    if kind not in ("safetensors", "zip", "pickle"):
+        read_torch_file(path, "--weights")  # names what the file is instead
     if kind != "safetensors":
         return
     header = safetensors_metadata(path, "weights")
@@ -157,49 +147,6 @@ def check_weights_file(path: Union[str, Path]) -> None:
                                f"ImageNet weights; pass the weight file it was trained on"
                                + (f", {named}" if named else "")
                                + f", and evaluate the mask with python -m classification.evaluate {path}")
-
-
-def read_state_dict(path: Union[str, Path]) -> Tuple[StateDict, Dict[str, str]]:
-    """(state dict of tensors, metadata) of a weight file, unwrapped and without
-    ``module.`` prefixes. Metadata comes from safetensors headers (else empty)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"weight file {path} does not exist")
-    meta: Dict[str, str] = {}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        from common.weightsfile import safetensors_metadata
-        meta = safetensors_metadata(path, "weights")
-        try:
-            obj = load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise WeightsFileError(f"{path} is not a readable safetensors file ({exc})") from None
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors come in many types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WeightsFileError(f"{path} cannot be read as a state dict with weights_only=True "
-                                   f"({first})") from None
-    return normalise_state_dict(obj, str(path)), meta
-
-
-def normalise_state_dict(obj, what: str) -> StateDict:
-    for _ in range(3):
-        if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            inner = next((obj[k] for k in _WRAPPERS if k in obj and isinstance(obj[k], Mapping)), None)
-            if inner is None:
-                break
-            obj = inner
-    if not isinstance(obj, Mapping):
-        raise WeightsFileError(f"{what} holds a {type(obj).__name__}, not a state dict")
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not sd:
-        raise WeightsFileError(f"{what} holds no tensors (top-level keys: {_sample(list(obj))})")
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
 
 
 def _sample(keys: List[str], n: int = 4) -> str:

@@ -13,11 +13,10 @@ from typing import Iterable, Mapping, Union
 import torch
 import torch.nn as nn
 
-from .entropy import binary_entropy  # noqa: F401  (re-exported: H(p), the storage limit)
 from .masking import conversion_settings, mask_entries, task_state_modules
 
 __all__ = ["sparsity", "sparsity_from_masks", "backbone_parameters", "task_extra_parameters",
-           "task_cost", "parameter_ratio", "binary_entropy", "file_bits_per_weight"]
+           "task_cost", "parameter_ratio", "file_bits_per_weight"]
 
 
 def sparsity_from_masks(masks: Mapping[str, torch.Tensor]) -> dict:

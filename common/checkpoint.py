@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from common.errors import CheckpointError
-from common.runlog import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 
 __all__ = ["CHECKPOINT_VERSION", "TRAINING_SCHEMA", "CheckpointError", "save_checkpoint",
            "load_checkpoint", "save_training_checkpoint", "load_training_checkpoint",
@@ -128,11 +128,16 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any],
-                     may_change: Iterable[str] = ()) -> List[str]:
+                     may_change: Iterable[str] = (), absent: Optional[Mapping[str, Any]] = None) -> List[str]:
     """``"key: saved there, now here"`` for every key whose value differs, except those in
-    ``may_change``. Every key counts, so a setting added later is compared automatically."""
+    ``may_change``. Every key counts, so a setting added later is compared automatically:
+    a key the saved record lacks counts as ``absent[key]`` when given (what runs written
+    before the setting existed did), else as a difference."""
     allowed = set(may_change)
     saved, now = _flatten(saved), _flatten(now)
+    for key, value in (absent or {}).items():
+        if key not in saved and key in now:
+            saved[key] = value
     keys = sorted((set(saved) | set(now)) - allowed)
     missing = object()
     return [f"{k}: {saved.get(k, '<absent>')!r} there, {now.get(k, '<absent>')!r} now"

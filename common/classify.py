@@ -32,9 +32,9 @@ def classification_step(model: nn.Module, batch, prec: Precision) -> StepOutput:
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader, prec: Precision) -> Dict[str, float]:
-    """``val_top1`` (%), ``val_loss`` and ``val_count`` over the whole (possibly sharded)
-    loader, summed over processes."""
+def evaluate_classifier(model: nn.Module, loader, prec: Precision, split: str = "val") -> Dict[str, float]:
+    """``<split>_top1`` (%), ``<split>_loss`` and ``<split>_count`` over the whole (possibly
+    sharded) loader, summed over processes; ``split`` names what the loader holds."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=prec.device)
     correct = torch.zeros((), dtype=torch.float64, device=prec.device)
@@ -50,8 +50,8 @@ def evaluate_classifier(model: nn.Module, loader, prec: Precision) -> Dict[str, 
                                                           device=prec.device)])
     loss_sum, correct, n = all_reduce_sum(totals).tolist()
     n = int(n)
-    return {"val_top1": 100.0 * correct / n if n else float("nan"),
-            "val_loss": loss_sum / n if n else float("nan"), "val_count": n}
+    return {f"{split}_top1": 100.0 * correct / n if n else float("nan"),
+            f"{split}_loss": loss_sum / n if n else float("nan"), f"{split}_count": n}
 
 
 @torch.no_grad()
@@ -66,23 +66,25 @@ def predict(model: nn.Module, loader, *, prec: Precision) -> torch.Tensor:
 
 
 class ClassificationPipeline(Pipeline):
-    """Cross-entropy training with top-1 (%), evaluated on ``val_loader``."""
+    """Cross-entropy training with top-1 (%), evaluated after every epoch on ``val_loader``,
+    which holds the split named ``split`` (its metrics carry that name: ``val_top1``,
+    ``test_top1``)."""
 
     accuracy_key = "correct"
 
-    def __init__(self, prec: Precision, val_loader, num_classes: Optional[int] = None):
-        self.prec, self.val_loader = prec, val_loader
+    def __init__(self, prec: Precision, val_loader, num_classes: Optional[int] = None, split: str = "val"):
+        self.prec, self.val_loader, self.split = prec, val_loader, split
         self.chance = 1.0 / num_classes if num_classes else None
 
     def train_step(self, model: nn.Module, batch: Any) -> StepOutput:
         return classification_step(model, batch, self.prec)
 
     def evaluate(self, model: nn.Module) -> Dict[str, Any]:
-        return evaluate_classifier(model, self.val_loader, self.prec)
+        return evaluate_classifier(model, self.val_loader, self.prec, self.split)
 
     def train_metrics(self, sums: Mapping[str, float], count: float) -> Dict[str, float]:
         return {"train_top1": 100.0 * sums.get("correct", 0.0) / count if count else float("nan")}
 
     def describe(self, record: Mapping[str, Any]) -> str:
         return (f"train loss {record['train_loss']:.4f} top-1 {record['train_top1']:.2f}  "
-                f"val loss {record['val_loss']:.4f} top-1 {record['val_top1']:.2f}")
+                f"{self.split} loss {record[self.split + '_loss']:.4f} top-1 {record[self.split + '_top1']:.2f}")

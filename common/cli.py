@@ -1,7 +1,7 @@
 """Running a command: device names, CPU threads and workers, and how a command ends.
 
-Every entry point is ``parse -> configuration -> main(configuration)`` through
-:func:`run_cli`, which turns the toolkit's own errors (:class:`common.errors.PiggybackError`)
+Every entry point is ``parse -> settings -> main(settings)`` through :func:`guarded`
+(:meth:`common.settings.Settings.run`), which turns the toolkit's own errors (:class:`common.errors.PiggybackError`)
 into one line on stderr with exit status 2, an interrupt (Ctrl-C) into one line saying how
 to resume, and an operating-system error on a file (a read-only folder, a full disk) into
 one line naming the path; every other exception is a defect and keeps its traceback.
@@ -12,14 +12,16 @@ import argparse
 import errno
 import os
 import re
+import signal
 import sys
 from typing import Callable, Optional, Tuple
 
 import torch
 
-from .errors import DeviceError, PiggybackError, UsageError
+from .errors import (DeviceError, PiggybackError, Terminated, UsageError, clear_termination, note_termination,
+                     stop_for)
 
-__all__ = ["resolve_device", "run_cli", "run_config_cli", "guarded", "Parser", "USER_ERRORS", "positive_int", "DeviceError", "DEVICE_CHOICES_HELP",
+__all__ = ["resolve_device", "guarded", "Parser", "USER_ERRORS", "positive_int", "DeviceError", "DEVICE_CHOICES_HELP",
            "check_device_name", "usable_cores", "resolve_workers", "resolve_threads", "apply_threads",
            "UsageExit", "Interrupted"]
 
@@ -120,10 +122,11 @@ class UsageExit(SystemExit):
 
 
 class Interrupted(UsageExit):
-    """Ctrl-C: exit status 130, one line saying where the run stopped."""
+    """Ctrl-C (exit status 130) or a termination signal (128 + its number): one line saying
+    where the run stopped."""
 
-    def __init__(self, message: str):
-        super().__init__(message, 130)
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message, code)
 
 
 # OS errors on files that a user's disk or folder causes, not the code
@@ -139,27 +142,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"usage: {self.prog} [options]  (--help lists them)\n{self.prog}: error: {message}\n")
 
 
-def run_config_cli(build: Callable[[], object], main: Callable[[object], object], prog: str) -> int:
-    """Build a command's configuration with ``build()`` and run ``main(configuration)``,
-    ending as :func:`guarded` says."""
-    return guarded(prog, lambda: main(build()))
-
-
-def run_cli(parser: argparse.ArgumentParser, main, argv=None, check_args=None) -> int:
-    """Parse ``argv``, validate with ``check_args(parser, args)`` and run ``main(args)``
-    (commands with a handful of flags: evaluation, scoring, benchmarks), ending as
-    :func:`guarded` says."""
-    args = parser.parse_args(argv)
-    if check_args is not None:
-        args = check_args(parser, args)
-    return guarded(parser.prog, lambda: main(args))
-
-
 def guarded(prog: str, body: Callable[[], object]) -> int:
     """Run ``body()``. The toolkit's own errors end with ``PROG: error: MESSAGE`` on stderr
     and exit status 2 (as argparse does for bad flags); Ctrl-C with one line and status
     130; an OS error on a file (permission, read-only or full disk) with one line naming
     the path and the reason. Every other exception propagates with its traceback."""
+    previous = _catch_termination()
     try:
         body()
     except USER_ERRORS as exc:
@@ -168,6 +156,10 @@ def guarded(prog: str, body: Callable[[], object]) -> int:
         raise UsageExit(message) from None
     except KeyboardInterrupt as exc:
         where = str(exc) if str(exc) else "before training started"
+        if isinstance(exc, Terminated):
+            message = f"{prog}: stopped by {exc.signal} {where}"
+            print(message, file=sys.stderr)
+            raise Interrupted(message, 128 + getattr(signal, exc.signal)) from None
         message = f"{prog}: interrupted {where}"
         print(message, file=sys.stderr)
         raise Interrupted(message) from None
@@ -177,4 +169,50 @@ def guarded(prog: str, body: Callable[[], object]) -> int:
         message = f"{prog}: error: cannot write or read {exc.filename}: {exc.strerror}"
         print(message, file=sys.stderr)
         raise UsageExit(message) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if previous and sys.unraisablehook is _quiet_termination:
+            sys.unraisablehook = _quiet_termination.previous
+        clear_termination()
     return 0
+
+
+_TERMINATING = ("SIGINT", "SIGTERM", "SIGHUP")
+
+
+def _terminate(signum, frame):
+    name = signal.Signals(signum).name
+    note_termination(name)  # checked again at every step, should this exception be dropped
+    raise stop_for(name)
+
+
+def _catch_termination() -> dict:
+    """SIGTERM and SIGHUP raise :class:`Terminated` (ending a run as Ctrl-C does: one line,
+    the checkpoint's epoch, the lock released, loader workers stopped), and Ctrl-C its
+    KeyboardInterrupt; each is also noted, so that one arriving where Python cannot raise
+    still ends the run at the next step. A signal the process was told to ignore (``nohup``
+    ignores SIGHUP) stays ignored. Returns the handlers replaced. Only the main thread can
+    do this; elsewhere nothing changes."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for name in _TERMINATING:
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, _terminate)
+    if previous and sys.unraisablehook is not _quiet_termination:
+        _quiet_termination.previous = sys.unraisablehook
+        sys.unraisablehook = _quiet_termination
+    return previous
+
+
+def _quiet_termination(unraisable):
+    """A stop Python could not raise (the signal came during a finaliser or a fork callback)
+    is not printed: the signal is noted and the next step ends the run."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        _quiet_termination.previous(unraisable)
+
+
+_quiet_termination.previous = sys.__unraisablehook__

@@ -5,9 +5,10 @@ environment and joins a process group (gloo on CPU, nccl on CUDA); a run started
 plain ``python -m ...`` is a single process and every collective here is a no-op, so the
 training loops call them unconditionally.
 
-Samplers: the single-process sampler draws its permutation from a generator seeded by
-``(seed, epoch)`` only, exactly like ``DistributedSampler``, so a run resumed at epoch E
-sees the same order of examples as a run that was never interrupted.
+Samplers: ``DistributedSampler`` for training (one replica in a single process), whose
+permutation comes from a generator seeded by ``(seed, epoch)`` only, so a run resumed at
+epoch E sees the same order of examples as a run that was never interrupted, and one
+process sees the order of many processes taken together.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from common.errors import UsageError
 
 __all__ = [
     "DistInfo", "init_distributed", "is_dist", "all_reduce_sum", "all_reduce_max", "gather_object",
-    "barrier", "cleanup", "wrap_ddp", "unwrap", "make_sampler", "EpochSampler", "ShardSampler",
+    "barrier", "cleanup", "wrap_ddp", "unwrap", "make_sampler", "ShardSampler",
 ]
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -178,34 +179,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-class EpochSampler(Sampler[int]):
-    """Single-process sampler whose order is a function of ``(seed, epoch)`` only.
-
-    With ``shuffle=False`` it yields ``0..n-1``. Call :meth:`set_epoch` before each
-    epoch, as with ``DistributedSampler``.
-    """
-
-    def __init__(self, dataset: Sized, shuffle: bool = True, seed: int = 0):
-        self.num_samples = len(dataset)
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.num_samples))
-        g = torch.Generator()
-        # Same seeding rule as DistributedSampler, so one- and many-process runs agree.
-        g.manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
 class ShardSampler(DistributedSampler):
     """Evaluation sampler for a distributed run: rank r takes examples r, r+W, r+2W, ...
 
@@ -232,11 +205,12 @@ def make_sampler(dataset: Sized, info: Optional[DistInfo], shuffle: bool, seed: 
 
     Distributed: ``DistributedSampler`` for training, :class:`ShardSampler` (a
     ``DistributedSampler`` without padding) for evaluation. One process:
-    :class:`EpochSampler`. Every returned sampler has ``set_epoch``.
+    ``DistributedSampler`` of one replica, whose order is a function of ``(seed, epoch)``
+    only, the same rule as across processes. Every returned sampler has ``set_epoch``.
     """
     if info is not None and info.distributed:
         if not shuffle:
             return ShardSampler(dataset, num_replicas=info.world_size, rank=info.rank)
         return DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
                                   shuffle=True, seed=seed)
-    return EpochSampler(dataset, shuffle=shuffle, seed=seed)
+    return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=seed)

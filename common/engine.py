@@ -13,7 +13,7 @@ the rest the same way for decathlon, segmentation and classification:
   whose loss was not finite even though it is read later.
 - **Resume.** ``fit`` writes a training checkpoint (:mod:`common.checkpoint`) after every
   epoch. Run again on the same folder it compares *every* setting of the new config with
-  the checkpoint's, except those listed in :data:`MAY_CHANGE_ON_RESUME`, restores model,
+  the checkpoint's, except those free to change (:mod:`common.resume`), restores model,
   optimizers, schedulers, collapse monitor and each rank's own RNG state, rewrites
   log.jsonl to exactly the epochs the checkpoint holds, and continues at the next epoch.
 - **Run folder hygiene.** Nothing is written before the settings are accepted; leftovers
@@ -35,22 +35,21 @@ import torch
 import torch.nn as nn
 
 from common.accounting import sparsity
-from common.checkpoint import (changed_settings, load_trainable_state, load_training_checkpoint,
-                               rng_state, save_training_checkpoint, set_rng_state, trainable_state)
+from common.checkpoint import (load_trainable_state, rng_state, save_training_checkpoint, set_rng_state,
+                               trainable_state)
 from common.collapse import CollapseMonitor
 from common.distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, gather_object, wrap_ddp
-from common.errors import DivergedError, ResumeError
+from common.errors import DiskFullError, DivergedError, check_termination, interrupted
 from common.masking import backbone_fingerprint, is_piggybacked
-from common.runlog import MetricLogger, RunDir, non_finite_message, remove_stale_temp_files, to_jsonable
+from common.atomic import remove_stale_temp_files, to_jsonable
+from common.meters import MetricLogger, non_finite_message
+from common.resume import CHECKPOINT, MAY_CHANGE_ON_RESUME, resume_point
+from common.runlog import RunDir
 
 __all__ = ["StepOutput", "Pipeline", "FitState", "FitResult", "train_one_epoch", "fit",
            "MAY_CHANGE_ON_RESUME", "compile_model", "compile_for_eval", "EVAL_COMPILE_MODES", "EVAL_COMPILE_HELP",
            "CHECKPOINT"]
 
-CHECKPOINT = "checkpoint.pt"
-# ``epochs`` may only grow; what else may differ on resume is declared with the fields of
-# the run's configuration (common.config: ``resume="free"``) and passed as ``may_change``.
-MAY_CHANGE_ON_RESUME = frozenset({"epochs"})
 _NO_BAD_STEP = 2 ** 62
 
 
@@ -279,6 +278,7 @@ def train_one_epoch(model: nn.Module, loader, pipeline: Pipeline,
     start = time.perf_counter()
     try:
         for i, batch in enumerate(logger.log_every(loader, print_freq, header)):
+            check_termination()
             out = pipeline.train_step(model, batch)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -289,8 +289,8 @@ def train_one_epoch(model: nn.Module, loader, pipeline: Pipeline,
             steps = i + 1
             if i % print_freq == 0 or i == total - 1:
                 close_window(i)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"in epoch {epoch} at step {steps} of {total}") from None
+    except KeyboardInterrupt as exc:
+        raise interrupted(exc, f"in epoch {epoch} at step {steps} of {total}") from None
     if steps > window["start"]:  # a loader that ran past its len()
         close_window(steps - 1)
     elapsed = time.perf_counter() - start
@@ -304,35 +304,18 @@ def train_one_epoch(model: nn.Module, loader, pipeline: Pipeline,
     return stats
 
 
-def _resume_point(run: RunDir, config: Dict[str, Any], epochs: int, fingerprint, may_change) -> Optional[dict]:
-    """The checkpoint to resume from (None for a fresh run), after every check passed."""
-    path = run.file(CHECKPOINT)
-    if not path.exists():
-        return None
-    ckpt = load_training_checkpoint(path)
-    differ = changed_settings(ckpt["settings"], config, may_change)
-    if differ:
-        raise ResumeError(f"{path} was written with other settings ({'; '.join(differ)}); run with "
-                          f"the same flags to resume, or choose another --out")
-    if ckpt["fingerprint"] != fingerprint:
-        raise ResumeError(f"{path} was trained on another backbone (fingerprint {ckpt['fingerprint']}, "
-                          f"now {fingerprint}); use the backbone it was trained on or another --out")
-    if epochs < int(ckpt["epoch"]):
-        raise ResumeError(f"{path} already holds {ckpt['epoch']} epochs; --epochs {epochs} is fewer. "
-                          f"Pass --epochs {ckpt['epoch']} or more to resume, or choose another --out")
-    return ckpt
-
-
 def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epochs: int,
         config: Mapping[str, Any], dist: DistInfo, set_epoch: Callable[[int], None],
         print_freq: int = 50, header: str = "", log: Callable[[str], None] = print,
-        may_change: Sequence[str] = (), monitor: Optional[CollapseMonitor] = None) -> FitResult:
+        may_change: Sequence[str] = (), monitor: Optional[CollapseMonitor] = None,
+        absent: Optional[Mapping[str, Any]] = None) -> FitResult:
     """Train to ``epochs`` in ``run`` (resuming from its checkpoint when one exists).
 
     ``config`` is the run's configuration record (:func:`common.config.config_record`): it
     is written to config.json, and a resume is refused when any key differs from the
     checkpoint's except ``epochs`` (which may only grow) and ``may_change`` (the fields the
-    configuration declares free, e.g. ``RunConfig.resume_free()``). ``set_epoch(e)`` prepares the
+    configuration declares free, e.g. ``RunConfig.resume_free()``); a setting the checkpoint
+    lacks counts as ``absent`` says (``Settings.absent_settings()``). ``set_epoch(e)`` prepares the
     loader for 0-based epoch ``e`` (sampler order, worker seeds). The model is expected
     on its device already.
     """
@@ -341,7 +324,7 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
     run.check_run_folder()  # a folder of the user's is refused, untouched
     model = state.model
     fingerprint = backbone_fingerprint(model) if is_piggybacked(model) else None
-    ckpt = _resume_point(run, config, epochs, fingerprint, may_change)
+    ckpt = resume_point(run, config, epochs, fingerprint, may_change, absent or {})
     monitor = monitor or CollapseMonitor(pipeline.chance)
     history: List[Dict[str, Any]] = []
     start = 0
@@ -356,7 +339,7 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
         set_rng_state(ckpt["rng"][dist.rank], dist.device)  # each rank its own generators
     created = run.create()
     taken = run.acquire_lock()  # a caller holding it (``with run.lock():``) keeps it past the return
-    saved, epoch = False, start
+    saved, epoch, checkpointed = False, start, start
     try:
         if run.is_main and (ckpt is None or start < epochs):  # a finished run re-run changes nothing
             remove_stale_temp_files(run.path)
@@ -379,6 +362,7 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
                 sch.step()
             state.eval_model.eval()
             evaluation = pipeline.evaluate(state.eval_model)
+            check_termination()
             collapse = stats.pop("collapse", None)
             record = {"epoch": epoch + 1, **stats, **pipeline.log_metrics(evaluation), "lr": lrs,
                       "epoch_time_s": time.perf_counter() - t0}
@@ -390,12 +374,16 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
             history.append(record)
             rngs = gather_object(rng_state(dist.device))
             if dist.is_main:
-                save_training_checkpoint(run.file(CHECKPOINT), epoch=epoch + 1, model=trainable_state(model),
-                                         optimizers=state.optimizers, schedulers=state.schedulers, rng=rngs,
-                                         config=config, history=history, monitor=monitor.state_dict(),
-                                         fingerprint=fingerprint)
+                try:
+                    save_training_checkpoint(run.file(CHECKPOINT), epoch=epoch + 1, model=trainable_state(model),
+                                             optimizers=state.optimizers, schedulers=state.schedulers, rng=rngs,
+                                             config=config, history=history, monitor=monitor.state_dict(),
+                                             fingerprint=fingerprint)
+                except DiskFullError as full:
+                    held = f"it holds epoch {checkpointed}" if checkpointed else "no epoch was checkpointed"
+                    raise DiskFullError(full.errno, f"{header}{full}; {held}", full.filename) from None
                 run.log_epoch(record)  # after the checkpoint: the log never runs ahead of it
-            saved = True
+            saved, checkpointed = True, epoch + 1
             barrier()
             per_epoch = (time.perf_counter() - t_run) / (epoch + 1 - start)
             eta = datetime.timedelta(seconds=int(per_epoch * (epochs - epoch - 1)))
@@ -407,10 +395,11 @@ def fit(run: RunDir, state: FitState, pipeline: Pipeline, train_loader, *, epoch
             run.discard()
         if taken:
             run.release_lock()
-        kept = (f"the checkpoint holds epoch {len(history)}" if history else "no epoch was checkpointed")
+        # what the checkpoint on disk holds (an interrupt while it was written keeps the one before)
+        kept = f"the checkpoint holds epoch {checkpointed}" if checkpointed else "no epoch was checkpointed"
         # a signal outside the training steps carries no message: say where the run was
         where = str(exc) or (f"after epoch {epoch + 1}" if len(history) > epoch else f"in epoch {epoch + 1}")
-        raise KeyboardInterrupt(f"{where}; {kept}: re-run the same command to resume") from None
+        raise interrupted(exc, f"{header}{where}; {kept}: re-run the same command to resume") from None
     except BaseException:
         if created and not saved:
             run.discard()

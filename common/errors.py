@@ -1,7 +1,7 @@
 """The toolkit's own errors.
 
 Every error that means "bad input" or "this run cannot go on as asked" derives from
-:class:`PiggybackError`. Command-line entry points (``common.cli.run_cli``) report exactly
+:class:`PiggybackError`. Command-line entry points (``common.cli.guarded``) report exactly
 these as one line on stderr with exit status 2; any other exception is a defect and keeps
 its traceback. Each class also derives from the built-in exception a caller would expect
 (``ValueError`` for bad values, ``FileNotFoundError`` for missing files), so
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __all__ = ["PiggybackError", "UsageError", "DataError", "MissingFileError", "MaskFileError",
            "WeightsFileError", "CheckpointError", "ResumeError", "DivergedError", "DeviceError",
-           "RunLockedError"]
+           "RunLockedError", "DiskFullError", "Terminated", "interrupted"]
 
 
 class PiggybackError(Exception):
@@ -52,6 +52,58 @@ class ResumeError(PiggybackError, ValueError):
 
 class DivergedError(PiggybackError, FloatingPointError):
     """Training produced a non-finite loss."""
+
+
+class DiskFullError(PiggybackError, OSError):
+    """A file that could not be written for want of space (or quota); ``str()`` is one
+    line naming the file, its size and what is intact."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (what batch schedulers and closed terminals send), ending a run the
+    way Ctrl-C does; ``signal`` names it."""
+
+    def __init__(self, message: str = "", signal: str = "SIGTERM"):
+        super().__init__(message)
+        self.signal = signal
+
+
+_PENDING: list = []  # termination signals received (common.cli's handler notes them)
+
+
+def note_termination(name: str) -> None:
+    """Remember that signal ``name`` asked the process to end."""
+    _PENDING.append(name)
+
+
+def stop_for(name: str) -> KeyboardInterrupt:
+    """The exception signal ``name`` ends a command with: Ctrl-C's for SIGINT, else
+    :class:`Terminated`."""
+    return KeyboardInterrupt() if name == "SIGINT" else Terminated("", name)
+
+
+def check_termination() -> None:
+    """Raise what a signal noted asks for when its exception was lost: Python drops an
+    exception raised while it runs a finaliser or a fork callback (a loader worker
+    starting, say), and the training loop calls this at every step instead."""
+    if _PENDING:
+        raise stop_for(_PENDING[-1])
+
+
+def clear_termination() -> None:
+    """Forget the signals noted (a command has ended; the next one in this process starts clean)."""
+    _PENDING.clear()
+
+
+def interrupted(exc: KeyboardInterrupt, message: str) -> KeyboardInterrupt:
+    """The same kind of interrupt as ``exc`` (Ctrl-C or a termination signal), saying
+    ``message``."""
+    if isinstance(exc, Terminated):
+        return Terminated(message, exc.signal)
+    return KeyboardInterrupt(message)
 
 
 class DeviceError(PiggybackError, ValueError, RuntimeError):

@@ -29,7 +29,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Dict, NamedTuple, Tuple
+from typing import Dict, NamedTuple
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .bits import pack_bits, unpack_bits
-from .errors import MaskFileError, MissingFileError, UsageError
+from .errors import MaskFileError, UsageError
 from .masking import (SETTINGS_ATTR, backbone_fingerprint, conversion_settings, is_piggybacked, mask_entries,
                       piggyback, set_layer_scheme, task_state_modules)
 from .runlog import atomic_write_bytes

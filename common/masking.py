@@ -303,6 +303,10 @@ MASK_INITS: Dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def mask_init_names() -> List[str]:
+    return sorted(MASK_INITS)
+
+
 def _in_skip(name: str, skip: Tuple[str, ...]) -> bool:
     return any(name == s or name.startswith(s + ".") for s in skip)
 

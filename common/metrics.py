@@ -1,6 +1,7 @@
-"""Evaluation metrics: top-k classification accuracy and the segmentation confusion matrix.
+"""The segmentation confusion matrix and the FCN metrics computed from it (top-1 of the
+classification pipelines is :func:`common.classify.evaluate_classifier`).
 
-Both accumulate integer counts, which sum exactly across processes: after
+The matrix accumulates integer counts, which sum exactly across processes: after
 ``all_reduce()`` every rank computes the metrics of the whole evaluation set.
 
 Segmentation metrics follow the FCN definitions on one confusion matrix ``M`` with rows =
@@ -12,109 +13,14 @@ sum over classes with row sum > 0 of (row sum / total) * IoU.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
 from common.distributed import all_reduce_sum
 
-__all__ = ["accuracy", "topk_correct", "ClassificationMeter", "ConfusionMatrix"]
-
-
-def _check_logits(logits: torch.Tensor, target: torch.Tensor) -> None:
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be (batch, classes), got shape {tuple(logits.shape)}")
-    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
-        raise ValueError(f"target must be ({logits.shape[0]},) to match logits "
-                         f"{tuple(logits.shape)}, got shape {tuple(target.shape)}")
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
-
-
-def topk_correct(logits: torch.Tensor, target: torch.Tensor,
-                 topk: Sequence[int] = (1,)) -> List[int]:
-    """How many rows have the target among the top-k logits, for each k.
-
-    k larger than the number of classes counts as the number of classes (every row
-    is then correct), so top-5 is defined for two-class tasks.
-    """
-    _check_logits(logits, target)
-    if any(int(k) < 1 for k in topk):
-        raise ValueError(f"topk values must be >= 1, got {tuple(topk)}")
-    if logits.shape[0] == 0:
-        return [0 for _ in topk]
-    num_classes = logits.shape[1]
-    maxk = min(max(int(k) for k in topk), num_classes)
-    pred = logits.topk(maxk, dim=1, largest=True, sorted=True).indices  # (N, maxk)
-    hit = pred.eq(target.view(-1, 1).to(pred.device))
-    counts = hit.cumsum(dim=1).sum(dim=0)  # counts[j] = rows correct within top-(j+1)
-    return [int(counts[min(int(k), num_classes) - 1].item()) for k in topk]
-
-
-def accuracy(logits: torch.Tensor, target: torch.Tensor,
-             topk: Sequence[int] = (1,)) -> List[float]:
-    """Top-k accuracy of one batch in percent, one value per k."""
-    n = target.shape[0] if target.dim() else 0
-    if n == 0:
-        raise ValueError("accuracy of an empty batch is undefined")
-    return [100.0 * c / n for c in topk_correct(logits, target, topk)]
-
-
-class ClassificationMeter:
-    """Correct-prediction counts for each k in ``topk`` plus the example count."""
-
-    def __init__(self, topk: Sequence[int] = (1,)):
-        if 1 not in topk:
-            topk = (1,) + tuple(topk)
-        self.topk: Tuple[int, ...] = tuple(int(k) for k in topk)
-        self.reset()
-
-    def reset(self) -> None:
-        # counts[i] = correct within top-k for topk[i]; counts[-1] = examples seen.
-        self.counts = torch.zeros(len(self.topk) + 1, dtype=torch.int64)
-        self._reduced = False
-
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        self.update_counts(topk_correct(logits, target, self.topk), int(target.shape[0]))
-
-    def update_counts(self, correct: Sequence[int], total: int) -> None:
-        """Add precomputed counts (``correct`` aligned with ``self.topk``)."""
-        if self._reduced:
-            raise RuntimeError("ClassificationMeter updated after all_reduce(); call reset() "
-                               "first (the counts now include other processes)")
-        if len(correct) != len(self.topk):
-            raise ValueError(f"expected {len(self.topk)} counts for topk={self.topk}, "
-                             f"got {len(correct)}")
-        self.counts += torch.tensor(list(correct) + [total], dtype=torch.int64)
-
-    def all_reduce(self) -> "ClassificationMeter":
-        """Sum the counts over processes in place (once; later calls do nothing)."""
-        if not self._reduced:
-            all_reduce_sum(self.counts)
-            self._reduced = True
-        return self
-
-    @property
-    def total(self) -> int:
-        return int(self.counts[-1].item())
-
-    def topk_accuracy(self, k: int) -> float:
-        """Accuracy in percent for one of ``self.topk`` (NaN before any example)."""
-        if k not in self.topk:
-            raise KeyError(f"k={k} is not tracked; this meter tracks topk={self.topk}")
-        if self.total == 0:
-            return math.nan
-        return 100.0 * int(self.counts[self.topk.index(k)].item()) / self.total
-
-    @property
-    def top1(self) -> float:
-        return self.topk_accuracy(1)
-
-    def compute(self) -> Dict[str, float]:
-        out: Dict[str, float] = {f"top{k}": self.topk_accuracy(k) for k in self.topk}
-        out["count"] = self.total
-        return out
+__all__ = ["ConfusionMatrix"]
 
 
 class ConfusionMatrix:

@@ -1,7 +1,7 @@
 """Pictures for people: training curves, mask sparsity per layer, per-task bar charts.
 
 Every figure is rendered off-screen (matplotlib's Agg backend) and written as a PNG with
-:func:`common.runlog.atomic_write_bytes`, so a reader never sees half a file and the file
+:func:`common.atomic.atomic_write_bytes`, so a reader never sees half a file and the file
 gets the permissions of a plain ``open()`` (0644 under the usual umask).
 
 :func:`save_run_plots` is what a training run calls at its end: from the run folder's
@@ -27,10 +27,10 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from common.runlog import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 
 __all__ = ["save_figure", "plot_training_curves", "plot_sparsity", "plot_grouped_bars",
-           "save_run_plots", "CURVES_PNG", "SPARSITY_PNG", "curves_figure", "sparsity_figure",
+           "save_run_plots", "expected_plots", "CURVES_PNG", "SPARSITY_PNG", "curves_figure", "sparsity_figure",
            "grouped_bars_figure", "sparsity_axis_top", "thinned_ticks", "run_description", "SYNTHETIC_NOTE"]
 
 CURVES_PNG = "curves.png"
@@ -83,9 +83,10 @@ def _series(records: Sequence[Mapping], keys: Sequence[str]) -> Dict[str, Tuple[
 
 
 # Accuracy-like keys: the decathlon's top-1 (percent) and segmentation's FCN metrics (fractions).
-_ACCURACY_KEYS = ("train_top1", "val_top1", "pixel_acc", "mean_acc", "mean_iou", "fw_iou")
+_ACCURACY_KEYS = ("train_top1", "val_top1", "test_top1", "pixel_acc", "mean_acc", "mean_iou", "fw_iou")
 _LABELS = {"train_loss": "train loss", "val_loss": "val loss", "train_top1": "train top-1",
-           "val_top1": "val top-1", "pixel_acc": "pixel acc.", "mean_acc": "mean acc.",
+           "val_top1": "val top-1", "test_loss": "test loss", "test_top1": "test top-1",
+           "pixel_acc": "pixel acc.", "mean_acc": "mean acc.",
            "mean_iou": "mean IoU", "fw_iou": "f.w. IoU"}
 _EVAL_METRICS = ("pixel_acc", "mean_acc", "mean_iou", "fw_iou")  # computed on the evaluation split
 
@@ -127,9 +128,24 @@ def _finish(fig, suptitle: Optional[str] = None, synthetic: bool = False, note: 
     fig.tight_layout(rect=(0, 0, 1, top))
 
 
+def _collapses(records: Sequence[Mapping]) -> List[Tuple[float, str]]:
+    """(epoch, label) of every epoch whose record reports a collapse."""
+    out = []
+    for i, r in enumerate(records):
+        event = r.get("collapse")
+        if isinstance(event, Mapping):
+            epoch = _number(r.get("epoch")) or i + 1
+            step = event.get("step")
+            out.append((epoch, f"collapse (step {step})" if step is not None else "collapse"))
+    return out
+
+
 def curves_figure(records: Sequence[Mapping], *, title: Optional[str] = None, dataset: Optional[str] = None,
-                  eval_split: Optional[str] = None, synthetic: bool = False, note: Optional[str] = None):
-    """The matplotlib Figure :func:`plot_training_curves` saves (None when nothing to draw)."""
+                  eval_split: Optional[str] = None, synthetic: bool = False, note: Optional[str] = None,
+                  chance: Optional[float] = None):
+    """The matplotlib Figure :func:`plot_training_curves` saves (None when nothing to draw).
+    ``chance`` (percent) draws the accuracy of guessing; a collapse an epoch record reports
+    is marked on every panel."""
     records = [r for r in records if isinstance(r, Mapping)]
     loss_keys = sorted({k for r in records for k in r if isinstance(k, str) and k.endswith("loss")})
     losses = _series(records, loss_keys)
@@ -147,6 +163,10 @@ def curves_figure(records: Sequence[Mapping], *, title: Optional[str] = None, da
             ys = [100 * v for v in ys] if percent else ys
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=4, linewidth=1.8,
                     label=_series_label(key, eval_split))
+        if ylabel.startswith("accuracy") and chance is not None and not any("iou" in k for k in series):
+            ax.axhline(chance, color="#777777", linestyle=":", linewidth=1.5, label=f"chance ({chance:.3g}%)")
+        for i, (epoch, label) in enumerate(_collapses(records)):
+            ax.axvline(epoch, color="#c0392b", linestyle="--", linewidth=1.5, label=label if i == 0 else None)
         ax.set_xlabel("epoch", fontsize=_FONT["label"])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel, fontsize=_FONT["label"])
@@ -163,7 +183,8 @@ def curves_figure(records: Sequence[Mapping], *, title: Optional[str] = None, da
 
 def plot_training_curves(records: Sequence[Mapping], path, *, title: Optional[str] = None,
                          dataset: Optional[str] = None, eval_split: Optional[str] = None,
-                         synthetic: bool = False, note: Optional[str] = None) -> Optional[Path]:
+                         synthetic: bool = False, note: Optional[str] = None,
+                         chance: Optional[float] = None) -> Optional[Path]:
     """Loss and accuracy per epoch from log.jsonl records; None when they hold neither.
 
     Losses are every ``*loss`` key; accuracies the keys in ``_ACCURACY_KEYS``, drawn in
@@ -173,7 +194,7 @@ def plot_training_curves(records: Sequence[Mapping], path, *, title: Optional[st
     made of ``dataset`` and ``eval_split``. ``synthetic`` marks the figure "synthetic
     data"; ``note`` adds a text of its own beside it."""
     fig = curves_figure(records, title=title, dataset=dataset, eval_split=eval_split,
-                        synthetic=synthetic, note=note)
+                        synthetic=synthetic, note=note, chance=chance)
     return None if fig is None else save_figure(fig, path)
 
 
@@ -276,6 +297,10 @@ def sparsity_figure(per_layer: Union[Mapping[str, float], Mapping[str, Mapping[s
     ax.tick_params(axis="y", labelsize=_FONT["tick"])
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title or "Mask sparsity per layer", fontsize=_FONT["title"])
+    if percents and max(percents) == 0:
+        ax.text(0.5, 0.5, "no weight is masked out: every mask keeps all of its layer's weights",
+                transform=ax.transAxes, ha="center", va="center", fontsize=_FONT["label"],
+                bbox=dict(boxstyle="round,pad=0.4", facecolor="white", edgecolor="#999999"))
     if len(series) > 1:
         ax.legend(fontsize=_FONT["legend"])
     _finish(fig, None, synthetic, note)
@@ -437,12 +462,22 @@ def run_description(config: Mapping, metrics: Mapping, run_name: str) -> Dict[st
     return {"dataset": dataset, "eval_split": eval_split, "name": name, "synthetic": synthetic}
 
 
-def save_run_plots(run_dir) -> List[Path]:
-    """Write ``curves.png`` and (for runs with masks) ``sparsity.png`` into ``run_dir``;
-    returns the files written (none when the folder holds nothing to draw). Titles and
-    series labels name the dataset and evaluation split the run folder records
-    (:func:`run_description`); a run marked ``"synthetic": true`` gets a visible note."""
+def expected_plots(run_dir) -> List[Path]:
+    """The pictures a finished run promises: ``curves.png``, and ``sparsity.png`` when it
+    trained masks."""
     run = Path(run_dir)
+    metrics = _read_json(run / "metrics.json")
+    masked = (run / "masks.safetensors").is_file() or (isinstance(metrics, dict) and metrics.get("sparsity_layers"))
+    return [run / CURVES_PNG] + ([run / SPARSITY_PNG] if masked else [])
+
+
+def save_run_plots(run_dir, only: Optional[Sequence[Path]] = None) -> List[Path]:
+    """Write ``curves.png`` and (for runs with masks) ``sparsity.png`` into ``run_dir`` (or
+    only those of ``only``); returns the files written (none when the folder holds nothing
+    to draw). Titles and series labels name the dataset and evaluation split the run folder
+    records (:func:`run_description`); a run marked ``"synthetic": true`` gets a visible note."""
+    run = Path(run_dir)
+    wanted = None if only is None else {Path(p).name for p in only}
     if not run.is_dir():
         return []
     config = _read_json(run / "config.json")
@@ -452,12 +487,16 @@ def save_run_plots(run_dir) -> List[Path]:
     name, eval_split, synthetic = about["name"], about["eval_split"], bool(about["synthetic"])
     written = []
     split_note = f" (evaluated on {eval_split})" if eval_split else ""
-    curves = plot_training_curves(_read_log(run / "log.jsonl"), run / CURVES_PNG,
-                                  title=f"{name}: training curves{split_note}", dataset=about["dataset"],
-                                  eval_split=eval_split, synthetic=synthetic)
-    if curves is not None:
-        written.append(curves)
-    layers = _layer_sparsity(run, metrics)
+    if wanted is None or CURVES_PNG in wanted:
+        classes = _number((metrics if isinstance(metrics, dict) else {}).get("num_classes")) or \
+            _number((config.get("resolved") or {}).get("num_classes")) or _number(config.get("num_classes"))
+        curves = plot_training_curves(_read_log(run / "log.jsonl"), run / CURVES_PNG,
+                                      title=f"{name}: training curves{split_note}", dataset=about["dataset"],
+                                      eval_split=eval_split, synthetic=synthetic,
+                                      chance=100.0 / classes if classes else None)
+        if curves is not None:
+            written.append(curves)
+    layers = _layer_sparsity(run, metrics) if wanted is None or SPARSITY_PNG in wanted else None
     if layers:
         total = metrics.get("sparsity") if isinstance(metrics, dict) else None
         total = _number(total)

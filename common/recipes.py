@@ -36,7 +36,7 @@ chosen default against finetuning and the classifier alone; its table is in BENC
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict
+from typing import Dict, List
 
 from .errors import UsageError
 
@@ -72,6 +72,10 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
            mask_optimizer="adam", mask_lr=1e-4),
 )}
 DEFAULT_RECIPE = "default"
+
+
+def recipe_names() -> List[str]:
+    return sorted(RECIPES)
 
 
 def get_recipe(name: str) -> Recipe:

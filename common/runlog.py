@@ -1,11 +1,12 @@
-"""Run folders, atomic file writes, progress logging and the non-finite-loss guard.
+"""Run folders: what a run folder holds, who may write in it, and its lock.
 
 A run folder holds ``config.json`` (the resolved configuration plus git commit, torch
 version and command line), ``log.jsonl`` (one JSON object per epoch) and whatever JSON
 results a pipeline writes. Only the main process writes; on other ranks every writing
 method is a no-op, so training loops call them unconditionally. The folder itself is
 created by the first write (or :meth:`RunDir.create`), never by the constructor, so a run
-refused while it checks its settings leaves nothing behind.
+refused while it checks its settings leaves nothing behind. Files are written atomically
+(:mod:`common.atomic`).
 
 A run folder belongs to one run at a time: :meth:`RunDir.lock` takes an exclusive
 ``flock`` on ``OUT/.lock`` (creating the folder, since a run that takes the lock is about
@@ -14,119 +15,28 @@ process with :class:`RunLockedError` naming the holder. The kernel drops the loc
 the holding process dies, however it dies, so a run killed with SIGKILL never blocks
 the next one. :func:`check_run_folder` refuses to write into a folder of the user's that
 is not a run folder.
-
-Atomic writes go through a temporary file ``.<name>.<random>.tmp`` in the destination
-folder; a process killed mid-write leaves one behind, which
-:func:`remove_stale_temp_files` clears when the next run starts in that folder.
-
-JSON written here is strict: NaN/inf become ``null`` (e.g. the IoU of a class absent
-from the evaluation set), tensors and numpy scalars become numbers.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import json
-import math
 import os
-import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
-from collections import defaultdict, deque
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 
-from common.errors import DataError, DivergedError, MissingFileError, RunLockedError, UsageError
+from common.atomic import atomic_write_bytes, atomic_write_json, is_temp_file, to_jsonable
+from common.errors import DataError, MissingFileError, RunLockedError, UsageError
 
-__all__ = [
-    "atomic_write_bytes", "atomic_write_json", "to_jsonable", "git_commit", "RunDir",
-    "SmoothedValue", "MetricLogger", "check_finite", "file_sha256", "non_finite_message", "remove_stale_temp_files",
-    "check_run_folder", "LOCK_NAME",
-]
+__all__ = ["git_commit", "RunDir", "check_run_folder", "LOCK_NAME"]
 
 PathLike = Union[str, os.PathLike]
-
-# Read once: os.umask can only be queried by setting it.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder + ``os.replace``.
-
-    Readers see either the old file or the complete new one, never a partial write; the
-    temporary file is removed if anything fails.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
-# The names atomic_write_bytes gives its temporary files: "." + target name + "." +
-# mkstemp's random part + ".tmp".
-_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
-
-
-def remove_stale_temp_files(folder: PathLike) -> List[Path]:
-    """Delete the temporary files of atomic writes that a killed process left in
-    ``folder`` (not in sub-folders); returns what was removed."""
-    folder = Path(folder)
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for path in folder.iterdir():
-        if _TEMP_RE.match(path.name) and path.is_file():
-            try:
-                path.unlink()
-                removed.append(path)
-            except FileNotFoundError:
-                pass
-    return removed
-
-
-def to_jsonable(obj: Any) -> Any:
-    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return to_jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, (torch.device, torch.dtype, os.PathLike)):
-        return str(obj)
-    if hasattr(obj, "item") and hasattr(obj, "dtype"):  # numpy scalar / 0-d array
-        return to_jsonable(obj.tolist() if hasattr(obj, "tolist") else obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot write a {type(obj).__name__} ({obj!r}) as JSON")
-
-
-def atomic_write_json(path: PathLike, obj: Any, indent: Optional[int] = 2) -> Path:
-    """Write ``obj`` as strict JSON (NaN/inf -> null) to ``path`` atomically."""
-    text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False, sort_keys=False)
-    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 
 def git_commit() -> Optional[str]:
@@ -148,13 +58,13 @@ def git_commit() -> Optional[str]:
 
 
 LOCK_NAME = ".lock"
-_CHECKPOINT_NAME = "checkpoint.pt"  # common.engine.CHECKPOINT (engine imports this module)
+_CHECKPOINT_NAME = "checkpoint.pt"  # common.resume.CHECKPOINT (which imports this module)
 _PROVENANCE_KEYS = ("git_commit", "torch_version", "command_line")
 
 
 def _is_housekeeping(name: str) -> bool:
     """The lock file and leftovers of atomic writes: present in any run folder."""
-    return name == LOCK_NAME or bool(_TEMP_RE.match(name))
+    return name == LOCK_NAME or is_temp_file(name)
 
 
 def _written_by_a_run(config_path: Path) -> bool:
@@ -447,145 +357,3 @@ def _lock_holder(lock_path: Path) -> str:
     if len(command) > 200:
         command = command[:197] + "..."
     return f"pid {holder.get('pid', '?')}: command {command}"
-
-
-class SmoothedValue:
-    """A series of values: window median/average for display, global average to report."""
-
-    def __init__(self, window_size: int = 20, fmt: str = "{median:.4f} ({global_avg:.4f})"):
-        self.window: deque = deque(maxlen=window_size)
-        self.total = 0.0
-        self.count = 0
-        self.fmt = fmt
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.window.append(value)
-        self.count += n
-        self.total += value * n
-
-    def synchronize(self) -> None:
-        """Sum count and total over processes (the window stays local)."""
-        from common.distributed import all_reduce_sum
-        t = torch.tensor([self.count, self.total], dtype=torch.float64)
-        all_reduce_sum(t)
-        self.count, self.total = int(t[0].item()), float(t[1].item())
-
-    @property
-    def median(self) -> float:
-        return float(torch.tensor(list(self.window)).median().item()) if self.window else math.nan
-
-    @property
-    def avg(self) -> float:
-        return sum(self.window) / len(self.window) if self.window else math.nan
-
-    @property
-    def global_avg(self) -> float:
-        return self.total / self.count if self.count else math.nan
-
-    @property
-    def value(self) -> float:
-        return self.window[-1] if self.window else math.nan
-
-    def __str__(self) -> str:
-        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
-                               value=self.value)
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"MetricLogger.update expects scalars, got a tensor of shape "
-                             f"{tuple(value.shape)}")
-        return float(value.item())
-    return float(value)
-
-
-class MetricLogger:
-    """Named :class:`SmoothedValue` meters and a progress line with ETA."""
-
-    def __init__(self, delimiter: str = "  ", is_main: bool = True,
-                 print_fn: Callable[[str], None] = print, window_size: int = 20):
-        self.meters: Dict[str, SmoothedValue] = defaultdict(lambda: SmoothedValue(window_size))
-        self.delimiter = delimiter
-        self.is_main = is_main
-        self.print_fn = print_fn
-
-    def update(self, n: int = 1, **values: Any) -> None:
-        """Add one value per meter, weighted by ``n`` (e.g. the batch size) in the average."""
-        for name, value in values.items():
-            self.meters[name].update(_number(value), n)
-
-    def add_meter(self, name: str, meter: SmoothedValue) -> None:
-        self.meters[name] = meter
-
-    def synchronize(self) -> None:
-        """Reduce every meter's global average over processes (call on every rank)."""
-        for name in sorted(self.meters):
-            self.meters[name].synchronize()
-
-    def global_averages(self) -> Dict[str, float]:
-        return {name: meter.global_avg for name, meter in self.meters.items()}
-
-    def __str__(self) -> str:
-        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
-
-    def log_every(self, iterable: Iterable, print_freq: int, header: str = "") -> Iterator:
-        """Yield from ``iterable``, printing a progress line every ``print_freq`` steps."""
-        if print_freq < 1:
-            raise ValueError(f"print_freq must be >= 1, got {print_freq}")
-        try:
-            total: Optional[int] = len(iterable)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-        width = len(str(total)) if total else 1
-        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
-        start = end = time.time()
-        i = 0
-        for i, obj in enumerate(iterable):
-            data_time.update(time.time() - end)
-            yield obj
-            iter_time.update(time.time() - end)
-            last = total is not None and i == total - 1
-            if self.is_main and (i % print_freq == 0 or last):
-                parts = [header, f"[{i:>{width}}/{total if total is not None else '?'}]"]
-                if total is not None:
-                    eta = iter_time.global_avg * (total - i - 1)
-                    parts.append(f"eta: {datetime.timedelta(seconds=int(eta))}")
-                parts += [str(self), f"time: {iter_time}", f"data: {data_time}"]
-                if torch.cuda.is_available() and torch.cuda.is_initialized():
-                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
-                self.print_fn(self.delimiter.join(p for p in parts if p))
-            end = time.time()
-        if self.is_main:
-            elapsed = time.time() - start
-            steps = i + 1 if total is None else total
-            self.print_fn(f"{header} total time: {datetime.timedelta(seconds=int(elapsed))} "
-                          f"({elapsed / max(steps, 1):.4f} s / it)".strip())
-
-
-def non_finite_message(value: Any, step: int, epoch: Optional[int] = None, detail: str = "") -> str:
-    where = f"at epoch {epoch} step {step}" if epoch is not None else f"at step {step}"
-    return (f"non-finite loss {value} {where}{detail}; stopping the run "
-            f"(lower the learning rate or check the data)")
-
-
-def check_finite(loss: Any, step: int, epoch: Optional[int] = None) -> float:
-    """Return ``loss`` as a float, or raise :class:`DivergedError` naming where it went bad.
-
-    Reads the value on the host; training loops use the device-side guard of
-    :mod:`common.engine` instead, which needs no synchronisation per step.
-    """
-    value = _number(loss)
-    if not math.isfinite(value):
-        raise DivergedError(non_finite_message(value, step, epoch))
-    return value
-
-
-def file_sha256(path) -> str:
-    """SHA-256 of a file's bytes (identifies a backbone or weight file wherever it lies)."""
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -21,7 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from common.errors import MaskFileError, MissingFileError, WeightsFileError
-from common.runlog import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 
 __all__ = ["save_weights_file", "read_weights_file", "read_weights_metadata", "load_weights_file",
            "WEIGHTS_FILE_VERSION", "safetensors_metadata"]

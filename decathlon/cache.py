@@ -91,6 +91,11 @@ class DecodedCache:
         self._open()
         return int(np.count_nonzero(self._filled[: len(self.shapes)]))
 
+    def filled_flags(self) -> np.ndarray:
+        """One boolean per image: whether its pixels are in the cache."""
+        self._open()
+        return np.asarray(self._filled[: len(self.shapes)]) != 0
+
     def get(self, index: int, decode: Callable[[], np.ndarray]) -> np.ndarray:
         """Image ``index`` from the cache, or ``decode()`` it and store it."""
         self._open()

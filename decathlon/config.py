@@ -23,6 +23,7 @@ _AUTO = {
     "loader": "device on CUDA unless --scale is set, else workers",
     "images_on_device": "on when the train and val images take at most a quarter of the device's free memory",
     "hflip": "per task (off for gtsrb, omniglot, svhn)",
+    "preprocess": "the backbone's own: resnet26 for the published ResNet-26, square for the others",
 }
 
 
@@ -32,7 +33,7 @@ def _task_names():
 
 
 def _model_names():
-    from decathlon.models import model_names
+    from decathlon.networks import model_names
     return model_names()
 
 
@@ -42,10 +43,13 @@ class DecathlonData:
 
     DATA_ROOT_ENV: ClassVar[Optional[str]] = DATA_ROOT_ENV
     AUTO: ClassVar[Dict[str, str]] = _AUTO
+    RESOLVED_ABSENT: ClassVar[Dict[str, object]] = {"preprocess": "square"}
 
     data_root: Optional[str] = option(DEFAULT_DATA_ROOT, _DATA_ROOT_HELP, metavar="DIR", path=True, resume="free")
 
-    resize: int = option(72, "the whole image is resized to a square of this many px", group="data", type=int)
+    preprocess: str = option("auto", "square: whole image to --resize px; resnet26: shorter side, centre crop for 3 tasks",
+                             group="data", choices=("auto", "square", "resnet26"), absent="auto")
+    resize: int = option(72, "image size in px before cropping (see --preprocess)", group="data", type=int)
     crop: int = option(64, "crop size fed to the network: random at train, centre at eval", group="data", type=int)
     hflip: str = option("auto", "random horizontal flips at train time", group="data", choices=SWITCH_CHOICES)
     scale: Tuple[float, float] = option((1.0, 1.0), "random rescale of the whole image by a factor in [LO, HI] "
@@ -54,11 +58,8 @@ class DecathlonData:
     cache_dir: Optional[str] = option(None, "keep decoded images in uint8 memory-mapped files here, so epochs "
                                       "after the first decode no JPEG", group="data", metavar="DIR", path=True,
                                       resume="free")
-    loader: str = option("auto", "device: images resized once into one uint8 array, batches cropped, flipped "
-                         "and normalised on the device; workers: DataLoader workers on the CPU (needed for "
-                         "--scale)", group="runtime", choices=("auto", "workers", "device"), resume="free")
-    images_on_device: str = option("auto", "with --loader device: the resized images are copied to the device "
-                                   "once and every batch is gathered there", group="runtime",
+    loader: str = option("auto", "workers: DataLoader workers; device: batches cropped and normalised on the device", group="runtime", choices=("auto", "workers", "device"), resume="free")
+    images_on_device: str = option("auto", "with --loader device: keep the resized images on the device", group="runtime",
                                    choices=SWITCH_CHOICES, resume="free")
 
     def check(self) -> None:
@@ -69,6 +70,9 @@ class DecathlonData:
             raise UsageError(f"--scale {self.scale[0]} {self.scale[1]}: need 0 < LO <= HI")
         if self.loader == "device" and tuple(self.scale) != (1.0, 1.0):
             raise UsageError("--loader device does not rescale images: drop --scale or use --loader workers")
+        if self.loader == "device" and self.preprocess == "resnet26":
+            raise UsageError("--loader device holds square images: --preprocess resnet26 keeps each image's aspect "
+                             "ratio and needs --loader workers")
         if self.images_on_device == "on" and self.loader == "workers":
             raise UsageError("--images-on-device on needs --loader device (or auto)")
         if self.arch is not None and self.arch not in _model_names():
@@ -78,15 +82,15 @@ class DecathlonData:
 @dataclass(frozen=True)
 class DecathlonTrainConfig(DecathlonData, TrainConfig):
     PROG: ClassVar[str] = "python -m decathlon.train"
+    DESCRIPTION: ClassVar[str] = ("Train a piggyback mask (or a baseline) for Visual Decathlon tasks on a frozen "
+                                  "backbone.")
     out: str = option("runs/decathlon", "output folder; each task's run folder is OUT/<task>", metavar="DIR",
                       path=True, resume="free")
     task: Optional[str] = option(None, "task to learn, or 'all' for the nine non-ImageNet tasks in turn "
                                  "(required)", choices=None, metavar="TASK")
-    arch: Optional[str] = option(None, "network of --method scratch and of external --backbone weights; a "
-                                 "decathlon.pretrain backbone records its own, which --arch must then match",
+    arch: Optional[str] = option(None, "network of --method scratch and of unnamed WRN --backbone files",
                                  metavar="NAME", default_text="wrn28_4")
-    backbone: Optional[str] = option(None, "backbone file from python -m decathlon.pretrain, or an external WRN "
-                                     "state dict (imported by key mapping); only read", metavar="PATH", path=True,
+    backbone: Optional[str] = option(None, "backbone file (decathlon.pretrain, decathlon.import_backbone, ResNet-26 .t7, WRN state dict)", metavar="PATH", path=True,
                                      resume="free")
     epochs: int = option(60, "training epochs", type=int, resume="grow")
     trainval: bool = option(False, "train on train+val (final models; val top-1 is then not held out)",
@@ -111,21 +115,21 @@ class DecathlonTrainConfig(DecathlonData, TrainConfig):
 @dataclass(frozen=True)
 class DecathlonPretrainConfig(DecathlonData, FitConfig):
     PROG: ClassVar[str] = "python -m decathlon.pretrain"
-    out: str = option("runs/pretrain", "run folder; receives backbone.pt", metavar="DIR", path=True, resume="free")
+    DESCRIPTION: ClassVar[str] = ("Train a decathlon backbone on imagenet12 and write OUT/backbone.safetensors "
+                                  "for decathlon.train --backbone.")
+    out: str = option("runs/pretrain", "run folder; receives backbone.safetensors", metavar="DIR", path=True, resume="free")
     task: str = option("imagenet12", "task to train the backbone on", metavar="TASK")
     arch: Optional[str] = option(None, "network to train; with --backbone, the file's architecture",
                                  metavar="NAME", default_text="wrn28_4")
-    backbone: Optional[str] = option(None, "start from these weights instead of random ones: a "
-                                     "decathlon.pretrain backbone.pt, or an external WRN state dict",
+    backbone: Optional[str] = option(None, "start from these weights instead of random ones (any file --backbone of decathlon.train takes)",
                                      metavar="PATH", path=True, resume="free")
     epochs: int = option(40, "training epochs", type=int, resume="grow")
     batch_size: int = option(256, "examples per batch on each process", type=int)
     optimizer: Optional[str] = option("sgd", "optimizer (sgd has momentum --momentum)", group="optimisation")
     lr: Optional[float] = option(0.1, "base learning rate", group="optimisation", type=float)
     weight_decay: Optional[float] = option(5e-4, "weight decay", group="optimisation", type=float)
-    lr_steps: Optional[Tuple[int, ...]] = option(None, "epochs after which the learning rate is multiplied by "
-                                                 "--lr-gamma", group="optimisation", type=int, nargs="*",
-                                                 metavar="EPOCH", default_text="at half and three quarters of --epochs")
+    lr_steps: Optional[Tuple[int, ...]] = option(None, "epochs after which the learning rate is multiplied by --lr-gamma", group="optimisation", type=int, nargs="*",
+                                                 metavar="EPOCH", default_text="half and three quarters of --epochs")
 
     @classmethod
     def derive(cls, values):

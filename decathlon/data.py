@@ -1,7 +1,7 @@
 """Visual Decathlon data: annotation reading, image decoding, decoded-image cache, loaders.
 
 The data root is the unpacked ``decathlon-1.0`` folder; ``annotations/<task>_<split>.json``
-are COCO-style files (read with pycocotools) whose ``file_name`` is relative to the root.
+are COCO-style JSON files whose ``file_name`` is relative to the root.
 A sample's class is ``category_id - P - 1`` (never derived from the category name: names
 sort as strings).  The stripped test split has no labels; its targets are -1 and its image
 ids are kept for the submission file.
@@ -18,26 +18,24 @@ partial file naming it.
 """
 from __future__ import annotations
 
-import contextlib
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from common.distributed import DistInfo, make_sampler
 from common.errors import DataError, MissingFileError, UsageError
 from common.images import load_rgb_array
-from common.seed import epoch_generator, reseed_loader, worker_init_fn
 from decathlon.cache import DecodedCache
 from decathlon.tasks import TaskSpec, get_task
 from decathlon.transforms import build_transforms
 
 __all__ = ["DecathlonDataset", "SPLITS", "annotation_path", "load_image", "check_complete",
-           "build_loader", "set_loader_epoch", "build_transforms"]
+           "build_transforms"]
 
 # split name -> annotation file suffixes it is made of
 SPLITS = {"train": ("train",), "val": ("val",), "train+val": ("train", "val"),
@@ -113,26 +111,25 @@ class _Part:
 
 
 def _read_part(root: Path, spec: TaskSpec, part: str) -> _Part:
-    from pycocotools.coco import COCO
-
     path = annotation_path(root, spec.name, part)
     if not path.is_file():
         raise MissingFileError(
             f"annotation file {path} not found (expected {spec.name}_{part}.json under "
             f"{root / 'annotations'}; the data root must be the decathlon-1.0 folder)")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
-            coco = COCO(str(path))
-    except (ValueError, AssertionError, TypeError, KeyError) as exc:
-        # JSON syntax errors, a non-object top level, records without the COCO keys
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
         raise DataError(f"annotation file {path} is not a COCO-style JSON object: "
                          f"{type(exc).__name__}: {exc}") from None
-    data = coco.dataset
+    if not isinstance(data, dict):
+        raise DataError(f"annotation file {path} is not a COCO-style JSON object: it holds a "
+                         f"{type(data).__name__}")
     if "images" not in data:
         raise DataError(f"annotation file {path} has no 'images' list")
     for cat in data.get("categories", []):
         _class_index(spec, cat.get("id"), path, f"category {cat.get('name')!r}")
     labelled = part != "test_stripped"
+    by_image = _annotations_by_image(data.get("annotations") or [], path)
     ids, names, shapes, targets = [], [], [], []
     for im in data["images"]:
         try:
@@ -143,7 +140,7 @@ def _read_part(root: Path, spec: TaskSpec, part: str) -> _Part:
                              f"id/width/height or a file_name") from None
         target = -1
         if labelled:
-            anns = coco.imgToAnns.get(image_id, [])
+            anns = by_image.get(image_id, [])
             if len(anns) != 1:
                 raise DataError(f"annotation file {path}: image id {image_id} has {len(anns)} "
                                  f"annotations, expected exactly one")
@@ -156,6 +153,31 @@ def _read_part(root: Path, spec: TaskSpec, part: str) -> _Part:
         raise DataError(f"annotation file {path} lists no images")
     return _Part(path, np.array(ids, dtype=np.int64), np.array(names, dtype=np.bytes_),
                  np.array(shapes, dtype=np.int64).reshape(-1, 2), np.array(targets, dtype=np.int64))
+
+
+def _check_files(root: Path, part: _Part, cached: Optional[np.ndarray] = None) -> None:
+    """Refuse, before any step, an annotation file whose images are neither on disk nor in
+    the decoded cache (``cached``: one flag per image); a missing file would otherwise stop
+    a run only when a batch reaches it."""
+    missing = [n.decode("utf-8") for k, n in enumerate(part.file_names)
+               if not (cached is not None and cached[k]) and not (root / n.decode("utf-8")).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise MissingFileError(f"{len(missing)} of the {len(part)} images listed in {part.ann_file} are missing under "
+                               f"{root}: {shown}; restore them (or the whole data/ folder) before training")
+
+
+def _annotations_by_image(annotations, path: Path) -> Dict[int, List[dict]]:
+    """The annotation records of each image id (what a COCO index's ``imgToAnns`` holds)."""
+    if not isinstance(annotations, list):
+        raise DataError(f"annotation file {path}: 'annotations' is a {type(annotations).__name__}, expected a list")
+    found: Dict[int, List[dict]] = {}
+    for ann in annotations:
+        try:
+            found.setdefault(int(ann["image_id"]), []).append(ann)
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"annotation file {path}: annotation record {ann!r} lacks an integer image_id") from None
+    return found
 
 
 def _class_index(spec: TaskSpec, category_id, path: Path, where: str) -> int:
@@ -173,11 +195,13 @@ class DecathlonDataset(Dataset):
     ``image_ids`` and ``targets`` (class indices, -1 for the stripped test split) follow
     the order of the annotation files.  ``transform`` receives an RGB uint8 (H, W, 3)
     array (and an ``rng`` keyword when it declares ``uses_rng``); without one, samples
-    are uint8 (3, H, W) tensors.  ``cache_dir`` enables the decoded-image cache.
+    are uint8 (3, H, W) tensors.  ``cache_dir`` enables the decoded-image cache.  Every
+    listed image must be on disk or in that cache unless ``check_files`` is false (reading
+    the annotations alone, for their ids and labels).
     """
 
     def __init__(self, root: Union[str, Path], task: str, split: str, transform=None,
-                 cache_dir: Union[None, str, Path] = None, seed: int = 0):
+                 cache_dir: Union[None, str, Path] = None, seed: int = 0, check_files: bool = True):
         if split not in SPLITS:
             raise UsageError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
         self.root = Path(root)
@@ -194,6 +218,8 @@ class DecathlonDataset(Dataset):
         if cache_dir is not None:
             self.caches = [DecodedCache(Path(cache_dir), f"{task}_{p.ann_file.stem}",
                                         p.file_names, p.shapes) for p in self.parts]
+        for k, part in enumerate(self.parts if check_files else ()):
+            _check_files(self.root, part, None if self.caches is None else self.caches[k].filled_flags())
 
     @property
     def image_ids(self) -> List[int]:
@@ -243,35 +269,3 @@ class DecathlonDataset(Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, index])
             return self.transform(img, rng=rng), target
         return self.transform(img), target
-
-
-def build_loader(dataset: Dataset, *, batch_size: int, train: bool, workers: int = 4,
-                 dist_info: Optional[DistInfo] = None, seed: int = 0,
-                 pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose order and worker seeds depend on ``(seed, epoch, rank)`` only
-    (call :func:`set_loader_epoch` before each epoch); distributed runs shard it."""
-    if batch_size < 1:
-        raise UsageError(f"batch_size must be >= 1, got {batch_size}")
-    rank = dist_info.rank if dist_info is not None else 0
-    sampler = make_sampler(dataset, dist_info, shuffle=train, seed=seed)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=pin_memory, drop_last=False,
-                        generator=epoch_generator(seed, 0, rank), worker_init_fn=worker_init_fn,
-                        persistent_workers=False)  # workers must see set_epoch's value
-    loader.seed_and_rank = (int(seed), rank)
-    return loader
-
-
-def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Prepare ``loader`` for ``epoch``: sampler order, worker seeds (for transforms that
-    use the global generators) and the dataset's per-sample augmentation seed."""
-    if not isinstance(loader, DataLoader):  # e.g. decathlon.device_loader.DeviceBatches
-        loader.set_epoch(epoch)
-        return
-    seed, rank = getattr(loader, "seed_and_rank", (0, 0))
-    if loader.generator is not None:
-        reseed_loader(loader, seed, epoch, rank)
-    elif hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)

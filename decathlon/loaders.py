@@ -5,17 +5,18 @@ from __future__ import annotations
 
 from common.amp import resolve_switch
 from common.distributed import DistInfo, barrier, make_sampler
-from decathlon.data import DecathlonDataset, build_loader, build_transforms
+from common.loaders import build_loader
+from decathlon.data import DecathlonDataset, build_transforms
 from decathlon.device_loader import DeviceBatches, SquareImages, images_fit_on_device
 
 __all__ = ["make_loaders", "use_device_loader", "device_loaders"]
 
 
-def make_loaders(cfg, task: str, train_split: str, dist: DistInfo):
-    """Train and val loaders of ``task``; rank 0 builds first so that it alone creates
-    the decoded-image cache files."""
+def make_loaders(cfg, task: str, train_split: str, dist: DistInfo, preprocess: str = "square"):
+    """Train and val loaders of ``task`` under ``preprocess`` (the resolved ``--preprocess``);
+    rank 0 builds first so that it alone creates the decoded-image cache files."""
     hflip = None if cfg.hflip == "auto" else cfg.hflip == "on"
-    tf = dict(resize=cfg.resize, crop=cfg.crop)
+    tf = dict(resize=cfg.resize, crop=cfg.crop, preprocess=preprocess)
 
     def build():
         tr = DecathlonDataset(cfg.data_root, task, train_split, cache_dir=cfg.cache_dir,
@@ -30,7 +31,7 @@ def make_loaders(cfg, task: str, train_split: str, dist: DistInfo):
     train_set, val_set = build()
     if dist.is_main:
         barrier()
-    if use_device_loader(cfg, dist):
+    if use_device_loader(cfg, dist, preprocess):
         return device_loaders(cfg, train_set, val_set, dist, hflip)
     pin = dist.device.type == "cuda"
     common = dict(batch_size=cfg.batch_size, workers=cfg.loader_workers, dist_info=dist,
@@ -38,11 +39,12 @@ def make_loaders(cfg, task: str, train_split: str, dist: DistInfo):
     return build_loader(train_set, train=True, **common), build_loader(val_set, train=False, **common)
 
 
-def use_device_loader(cfg, dist: DistInfo) -> bool:
-    """``--loader``: auto = the device loader on CUDA when no random rescaling is asked for."""
+def use_device_loader(cfg, dist: DistInfo, preprocess: str = "square") -> bool:
+    """``--loader``: auto = the device loader on CUDA when the images are squares
+    (``--preprocess square``) and no random rescaling is asked for."""
     if cfg.loader != "auto":
         return cfg.loader == "device"
-    return dist.device.type == "cuda" and tuple(cfg.scale) == (1.0, 1.0)
+    return dist.device.type == "cuda" and tuple(cfg.scale) == (1.0, 1.0) and preprocess == "square"
 
 
 def device_loaders(cfg, train_set, val_set, dist: DistInfo, hflip):

@@ -18,16 +18,15 @@ Command line::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import ClassVar, Iterable, Mapping, Optional, Sequence
 
-from common.cli import Parser, run_cli
-from common.errors import DataError
+from common.errors import DataError, UsageError
+from common.settings import Settings, option
 
 # Top-1 test accuracy (percent) of the challenge's Finetune baseline, in the challenge's
 # task order. Emax_d = 2 x its error, so the baseline scores exactly 250 per task.
@@ -284,25 +283,42 @@ def load_accuracies(path: str) -> dict[str, float]:
     return obj
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="python -m decathlon.score",
-        description="Visual Decathlon score, from per-task accuracies or from a submission "
-                    "and labelled test annotations; prints JSON.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--accuracies", metavar="FILE",
-                        help="JSON object mapping task name to top-1 test accuracy (percent)")
-    source.add_argument("--results", metavar="FILE", help="a submission's results.json")
-    parser.add_argument("--labels", metavar="DIR",
-                        help="folder of labelled <task>_test.json files (with --results)")
-    return parser
+@dataclass(frozen=True)
+class ScoreConfig(Settings):
+    PROG: ClassVar[str] = "python -m decathlon.score"
+    DESCRIPTION: ClassVar[str] = ("Visual Decathlon score, from per-task accuracies or from a submission and "
+                                  "labelled test annotations; prints JSON.")
+
+    accuracies: Optional[str] = option(None, "JSON object mapping task name to top-1 test accuracy (percent)",
+                                       group="input", metavar="FILE")
+    results: Optional[str] = option(None, "a submission's results.json", group="input", metavar="FILE")
+    labels: Optional[str] = option(None, "folder of labelled <task>_test.json files (with --results)",
+                                   group="input", metavar="DIR")
+
+    def check(self) -> None:
+        super().check()
+        if (self.accuracies is None) == (self.results is None):
+            raise UsageError("give one of --accuracies FILE or --results FILE")
+        if self.results is not None and self.labels is None:
+            raise UsageError("--results needs --labels DIR (labelled <task>_test.json files)")
+        if self.accuracies is not None and self.labels is not None:
+            raise UsageError("--labels is only used with --results")
 
 
-def main(args: argparse.Namespace) -> dict:
+def get_args_parser():
+    return ScoreConfig.parser()
+
+
+def main(args: ScoreConfig) -> dict:
     if args.accuracies is not None:
         result = decathlon_score(load_accuracies(args.accuracies))
     else:
         result = score_results(load_results(args.results), load_test_labels(args.labels))
+        unpredicted = {t: c["images"] - c["predicted"] for t, c in result["counts"].items()
+                       if c["predicted"] < c["images"]}
+        if unpredicted:
+            print(f"{sum(unpredicted.values())} labelled test image(s) have no prediction in {args.results} and "
+                  f"count as errors: " + ", ".join(f"{t} {n}" for t, n in unpredicted.items()), file=sys.stderr)
         if result.get("ignored_predictions"):
             print(f"{result['ignored_predictions']} prediction(s) of {args.results} were ignored: their image ids are "
                   f"in none of the labelled test files under {args.labels}", file=sys.stderr)
@@ -310,16 +326,8 @@ def main(args: argparse.Namespace) -> dict:
     return result
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    if args.results is not None and args.labels is None:
-        parser.error("--results needs --labels DIR (labelled <task>_test.json files)")
-    if args.accuracies is not None and args.labels is not None:
-        parser.error("--labels is only used with --results")
-    return args
-
-
 def cli(argv: Sequence[str] | None = None) -> int:
-    return run_cli(get_args_parser(), main, argv, check_args)
+    return ScoreConfig.run(main, argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional
 
 from common.config import TrainConfig, option
+from common.optimizers import optimizer_names
 from common.errors import UsageError
+from segmentation.data import SPLITS
+from segmentation.model import ARCHS
 
 __all__ = ["SegmentationConfig", "DATA_ROOT_ENV", "DEFAULT_DATA_ROOT", "METHODS"]
 
@@ -17,24 +20,22 @@ METHODS = ("piggyback", "finetune")
 
 
 def _archs():
-    from segmentation.model import ARCHS
     return list(ARCHS)
 
 
 def _splits():
-    from segmentation.data import SPLITS
     return sorted(SPLITS)
 
 
 @dataclass(frozen=True)
 class SegmentationConfig(TrainConfig):
     PROG: ClassVar[str] = "python -m segmentation.train"
+    DESCRIPTION: ClassVar[str] = "Train FCN-32s on a masked (or finetuned) VGG-16 for 21-class PASCAL VOC segmentation."
     DATA_ROOT_ENV: ClassVar[Optional[str]] = DATA_ROOT_ENV
     AUTO: ClassVar[Dict[str, str]] = {
         "compile": "off: images differ in size, and inductor specialises FCN training to each size",
         "amp": "off: fp32 (TF32 matrix units on a GPU)",
     }
-    CHOICES: ClassVar[Dict[str, Any]] = {"method": lambda: list(METHODS), "arch": _archs, "split": _splits}
     # Backbone weights with --method finetune: the FCN reference's SGD (momentum 0.99, weight
     # decay 5e-4) with its lr of 1e-10 on a loss summed over ~2e5 pixels per image turned into
     # 2e-5 for a mean-reduced loss. Piggyback's masks take theirs from the recipe.
@@ -45,10 +46,12 @@ class SegmentationConfig(TrainConfig):
                                       f"${DATA_ROOT_ENV} when set", metavar="DIR", path=True, resume="free")
     out: str = option("runs/segmentation", "run folder for config.json, log.jsonl, checkpoints and results",
                       metavar="DIR", path=True, resume="free")
-    arch: Optional[str] = option("vgg16", "backbone architecture", metavar="NAME")
+    method: str = option("piggyback", "how the task is learned: piggyback (masks) or finetune", group="method",
+                         choices=METHODS)
+    arch: Optional[str] = option("vgg16", "backbone architecture", metavar="NAME", choices=_archs)
     backbone: Optional[str] = option(None, "torchvision-layout VGG weights file; nothing is downloaded",
                                      metavar="PATH", path=True, resume="free",
-                                     default_text="torchvision's vgg16-397923af.pth in the torchvision cache")
+                                     default_text="vgg16-397923af.pth in $TORCH_HOME/hub/checkpoints")
     caffe_weights: Optional[str] = option(None, "Caffe-converted VGG-16 weights; the input becomes BGR in 0-255 "
                                           "minus the Caffe mean", metavar="PATH", path=True, resume="free")
     random_init: bool = option(False, "random backbone instead of pretrained weights (tests and demos)", type=bool)
@@ -57,12 +60,15 @@ class SegmentationConfig(TrainConfig):
     print_freq: int = option(20, "steps between progress lines and the loss checks that read the device",
                              group="runtime", type=int, resume="free")
     split: str = option("sbd", "sbd: train on SBD train, evaluate on VOC2011 seg11valid; voc: VOC train / val",
+                        choices=_splits,
                         group="data")
     val_list: Optional[str] = option(None, "ids to evaluate instead of the shipped seg11valid list (--split sbd "
                                      "only)", group="data", metavar="FILE", path=True)
-    learn_upsample: bool = option(False, "train the bilinear-initialised stride-32 upsampling (default: fixed)",
+    learn_upsample: bool = option(False, "train the bilinear-initialised stride-32 upsampling instead of keeping "
+                                  "it fixed",
                                   group="method", type=bool)
-    head_optimizer: str = option("sgd", "optimizer of the new layers", group="optimisation")
+    head_optimizer: str = option("sgd", "optimizer of the new layers", group="optimisation",
+                                 choices=optimizer_names)
     head_lr: float = option(2e-5, "learning rate of the new layers", group="optimisation", type=float)
     head_weight_decay: float = option(5e-4, "weight decay of the new layers", group="optimisation", type=float)
     momentum: Optional[float] = option(0.99, "momentum of every SGD optimizer", group="optimisation", type=float)

@@ -239,7 +239,28 @@ def _checked_pairs(ids: Sequence[str], image_dir: Path, label_dir: Path, label_e
     missing = [str(p) for pair in zip(images, labels) for p in pair if not p.is_file()]
     if missing:
         raise DataError(f"{len(missing)} file(s) listed by {list_path} are missing, e.g. {missing[:3]}")
+    bad = [f"{p} ({why})" for p in labels for why in [_label_header_problem(p)] if why]
+    if bad:
+        raise DataError(f"{len(bad)} label file(s) listed by {list_path} cannot be read as class-id maps: "
+                        f"{'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}")
     return images, labels
+
+
+def _label_header_problem(path: Path) -> Optional[str]:
+    """What is wrong with a label file that its header shows (cheap: nothing is decoded):
+    a VOC PNG that is not a palette or gray image, a .mat file that is not MATLAB's."""
+    if path.suffix == ".png":
+        try:
+            with Image.open(path) as img:
+                return None if img.mode in ("P", "L") else \
+                    f"image mode {img.mode!r}, expected a palette ('P') PNG whose indices are class ids"
+        except (OSError, ValueError) as exc:
+            return f"not a readable PNG: {exc}"
+    with open(path, "rb") as f:
+        head = f.read(128)
+    if not head.startswith(b"MATLAB"):
+        return "not a MATLAB .mat file"
+    return None
 
 
 def sbd_set(data_root, list_name: str, convention: InputConvention, **_) -> SegmentationDataset:

@@ -12,24 +12,26 @@ backbone the numbers say nothing about the method on real images.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import ClassVar, List, Optional
 
 import torch
 
-from common.cli import DEVICE_CHOICES_HELP, Parser, run_cli
+from common.errors import UsageError
+from common.settings import Settings, at_least, option
 from common.plots import save_run_plots
-from common.runlog import RunDir, atomic_write_bytes, atomic_write_json
+from common.atomic import atomic_write_bytes, atomic_write_json
+from common.runlog import RunDir
 
 from . import evaluate as evaluate_cli
 from . import train as train_cli
 from .model import build_vgg
 from .synthetic import write_synthetic_pascal
 
-__all__ = ["get_args_parser", "main", "write_synthetic_backbone", "NOTICE"]
+__all__ = ["SegDemoConfig", "get_args_parser", "main", "write_synthetic_backbone", "NOTICE"]
 
 NOTICE = ("SYNTHETIC DEMO: data and backbone are synthetic (coloured shapes on a noisy grey background; "
           "a randomly initialised narrow VGG, vgg-tiny, instead of ImageNet VGG-16). The model learns to "
@@ -37,30 +39,33 @@ NOTICE = ("SYNTHETIC DEMO: data and backbone are synthetic (coloured shapes on a
 ARCH = "vgg-tiny"
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m segmentation.demo",
-                                description="Run the segmentation pipeline end to end on synthetic data.")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="empty or new folder for the data (DIR/data), the run (DIR/run) and DIR/metrics.json")
-    p.add_argument("--epochs", type=int, default=12, help="training epochs (default: 12)")
-    p.add_argument("--train-images", type=int, default=64, help="synthetic SBD train images (default: 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, the backbone and training (default: 0)")
-    p.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES_HELP} (default: cpu)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default: 0)")
-    return p
+@dataclass(frozen=True)
+class SegDemoConfig(Settings):
+    PROG: ClassVar[str] = "python -m segmentation.demo"
+    DESCRIPTION: ClassVar[str] = "Run the segmentation pipeline end to end on synthetic data."
+
+    out: Optional[str] = option(None, "empty or new folder for the data (DIR/data), the run (DIR/run) and "
+                                "DIR/metrics.json (required)", metavar="DIR")
+    epochs: int = option(12, "training epochs", group="optimisation", type=int)
+    train_images: int = option(64, "synthetic SBD train images", group="data", type=int)
+    seed: int = option(0, "seed of the data, the backbone and training", type=int)
+    device: str = option("cpu", "where to run: auto|cpu|cuda|cuda:N", group="runtime", metavar="DEV")
+    workers: int = option(0, "DataLoader workers", group="runtime", type=int)
+
+    def check(self) -> None:
+        super().check()
+        if self.out is None:
+            raise UsageError("--out is required: an empty or new folder")
+        at_least("epochs", self.epochs, 1)
+        at_least("train_images", self.train_images, 2)
+        at_least("workers", self.workers, 0)
+        out = Path(self.out)
+        if (out / "run").exists() or (out / "data").exists():
+            raise UsageError(f"{out} already holds a demo (data/ or run/); choose a new --out")
 
 
-def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    if args.epochs < 1:
-        p.error(f"--epochs must be >= 1, got {args.epochs}")
-    if args.train_images < 2:
-        p.error(f"--train-images must be >= 2, got {args.train_images}")
-    if args.workers < 0:
-        p.error(f"--workers must be >= 0, got {args.workers}")
-    out = Path(args.out)
-    if (out / "run").exists() or (out / "data").exists():
-        p.error(f"{out} already holds a demo (data/ or run/); choose a new --out")
-    return args
+def get_args_parser():
+    return SegDemoConfig.parser()
 
 
 def write_synthetic_backbone(path: Path, seed: int) -> Path:
@@ -89,7 +94,7 @@ def _train_argv(args, data: Path, backbone: Path, val_list: Path, run: Path) -> 
             "--head-optimizer", "adam", "--head-lr", "3e-2", "--head-weight-decay", "0"]
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: SegDemoConfig) -> dict:
     out = Path(args.out)
     data, run = out / "data", out / "run"
     print(NOTICE)
@@ -102,10 +107,8 @@ def main(args: argparse.Namespace) -> dict:
 
     trained = train_cli.main(train_cli.parse_config(_train_argv(args, data, backbone, layout.seg11valid, run)))
 
-    eval_parser = evaluate_cli.get_args_parser()
-    eval_args = evaluate_cli.check_args(eval_parser, eval_parser.parse_args(
+    evaluated = evaluate_cli.main(evaluate_cli.SegEvaluateConfig.from_cli(
         [str(run), "--pictures", "4", "--device", args.device, "--workers", str(args.workers)]))
-    evaluated = evaluate_cli.main(eval_args)
 
     log = RunDir(run).read_log()
     plots = save_run_plots(run)
@@ -124,7 +127,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def cli(argv=None) -> int:
-    return run_cli(get_args_parser(), main, argv, check_args)
+    return SegDemoConfig.run(main, argv)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,12 @@ import torch.nn.functional as F
 
 from common.amp import autocast
 from common.engine import Pipeline, StepOutput
-from common.engine import train_one_epoch as _train_one_epoch
 from common.metrics import ConfusionMatrix
-from common.runlog import MetricLogger
+from common.meters import MetricLogger
 
 from .data import IGNORE_INDEX
 
-__all__ = ["segmentation_loss", "SegmentationPipeline", "train_one_epoch", "evaluate", "predict",
+__all__ = ["segmentation_loss", "SegmentationPipeline", "evaluate_segmentation", "predict_labels",
            "summarize", "LOG_METRICS"]
 
 # The metrics of each epoch's log record.
@@ -58,7 +57,7 @@ class SegmentationPipeline(Pipeline):
         return StepOutput(segmentation_loss(logits, targets), int(images.shape[0]))
 
     def evaluate(self, model: nn.Module) -> Dict[str, Any]:
-        return evaluate(model, self.val_loader, self.device, self.num_classes, amp=self.amp,
+        return evaluate_segmentation(model, self.val_loader, self.device, self.num_classes, amp=self.amp,
                         print_freq=self.print_freq, is_main=self.is_main, header=self.header)
 
     def log_metrics(self, evaluation: Mapping[str, Any]) -> Dict[str, Any]:
@@ -69,20 +68,8 @@ class SegmentationPipeline(Pipeline):
                 f"pixel acc {100 * record['pixel_acc']:.2f}")
 
 
-def train_one_epoch(model: nn.Module, loader, optimizers: Mapping[str, torch.optim.Optimizer],
-                    device: torch.device, epoch: int, *, amp: bool = False, print_freq: int = 20,
-                    is_main: bool = True, header: str = "") -> Dict[str, float]:
-    """Train for one pass over ``loader``; returns the loss averaged over all processes
-    (``loss``) with the engine's statistics. A non-finite loss raises
-    :class:`~common.errors.DivergedError`, naming the epoch and step."""
-    stats = _train_one_epoch(model, loader, SegmentationPipeline(device, amp=amp), optimizers, device=device,
-                             epoch=epoch, print_freq=print_freq, is_main=is_main,
-                             header=header or f"epoch {epoch}")
-    return dict(stats, loss=stats["train_loss"])
-
-
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, *, amp: bool = False) -> torch.Tensor:
+def predict_labels(model: nn.Module, images: torch.Tensor, *, amp: bool = False) -> torch.Tensor:
     """Class map (N x H x W, int64) for a batch of normalised images."""
     with autocast(images.device, amp):
         logits = model(images)
@@ -90,7 +77,7 @@ def predict(model: nn.Module, images: torch.Tensor, *, amp: bool = False) -> tor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *,
+def evaluate_segmentation(model: nn.Module, loader, device: torch.device, num_classes: int, *,
              amp: bool = False, print_freq: int = 50, is_main: bool = True,
              header: str = "eval") -> Dict[str, object]:
     """FCN metrics of ``model`` on ``loader`` (each process its own shard).
@@ -104,7 +91,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, *
     for images, targets in logger.log_every(loader, print_freq, header):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        matrix.update(targets, predict(model, images, amp=amp))
+        matrix.update(targets, predict_labels(model, images, amp=amp))
     matrix.all_reduce()
     return matrix.compute()
 

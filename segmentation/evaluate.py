@@ -12,77 +12,78 @@ is reduced across processes.
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from common.amp import default_amp
-from common.cli import DEVICE_CHOICES_HELP, Parser, resolve_device, resolve_workers, run_cli
-from common.config import read_run_config
+from common.cli import resolve_workers
+from common.config import EvalConfig, read_run_config
 from common.methods import MaskSettings, load_task
 from common.distributed import cleanup, init_distributed, make_sampler
 from common.engine import compile_for_eval
 from common.errors import UsageError
 from common.metrics import ConfusionMatrix
-from common.runlog import RunDir, atomic_write_json
+from common.atomic import atomic_write_json
+from common.runlog import RunDir
+from common.settings import SWITCH_CHOICES, at_least, option
+from common.synthetic import is_synthetic
 
 from .data import IGNORE_INDEX, NUM_CLASSES, SPLITS, SegmentationDataset, build_split, class_names, pad_collate
-from .engine import evaluate, predict, summarize
+from .engine import evaluate_segmentation, predict_labels, summarize
 from .palette import save_label_png, save_overview
 from .report import format_metrics, format_storage, storage_report
-from .runs import build_model
+from .runs import build_run_model
 from .weights import resolve_backbone
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m segmentation.evaluate",
-                                     description="Evaluate a saved FCN-32s segmentation run", add_help=add_help)
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by segmentation.train")
-    parser.add_argument("--data-root", default=None, metavar="DIR", help="dataset folder (default: the run's)")
-    parser.add_argument("--split", choices=sorted(SPLITS), default=None, help="evaluation split (default: the run's)")
-    parser.add_argument("--val-list", default=None, metavar="FILE",
-                        help="ids to evaluate instead of seg11valid (--split sbd; default: the run's)")
-    parser.add_argument("--backbone", default=None, metavar="PATH",
-                        help="backbone weights file if it moved since training (default: the run's)")
-    parser.add_argument("--caffe-weights", default=None, metavar="PATH",
-                        help="Caffe-converted weights file if it moved since training (default: the run's)")
-    parser.add_argument("--weights", default=None, metavar="FILE",
-                        help="mask or model file to load (default: the one in RUN_DIR)")
-    parser.add_argument("--output", default=None, metavar="FILE",
-                        help="where to write the metrics (default: RUN_DIR/evaluation.json)")
-    parser.add_argument("--pictures", type=int, default=0, metavar="N",
-                        help="write prediction pictures for the first N evaluation images (default: 0)")
-    parser.add_argument("--pictures-dir", default=None, metavar="DIR",
-                        help="folder for the pictures (default: RUN_DIR/pictures)")
-    parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES_HELP} (default: auto)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="DataLoader workers (default: half the usable CPU cores, at most 8)")
-    parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
-                        help="bf16 autocast; auto = on for CUDA devices with bf16 (default: auto)")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="torch.compile the FCN for this evaluation, with dynamic image sizes (a graph per "
-                             "distinct size up to torch's recompile limit); auto = off: each image is seen once, "
-                             "and compiling pays back only over far more images (BENCHMARKS-gpu.md) (default: auto)")
-    return parser
+@dataclass(frozen=True)
+class SegEvaluateConfig(EvalConfig):
+    PROG: ClassVar[str] = "python -m segmentation.evaluate"
+    DESCRIPTION: ClassVar[str] = "Evaluate a saved FCN-32s segmentation run."
+
+    run_dir: Optional[str] = option(None, "run folder written by segmentation.train", metavar="RUN_DIR",
+                                    positional=True)
+    data_root: Optional[str] = option(None, "dataset folder", group="data", metavar="DIR", default_text="the run's")
+    split: Optional[str] = option(None, "evaluation split", group="data", choices=tuple(sorted(SPLITS)),
+                                  default_text="the run's")
+    val_list: Optional[str] = option(None, "ids to evaluate instead of seg11valid (--split sbd)", group="data",
+                                     metavar="FILE", default_text="the run's")
+    backbone: Optional[str] = option(None, "backbone weights file, if it moved since training", group="input",
+                                     metavar="PATH", default_text="the run's")
+    caffe_weights: Optional[str] = option(None, "Caffe-converted weights file, if it moved since training",
+                                          group="input", metavar="PATH", default_text="the run's")
+    weights: Optional[str] = option(None, "mask or model file to load", group="input", metavar="FILE",
+                                    default_text="the one in RUN_DIR")
+    output: Optional[str] = option(None, "where to write the metrics", metavar="FILE",
+                                   default_text="RUN_DIR/evaluation.json")
+    pictures: int = option(0, "write prediction pictures for the first N evaluation images", type=int, metavar="N")
+    pictures_dir: Optional[str] = option(None, "folder for the pictures", metavar="DIR",
+                                         default_text="RUN_DIR/pictures")
+    batch_size: int = option(1, "images per batch (one: padding would change predictions near borders)", type=int,
+                             cli=False)
+    workers: Optional[int] = option(None, "DataLoader worker processes; 0 loads in the main process",
+                                    group="runtime", type=int, default_text="half the usable CPU cores, at most 8")
+    amp: str = option("auto", "bf16 autocast; auto = on for CUDA devices with bf16", group="runtime",
+                      choices=SWITCH_CHOICES)
+    compile: str = option("auto", "torch.compile the FCN for this evaluation, with dynamic image sizes; auto = "
+                          "off: each image is seen once", group="runtime", choices=SWITCH_CHOICES)
+
+    def check(self) -> None:
+        super().check()
+        if self.backbone and self.caffe_weights:
+            raise UsageError("--backbone and --caffe-weights exclude each other")
+        at_least("pictures", self.pictures, 0)
+        if self.pictures_dir and not self.pictures:
+            raise UsageError("--pictures-dir needs --pictures N")
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    if args.backbone and args.caffe_weights:
-        parser.error("--backbone and --caffe-weights exclude each other")
-    if args.pictures < 0:
-        parser.error(f"--pictures must be >= 0, got {args.pictures}")
-    if args.pictures_dir and not args.pictures:
-        parser.error("--pictures-dir needs --pictures N")
-    if args.workers is not None and args.workers < 0:
-        parser.error(f"--workers must be >= 0, got {args.workers}")
-    try:
-        resolve_device(args.device)
-    except (ValueError, RuntimeError) as e:
-        parser.error(f"--device: {e}")
-    return args
+def get_args_parser():
+    return SegEvaluateConfig.parser()
 
 
 class RunMismatch(UsageError):
@@ -107,7 +108,7 @@ def _source_for(config: dict, args):
 
 @torch.no_grad()
 def save_pictures(model, dataset: SegmentationDataset, count: int, out_dir: Path,
-                  device: torch.device, amp: bool = False) -> int:
+                  device: torch.device, amp: bool = False, synthetic: bool = False) -> int:
     """Prediction PNG and overview PNG for the first ``count`` images; returns how many."""
     model.eval()
     n = min(count, len(dataset))
@@ -115,18 +116,19 @@ def save_pictures(model, dataset: SegmentationDataset, count: int, out_dir: Path
     for index in range(n):
         image, label = dataset.load(index)
         x = dataset.convention.to_tensor(image).unsqueeze(0).to(device)
-        prediction = predict(model, x, amp=amp)[0].cpu().numpy().astype("uint8")
+        prediction = predict_labels(model, x, amp=amp)[0].cpu().numpy().astype("uint8")
         image_id = dataset.ids[index]
         # this image's mean IoU over the classes in its ground truth or prediction
         confusion = ConfusionMatrix(model.num_classes, ignore_index=IGNORE_INDEX)
         confusion.update(torch.from_numpy(label.astype("int64")), torch.from_numpy(prediction.astype("int64")))
         save_label_png(prediction, out_dir / f"{image_id}_prediction.png")
         save_overview(image, prediction, out_dir / f"{image_id}_overview.png", target=label,
-                      image_id=image_id, iou=confusion.compute()["mean_iou"], class_names=names)
+                      image_id=image_id, iou=confusion.compute()["mean_iou"], class_names=names,
+                      synthetic=synthetic)
     return n
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: SegEvaluateConfig) -> dict:
     run = RunDir(args.run_dir, is_main=False)
     if not run.file(RunDir.CONFIG).is_file():
         raise RunMismatch(f"{run.file(RunDir.CONFIG)} does not exist: RUN_DIR must be a folder written by "
@@ -147,7 +149,7 @@ def _evaluate_run(args, run: RunDir, config: dict, dist_info) -> dict:
     if config["method"] == "piggyback":
         masks = MaskSettings(**{k: config[k] for k in ("scheme", "threshold", "mask_init", "mask_scale")
                                 if config.get(k) is not None})
-    model = build_model(config["arch"], config["method"], source, seed=config["seed"],
+    model = build_run_model(config["arch"], config["method"], source, seed=config["seed"],
                         learn_upsample=config["learn_upsample"], num_classes=config.get("num_classes", NUM_CLASSES),
                         masks=masks)
     load_task(args.weights or run.path, model)
@@ -158,7 +160,7 @@ def _evaluate_run(args, run: RunDir, config: dict, dist_info) -> dict:
     dataset = build_split(split, "val", args.data_root or config["data_root"], source.convention, val_list)
     loader = DataLoader(dataset, batch_size=1, sampler=make_sampler(dataset, dist_info, False, 0),
                         num_workers=resolve_workers(args.workers), collate_fn=pad_collate)
-    metrics = evaluate(compile_for_eval(model, args.compile, dynamic=True), loader, device, model.num_classes, amp=amp,
+    metrics = evaluate_segmentation(compile_for_eval(model, args.compile, dynamic=True), loader, device, model.num_classes, amp=amp,
                        is_main=dist_info.is_main)
     names = class_names()
     storage = storage_report(model)
@@ -173,7 +175,8 @@ def _evaluate_run(args, run: RunDir, config: dict, dist_info) -> dict:
         print(format_storage(storage))
         if args.pictures:
             folder = Path(args.pictures_dir) if args.pictures_dir else run.file("pictures")
-            n = save_pictures(model, dataset, args.pictures, folder, device, amp)
+            n = save_pictures(model, dataset, args.pictures, folder, device, amp,
+                              synthetic=bool(config.get("synthetic")) or is_synthetic(args.data_root or config["data_root"]))
             result["pictures"] = str(folder)
             print(f"wrote {n} prediction pictures to {folder}")
         print(f"metrics written to {output}")
@@ -181,7 +184,7 @@ def _evaluate_run(args, run: RunDir, config: dict, dist_info) -> dict:
 
 
 def cli(argv=None) -> int:
-    return run_cli(get_args_parser(), main, argv, check_args)
+    return SegEvaluateConfig.run(main, argv)
 
 
 if __name__ == "__main__":

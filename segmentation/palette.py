@@ -6,7 +6,7 @@ with :func:`segmentation.data.read_voc_label`. Overview pictures put the input, 
 ground truth and the prediction side by side for people to look at: every panel at the
 image's own resolution or an integer multiple of it (never smaller), captioned (image id,
 the prediction's IoU), with a legend of the classes present. Files are written with
-:func:`common.runlog.atomic_write_bytes` (whole or not at all, mode 0644 under the usual
+:func:`common.atomic.atomic_write_bytes` (whole or not at all, mode 0644 under the usual
 umask).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from common.errors import DataError
-from common.runlog import atomic_write_bytes
+from common.atomic import atomic_write_bytes
 
 __all__ = ["voc_palette", "label_to_png", "colorize", "save_label_png", "save_overview",
            "IGNORE_NAME"]
@@ -95,14 +95,15 @@ def _legend_entries(labels: Sequence[np.ndarray], names: Optional[Sequence[str]]
 def save_overview(image: np.ndarray, prediction: np.ndarray, path,
                   target: Optional[np.ndarray] = None, gap: int = 8, *,
                   image_id: Optional[str] = None, iou: Optional[float] = None,
-                  class_names: Optional[Sequence[str]] = None) -> Path:
+                  class_names: Optional[Sequence[str]] = None, synthetic: bool = False) -> Path:
     """Input | ground truth (when given) | prediction, side by side, as an RGB PNG.
 
     Panels are the image's own size, enlarged by an integer factor (nearest neighbour)
     when the image is smaller than 240 px, so nothing is lost to resampling. Captions
     name the panels, ``image_id`` and the prediction's mean ``iou`` (a fraction); the legend
     lists the classes present in the ground truth and the prediction, named from
-    ``class_names`` (default: the 21 VOC classes)."""
+    ``class_names`` (default: the 21 VOC classes). ``synthetic`` puts the badge every picture
+    made from synthetic data carries across the top."""
     from common.plots import save_figure, _pyplot
     from matplotlib.patches import Patch
 
@@ -126,7 +127,8 @@ def save_overview(image: np.ndarray, prediction: np.ndarray, path,
     width = 2 * _MARGIN + len(panels) * pw + (len(panels) - 1) * gap
     per_row = max(1, width // 150)
     legend_h = _LEGEND_ROW * math.ceil(len(entries) / per_row) + _MARGIN
-    height = _CAPTION + ph + legend_h + _MARGIN
+    badge = _CAPTION if synthetic else 0
+    height = badge + _CAPTION + ph + legend_h + _MARGIN
     dpi = 100
     plt = _pyplot()
     fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
@@ -136,8 +138,13 @@ def save_overview(image: np.ndarray, prediction: np.ndarray, path,
         big = np.repeat(np.repeat(panel, scale, axis=0), scale, axis=1)
         # figimage places the pixels as they are: no resampling, origin at the bottom left
         fig.figimage(big, xo=x, yo=legend_h + _MARGIN, origin="upper")
-        fig.text((x + pw / 2) / width, 1 - (_CAPTION / 2) / height, title, ha="center",
+        fig.text((x + pw / 2) / width, 1 - (badge + _CAPTION / 2) / height, title, ha="center",
                  va="center", fontsize=10, wrap=True)
+    if synthetic:
+        from common.plots import SYNTHETIC_NOTE
+        fig.text(0.5, 1 - (badge / 2) / height, SYNTHETIC_NOTE + ": not a measured result", ha="center", va="center",
+                 fontsize=10, fontweight="bold", color="#8a3b00",
+                 bbox=dict(boxstyle="round,pad=0.3", facecolor="#fff1d6", edgecolor="#d08a2e"))
     handles = [Patch(facecolor=c, edgecolor="black", linewidth=0.5, label=n) for n, c in entries]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(per_row, len(handles)),

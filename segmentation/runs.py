@@ -1,7 +1,7 @@
 """Building a run's model: the FCN-32s of a run from a few settings (``arch``, ``method``,
 backbone source, ``seed``, ``learn_upsample``, the mask settings) that ``train`` writes into
 config.json and ``evaluate`` reads back, so both build the model through
-:func:`build_model`. The methods are the common registry's (:mod:`common.methods`) with
+:func:`build_run_model`. The methods are the common registry's (:mod:`common.methods`) with
 FCN-32s's new layers (``score_fr``, ``upscore``) as the head; what a finished run writes
 and how it is loaded back is the method's (``masks.safetensors`` for piggyback: masks of
 the 13 convs and fc6/fc7 plus the new layers; ``weights.safetensors`` for finetune: every
@@ -21,7 +21,7 @@ from common.methods import MaskSettings, Prepared, get_method
 from .model import NEW_LAYERS, FCN32s, build_fcn32s
 from .weights import BackboneSource, load_backbone_state
 
-__all__ = ["build_model", "prepare_model"]
+__all__ = ["build_run_model", "prepare_model"]
 
 
 def prepare_model(arch: str, method: str, source: BackboneSource, *, seed: int = 0,
@@ -42,7 +42,7 @@ def prepare_model(arch: str, method: str, source: BackboneSource, *, seed: int =
     return model, prepared
 
 
-def build_model(arch: str, method: str, source: BackboneSource, *, seed: int = 0,
+def build_run_model(arch: str, method: str, source: BackboneSource, *, seed: int = 0,
                 learn_upsample: bool = False, num_classes: int = 21,
                 masks: Optional[MaskSettings] = None) -> FCN32s:
     """:func:`prepare_model` without the parameter groups."""

@@ -14,10 +14,7 @@ When nothing is found the error says where to put the file.
 """
 from __future__ import annotations
 
-import os
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -25,11 +22,12 @@ from typing import Dict, Optional, Union
 import torch
 
 from common.errors import UsageError, WeightsFileError
+from common.torchfile import read_state_dict
 
 from .model import VGGArch, get_arch
 
 __all__ = ["TORCHVISION_VGG16_FILE", "BackboneSource", "BackboneWeightsError", "torchvision_cache_path",
-           "resolve_backbone", "read_state_dict", "caffe_to_torchvision_keys",
+           "resolve_backbone", "caffe_to_torchvision_keys",
            "load_backbone_state"]
 
 TORCHVISION_VGG16_FILE = "vgg16-397923af.pth"
@@ -102,31 +100,6 @@ def resolve_backbone(arch: str, backbone: Optional[str] = None, caffe_weights: O
     raise BackboneWeightsError(_missing_message(arch))
 
 
-def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """Tensors of a ``.pth``/``.pt`` (read with weights_only=True) or ``.safetensors`` file.
-
-    A dict wrapping the weights under ``state_dict`` or ``model`` is unwrapped.
-    """
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise BackboneWeightsError(f"{path}: not a readable weights file ({e})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BackboneWeightsError(f"{path}: expected a state_dict (name -> tensor), got {type(state).__name__}")
-    prefix = "module."  # saved from a DataParallel/DDP wrapper
-    if state and all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
 def caffe_to_torchvision_keys(state: Dict[str, torch.Tensor],
                               arch: Union[str, VGGArch] = "vgg16") -> Dict[str, torch.Tensor]:
     """Rename Caffe layer names (conv<stage>_<n>, fc6/fc7/fc8) to torchvision's VGG keys
@@ -161,5 +134,9 @@ def load_backbone_state(source: BackboneSource, arch: str) -> Optional[Dict[str,
     """The torchvision-layout VGG state_dict for ``source`` (None for random init)."""
     if source.path is None:
         return None
-    state = caffe_to_torchvision_keys(read_state_dict(source.path), arch)
+    try:
+        state = read_state_dict(source.path)[0]
+    except WeightsFileError as e:
+        raise BackboneWeightsError(str(e)) from None
+    state = caffe_to_torchvision_keys(state, arch)
     return {k: v.float() for k, v in state.items()}

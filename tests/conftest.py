@@ -32,3 +32,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_test_resnet_weights(path: Path) -> Path:
+    """A safetensors weights file of timm's small ``test_resnet`` (seed 0), as a user's
+    local weights file for the classification commands."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()},
+              str(path), metadata={"arch": "test_resnet"})
+    return path

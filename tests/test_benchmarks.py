@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_benchmark_command_writes_its_report(tmp_path):
     from benchmarks.harness import Section, render_markdown
     out = tmp_path / "B.md"
@@ -53,6 +54,7 @@ def test_benchmark_command_keeps_the_marked_sections(tmp_path):
     assert keep_marked_sections(tmp_path / "absent.md", "x\n") == "x\n"
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_end_to_end_path_runs_decathlon_train(tmp_path):
     """benchmarks.gpu's part B on the CPU (a code-path check; its rates mean nothing here):
     it writes a tree and a backbone, runs decathlon.train, and reads the rate from the run's
@@ -70,7 +72,7 @@ def test_gpu_benchmark_end_to_end_path_runs_decathlon_train(tmp_path):
     eager_eval = next(line for line in text.splitlines() if line.startswith("| eager |"))
     assert float(eager_eval.split("|")[3].replace(",", "")) > 0
     run = tmp_path / "piggyback-e2e" / "piggyback_batch_8_eager_resident_loader" / "svhn"
-    written = tmp_path / "piggyback-e2e" / "backbone-wrn28_4-random.pt"
+    written = tmp_path / "piggyback-e2e" / "backbone-wrn28_4-random.safetensors"
     config = json.loads((run / "config.json").read_text())
     assert (run / "log.jsonl").is_file() and config["backbone"] == str(written)
     assert (config["loader"], config["images_on_device"]) == ("device", "on")
@@ -102,7 +104,7 @@ def test_gpu_benchmark_run_precisions_reach_decathlon_train_as_flags():
     """An end-to-end run's PRECISION: left out, decathlon.train's own defaults (no flag);
     fp32, cl and bf16cl name both switches, so a later change of the defaults does not
     change what they measure."""
-    from benchmarks.gpu import parse_run
+    from benchmarks.gpu_decathlon import parse_run
     from decathlon.train import parse_config
 
     def switches(spec):

@@ -34,7 +34,7 @@ def test_affine_contender_trains_the_scheme_values_at_their_per_layer_rates():
     and the scheme's values each under their own optimiser; after one Adam step every
     value moved by the scheme's rate times its layer's factor (flat_group), and the
     masks moved too. "binary eager" has no values beside its masks."""
-    from benchmarks.gpu import contender
+    from benchmarks.gpu_steps import contender
     from benchmarks.workloads import get_workload
     from common.masking import mask_parameters, scheme_parameter_scales, scheme_parameters
     from common.schemes import get_scheme
@@ -70,7 +70,7 @@ def test_affine_contender_trains_the_scheme_values_at_their_per_layer_rates():
 def test_scheme_ratios_hold_compiled_affine_to_its_goal():
     """The ratio is the median of the per-round ratios; the compiled pair is the only
     check (<= 1.05); a compiled pair asked for but not timed is a check marked not measured."""
-    from benchmarks.gpu import scheme_ratios
+    from benchmarks.gpu_steps import scheme_ratios
     from benchmarks.harness import Section
 
     section = Section("6. GPU")
@@ -92,6 +92,7 @@ def test_scheme_ratios_hold_compiled_affine_to_its_goal():
     assert section.checks[0].passed is None and section.checks[0].value.startswith("not measured")
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_part_a_reports_affine_against_binary(tmp_path):
     out = tmp_path / "A.md"
     proc = _gpu(["--quick", "--batches", "2", "--out", str(out), "--only", "piggyback eager", "binary eager",
@@ -106,8 +107,9 @@ def test_gpu_benchmark_part_a_reports_affine_against_binary(tmp_path):
     assert "| 2 | affine compiled |" not in text  # compiled contenders run on a CUDA device only
 
 
+@pytest.mark.slow
 def test_training_runs_parse_and_malformed_ones_are_refused(tmp_path):
-    from benchmarks.gpu import TRAINING_RUNS, parse_training_run
+    from benchmarks.gpu_training import TRAINING_RUNS, parse_training_run
 
     assert [parse_training_run(r).label for r in TRAINING_RUNS] == [
         "classification, piggyback binary", "classification, piggyback affine", "segmentation, piggyback binary",
@@ -134,7 +136,7 @@ def test_training_runs_parse_and_malformed_ones_are_refused(tmp_path):
 
 def test_gpu_check_names_only_known_contenders_and_refuses_an_unknown_part(tmp_path):
     """Every contender the script's parts time exists (a typo would cost a GPU call)."""
-    from benchmarks.gpu import CONTENDERS
+    from benchmarks.gpu_steps import CONTENDERS
 
     script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
     calls = [shlex.split(c) for c in script.replace("\\\n", " ").splitlines() if "-m benchmarks.gpu" in c]
@@ -157,6 +159,7 @@ TINY = ["--cls-arch", "resnet18", "--cls-size", "32", "--cls-images", "40", "--c
         "--seg-arch", "vgg-tiny", "--seg-images", "6", "--seg-sides", "48", "64", "--seg-epochs", "1"]
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_part_d_runs_classification_train(tmp_path):
     """Part D on the CPU: it writes the tree and the weight file, runs classification.train
     once per run, reads each run's rates from its own log, and reports the ratios."""
@@ -187,8 +190,9 @@ def test_gpu_benchmark_part_d_runs_classification_train(tmp_path):
     assert (tree / "classification-resnet18-random.pth").is_file()
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_part_d_runs_segmentation_train_and_reports_failures(tmp_path):
-    from benchmarks.gpu import TrainingSetup, parse_training_run, training_end_to_end
+    from benchmarks.gpu_training import TrainingSetup, parse_training_run, training_end_to_end
     from benchmarks.harness import render_markdown
 
     out, tree = tmp_path / "D.md", tmp_path / "tree"

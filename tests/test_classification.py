@@ -13,8 +13,9 @@ import torchvision
 
 from classification.data import (ClassificationTransform, ImageFolderDataset, random_resized_crop_box,
                                  resolve_split, subset_indices)
-from classification.models import arch_source, create_model
-from classification.weights import LAYOUTS, fit_state_dict, load_pretrained, read_state_dict, resolve_weights
+from classification.models import arch_source, pretrained_model
+from classification.weights import LAYOUTS, fit_state_dict, load_pretrained, resolve_weights
+from common.torchfile import read_state_dict
 from common.config import read_run_config
 from common.errors import DataError, MissingFileError, PiggybackError, UsageError, WeightsFileError
 
@@ -68,7 +69,7 @@ def test_torchvision_file_with_imagenet_head_loads_with_plain_layout(tmp_path):
     source = torchvision.models.resnet18()
     path = tmp_path / "resnet18.pth"
     torch.save(source.state_dict(), path)
-    model, report = create_model("resnet18", 7, path)
+    model, report = pretrained_model("resnet18", 7, path)
     assert report["layout"] == "plain" and report["classifier"] == "fc"
     assert model.fc.out_features == 7
     assert torch.equal(model.conv1.weight, source.conv1.weight)
@@ -78,7 +79,7 @@ def test_weights_that_do_not_fit_name_the_file_and_keys(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
     with pytest.raises(WeightsFileError) as err:
-        create_model("mobilenet_v2", 10, path)
+        pretrained_model("mobilenet_v2", 10, path)
     message = str(err.value)
     assert str(path) in message and "does not fit mobilenet_v2" in message
     assert "file keys the model lacks (bn1.bias" in message
@@ -142,7 +143,7 @@ def test_timm_model_from_a_local_safetensors_file(tmp_path):
     torch.manual_seed(0)
     source = timm.create_model("test_efficientnet")
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    model, report = create_model("timm:test_efficientnet", 4, tmp_path / "t.safetensors")
+    model, report = pretrained_model("timm:test_efficientnet", 4, tmp_path / "t.safetensors")
     assert report["classifier"] == "classifier" and model.get_classifier().out_features == 4
     assert torch.equal(model.conv_stem.weight, source.conv_stem.weight)
 
@@ -238,6 +239,7 @@ COMMON = ["--size", "32", "--eval-resize", "36", "--batch-size", "8", "--workers
           "--print-freq", "2"]
 
 
+@pytest.mark.slow
 def test_train_piggyback_writes_the_run_folder_resumes_and_evaluates(tiny):
     out = tiny / "run"
     args = ["classification.train", "--data-root", str(tiny / "data"), "--weights",
@@ -271,6 +273,7 @@ def test_train_piggyback_writes_the_run_folder_resumes_and_evaluates(tiny):
     assert json.loads((out / "eval_test.json").read_text())["top1"] == pytest.approx(metrics["top1"])
 
 
+@pytest.mark.slow
 def test_train_baselines_and_flag_errors(tiny):
     out = tiny / "feature"
     _run(["classification.train", "--data-root", str(tiny / "data"), "--weights",

@@ -12,6 +12,8 @@ import pytest
 
 from classification.realdata import missing_items, real_paths
 
+pytestmark = pytest.mark.slow  # end-to-end commands: left out of the fast subset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,7 +11,8 @@ import torch
 
 from common.errors import DataError, MissingFileError
 from conftest import require_real_labels
-from decathlon.data import DecathlonDataset, build_loader, load_image, set_loader_epoch
+from common.loaders import build_loader, set_loader_epoch
+from decathlon.data import DecathlonDataset, load_image
 from decathlon.synthetic import make_synthetic_decathlon
 from decathlon.tasks import MASK_TASKS, TASK_NAMES, TASKS, get_task, task_of_id
 from decathlon.transforms import build_transforms
@@ -237,8 +238,10 @@ def test_loader_reads_the_real_published_files(tmp_path):
     for part in ("train", "test_stripped"):  # as a labelled split and as the stripped one
         (tmp_path / "annotations" / f"vgg-flowers_{part}.json").write_bytes(real.read_bytes())
     data = json.loads(real.read_text())
-    labelled = DecathlonDataset(tmp_path, "vgg-flowers", "train")
-    stripped = DecathlonDataset(tmp_path, "vgg-flowers", "test")
+    with pytest.raises(MissingFileError, match="6149 of the 6149 images"):
+        DecathlonDataset(tmp_path, "vgg-flowers", "train")  # annotations without their images
+    labelled = DecathlonDataset(tmp_path, "vgg-flowers", "train", check_files=False)
+    stripped = DecathlonDataset(tmp_path, "vgg-flowers", "test", check_files=False)
     ids = [im["id"] for im in data["images"]]
     assert labelled.image_ids == stripped.image_ids == ids and len(ids) == 6149
     by_id = {a["image_id"]: a["category_id"] for a in data["annotations"]}

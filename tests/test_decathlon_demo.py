@@ -8,10 +8,13 @@ import cv2
 import pytest
 
 from decathlon.data import DecathlonDataset
-from decathlon.demo import check_args, get_args_parser
+from common.errors import UsageError
+from decathlon.demo import DemoConfig
 from decathlon.score import load_results, load_test_labels, score_results, validate_results
 from decathlon.submit import task_test_set
 from decathlon.tasks import TASK_NAMES, get_task
+
+pytestmark = pytest.mark.slow  # end-to-end commands: left out of the fast subset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +67,5 @@ def test_demo_end_to_end(tmp_path):
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--classes", "1"], ["--workers", "-1"], ["--threads", "0"],
                                   ["--mask-lr", "0"], ["--device", "gpu"]])
 def test_bad_flags_refused(argv):
-    parser = get_args_parser()
-    with pytest.raises(SystemExit):
-        check_args(parser, parser.parse_args(argv))
+    with pytest.raises(UsageError):
+        DemoConfig.from_cli(argv)

@@ -3,7 +3,6 @@ and what each training method leaves trainable."""
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,9 +12,9 @@ import torch.nn.functional as F
 from common.masking import MaskedConv2d, MaskedLayer, masked_modules
 from common.heads import reset_classifier
 from common.methods import METHODS, MaskSettings, load_task, save_task
-from decathlon.models import (create_model, load_backbone, load_external_weights,
-                              model_names, open_backbone, remap_external_state_dict,
-                              save_backbone)
+from decathlon.external import load_external_weights, remap_external_state_dict
+from decathlon.models import load_backbone, open_backbone, save_backbone
+from decathlon.networks import create_model, model_names
 
 
 def _count(model, kind):
@@ -61,7 +60,7 @@ def test_backbone_file_round_trip(tmp_path):
     with pytest.raises(ValueError, match="--arch wrn28_4 differs"):
         open_backbone(tmp_path / "bb.pt", "wrn28_4")
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="other.pt is not a backbone checkpoint"):
+    with pytest.raises(ValueError, match="other.pt is not a backbone file written by this toolkit"):
         load_backbone(tmp_path / "other.pt")
 
 

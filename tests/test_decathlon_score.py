@@ -184,6 +184,7 @@ def _run(*argv):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_accuracies_and_results(tmp_path, labels):
     acc = tmp_path / "acc.json"
     acc.write_text(json.dumps(dict(zip(ORDER, PUBLISHED["piggyback"][0]))))
@@ -206,6 +207,7 @@ def test_cli_accuracies_and_results(tmp_path, labels):
     assert proc.returncode == 0 and "1 prediction(s)" in proc.stderr and "ignored" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_input_names_the_file(tmp_path):
     bad = tmp_path / "acc.json"
     bad.write_text(json.dumps({"svhm": 97.0}))

@@ -21,9 +21,10 @@ from decathlon.accounting import decathlon_accounting, mask_file_cost
 from decathlon.data import DecathlonDataset, build_transforms
 from common.heads import reset_classifier
 from common.methods import save_task
-from decathlon.models import create_model, save_backbone
+from decathlon.models import save_backbone
+from decathlon.networks import create_model
 from decathlon.score import load_results, load_test_labels, score_results
-from decathlon.submit import check_args, get_args_parser, main
+from decathlon.submit import SubmitConfig, main
 from decathlon.submit import cli as submit_cli
 from decathlon.synthetic import make_synthetic_decathlon
 from decathlon.tasks import MASK_TASKS, TASK_NAMES, get_task
@@ -72,7 +73,7 @@ def setup(tmp_path_factory):
                              test_per_class=3, labels_dir=labels)
     torch.manual_seed(0)
     backbone = create_model(ARCH, 1000).eval()
-    backbone_path = base / "backbone.pt"
+    backbone_path = base / "backbone.safetensors"
     save_backbone(backbone_path, backbone, ARCH, val_top1=12.5)
     models = {}
     for k, task in enumerate(MASK_TASKS):
@@ -94,8 +95,7 @@ def _argv(s, out, *extra):
 
 
 def _run_main(argv):
-    parser = get_args_parser()
-    return main(check_args(parser, parser.parse_args(argv)), log=lambda *a: None)
+    return main(SubmitConfig.from_cli(argv), log=lambda *a: None)
 
 
 @torch.no_grad()
@@ -106,6 +106,7 @@ def _expected(model, data, task):
     return {i: spec.category_id(int(c)) for i, c in zip(ds.image_ids, model(x).argmax(1))}
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(setup, tmp_path):
     out = tmp_path / "sub"
     proc = subprocess.run([sys.executable, "-m", "decathlon.submit", *_argv(setup, out),
@@ -151,6 +152,7 @@ def test_cli_end_to_end(setup, tmp_path):
     assert all(f"| {t} |" in md for t in TASK_NAMES)
 
 
+@pytest.mark.slow
 def test_fold_and_multitask_modes_agree(setup, tmp_path):
     _run_main(_argv(setup, tmp_path / "a", "--mode", "multitask", "--backbone",
                     str(setup["backbone_path"])))
@@ -160,6 +162,7 @@ def test_fold_and_multitask_modes_agree(setup, tmp_path):
     assert summary["score_source"].startswith("validation") and summary["test_score"] is None
 
 
+@pytest.mark.slow
 def test_compile_flag_compiles_each_task_once_with_the_same_predictions(setup, tmp_path, monkeypatch):
     """--compile on: every task's network is compiled once, after the graphs of the task
     before are dropped; the predictions are those of the plain run."""
@@ -256,13 +259,13 @@ def _cli_error(capsys, argv) -> str:
 
 @pytest.fixture(scope="module")
 def pretrain_run(setup):
-    """A real decathlon.pretrain run folder: backbone.pt beside checkpoint.pt and JSON files."""
+    """A real decathlon.pretrain run folder: backbone.safetensors beside checkpoint.pt and JSON files."""
     from decathlon import pretrain
     out = setup["base"] / "pretrain"
     pretrain.main(pretrain.parse_config(["--arch", ARCH, "--epochs", "1", "--data-root", str(setup["data"]),
                                          "--out", str(out), "--batch-size", "4", "--workers", "0",
                                          "--device", "cpu", "--print-freq", "1000"]))
-    assert (out / "backbone.pt").is_file() and (out / "checkpoint.pt").is_file()
+    assert (out / "backbone.safetensors").is_file() and (out / "checkpoint.pt").is_file()
     return out
 
 
@@ -286,15 +289,15 @@ def test_wrong_backbone_files_are_explained_in_one_line(setup, pretrain_run, tmp
     task = _task_run_files(setup, tmp_path / "runs" / "svhn")
     cases = [  # (what is passed as --backbone, what the message must say)
         (pre / "checkpoint.pt", ["resumable training checkpoint of decathlon.pretrain",
-                                 f"pass {pre / 'backbone.pt'} instead"]),
+                                 f"pass {pre / 'backbone.safetensors'} instead"]),
         (setup["runs"] / "dtd" / "masks.safetensors", ["mask file of task 'dtd'", f"trained on, {bb}"]),
         (task["checkpoint"], ["training checkpoint of a decathlon.train run", "'svhn'", f"trained on, {bb}"]),
         (task["weights"], ["full weights of a --method finetune model", f"trained on, {bb}"]),
         (task["config"], ["JSON file", f"trained on, {bb}"]),
-        (pre / "metrics.json", ["JSON file", f"pass {pre / 'backbone.pt'} instead"]),
-        (pre, ["is a folder", f"pass the backbone file in it: {pre / 'backbone.pt'}"]),
+        (pre / "metrics.json", ["JSON file", f"pass {pre / 'backbone.safetensors'} instead"]),
+        (pre, ["is a folder", f"pass the backbone file in it: {pre / 'backbone.safetensors'}"]),
         (setup["runs"], ["folder of decathlon.train task runs", f"trained on, {bb}"]),
-        (pre / "backbone.pth", ["does not exist", f"did you mean {pre / 'backbone.pt'}?"]),
+        (pre / "backbone.pth", ["does not exist", f"did you mean {pre / 'backbone.safetensors'}?"]),
     ]
     out = tmp_path / "out"
     for given, expected in cases:
@@ -328,7 +331,7 @@ def test_checkpoint_beside_backbone_as_run_by_a_user(setup, pretrain_run, tmp_pa
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and len(lines[0]) < 400, proc.stderr
     assert str(pretrain_run / "checkpoint.pt") in lines[0]
-    assert f"pass {pretrain_run / 'backbone.pt'} instead" in lines[0]
+    assert f"pass {pretrain_run / 'backbone.safetensors'} instead" in lines[0]
     assert not out.exists()  # nothing left behind
 
 
@@ -367,7 +370,7 @@ def test_partial_submission_headline_is_the_test_score(setup, tmp_path):
     only_dtd = tmp_path / "labels"
     only_dtd.mkdir()
     (only_dtd / "dtd_test.json").write_bytes((setup["labels"] / "dtd_test.json").read_bytes())
-    with pytest.raises(SystemExit):  # an existing submission is not replaced without a word
+    with pytest.raises(ValueError, match="already holds a submission"):  # not replaced without a word
         _run_main(argv[:-1] + [str(only_dtd)])
     before = (tmp_path / "o" / "results.json").read_bytes()
     summary = _run_main(argv[:-1] + [str(only_dtd), "--overwrite"])

@@ -19,15 +19,20 @@ import torch
 from common.errors import ResumeError
 from common.masking import piggyback
 from common.maskfile import load_masks, read_mask_file
-from decathlon.data import DecathlonDataset, build_loader, build_transforms
-from decathlon.engine import Precision, evaluate, predict
+from common.loaders import build_loader
+from decathlon.data import DecathlonDataset, build_transforms
+from common.amp import Precision
+from common.classify import evaluate_classifier, predict
 from common.errors import UsageError
 from common.heads import reset_classifier
 from common.methods import load_task
-from decathlon.models import create_model, load_backbone, save_backbone
+from decathlon.models import load_backbone, save_backbone
+from decathlon.networks import create_model
 from decathlon.synthetic import make_synthetic_decathlon
 from decathlon.tasks import MASK_TASKS
 from decathlon import train as train_mod
+
+pytestmark = pytest.mark.slow  # end-to-end commands: left out of the fast subset
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -64,9 +69,9 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     model = create_model("wrn10_1", 1000)
     model.train()(torch.randn(8, 3, 64, 64))  # BN statistics that training must not touch
-    save_backbone(base / "backbone.pt", model, "wrn10_1", val_top1=0.0)
-    return {"base": base, "root": root, "backbone": base / "backbone.pt", "tasks": summary["tasks"],
-            "backbone_sha": sha(base / "backbone.pt")}
+    save_backbone(base / "backbone.safetensors", model, "wrn10_1", val_top1=0.0)
+    return {"base": base, "root": root, "backbone": base / "backbone.safetensors", "tasks": summary["tasks"],
+            "backbone_sha": sha(base / "backbone.safetensors")}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +114,7 @@ def test_piggyback_run_folder_and_mask_file(world, piggy_run):
     assert (meta["task"], meta["arch"], meta["method"]) == ("dtd", "wrn10_1", "piggyback")
     val = DecathlonDataset(world["root"], "dtd", "val", transform=build_transforms("dtd", False))
     loader = build_loader(val, batch_size=4, train=False, workers=0)
-    result = evaluate(model, loader, prec=Precision(torch.device("cpu")))
+    result = evaluate_classifier(model, loader, Precision(torch.device("cpu")))
     assert result["val_top1"] == pytest.approx(metrics["val_top1"])
     predicted = predict(model, loader, prec=Precision(torch.device("cpu")))
     hits = (predicted == torch.tensor(val.targets)).float().mean().item()
@@ -234,7 +239,7 @@ def test_pretrain_then_train_all_tasks(world):
                "--backbone", external, "--lr", "0.01")
     assert "imported external weights" in proc.stdout and sha(external) == external_sha
     metrics = json.loads((pre / "metrics.json").read_text())
-    model, meta = load_backbone(pre / "backbone.pt")
+    model, meta = load_backbone(pre / "backbone.safetensors")
     assert meta["arch"] == "wrn10_1" and meta["val_top1"] == metrics["val_top1"]
     assert model.fc.out_features == 1000 and (pre / "log.jsonl").is_file()
     moved = [k for k, v in source.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
@@ -244,7 +249,7 @@ def test_pretrain_then_train_all_tasks(world):
     out = world["base"] / "all"
     run("decathlon.train", "--task", "all", "--epochs", "1", "--batch-size", "16",
         "--workers", "0", "--device", "cpu", "--data-root", world["root"], "--out", out,
-        "--backbone", pre / "backbone.pt", "--scheme", "ternary")
+        "--backbone", pre / "backbone.safetensors", "--scheme", "ternary")
     summary = json.loads((out / "summary.json").read_text())
     assert sorted(summary) == sorted(MASK_TASKS)
     for task in MASK_TASKS:
@@ -253,7 +258,7 @@ def test_pretrain_then_train_all_tasks(world):
     # --scheme affine: the scalars train with their own optimizer group and travel in the mask file
     affine = world["base"] / "affine"
     run("decathlon.train", "--task", "dtd", "--epochs", "1", "--batch-size", "16", "--workers", "0",
-        "--device", "cpu", "--data-root", world["root"], "--out", affine, "--backbone", pre / "backbone.pt",
+        "--device", "cpu", "--data-root", world["root"], "--out", affine, "--backbone", pre / "backbone.safetensors",
         "--scheme", "affine")
     contents = read_mask_file(affine / "dtd" / "masks.safetensors")
     assert contents.meta["scheme"] == "affine" and set(contents.extras) == set(contents.masks)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.distributed import EpochSampler
-from decathlon.data import DecathlonDataset, build_loader
+from common.distributed import make_sampler
+from common.loaders import build_loader
+from decathlon.data import DecathlonDataset
 from decathlon.device_loader import DeviceBatches, SquareImages, augment_on_device, images_fit_on_device
 from decathlon.synthetic import make_synthetic_decathlon
 from decathlon.tasks import get_task
@@ -24,7 +25,7 @@ def root(tmp_path_factory):
 def _batches(ds, images, train, seed=0, batch_size=6, resident=False):
     spec = get_task("dtd")
     return DeviceBatches(images, ds, batch_size=batch_size, train=train, crop=16, hflip=True, mean=spec.mean,
-                         std=spec.std, device=torch.device("cpu"), sampler=EpochSampler(ds, shuffle=train, seed=seed),
+                         std=spec.std, device=torch.device("cpu"), sampler=make_sampler(ds, None, shuffle=train, seed=seed),
                          seed=seed, resident=resident)
 
 

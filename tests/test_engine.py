@@ -18,10 +18,11 @@ from common.amp import Precision
 from common.checkpoint import load_training_checkpoint
 from common.classify import ClassificationPipeline
 from common.collapse import CollapseMonitor
-from common.distributed import DistInfo, EpochSampler
+from common.distributed import DistInfo, make_sampler
 from common.engine import FitState, StepOutput, _Accumulator, fit, train_one_epoch
 from common.errors import DataError, DivergedError, PiggybackError, ResumeError, UsageError, WeightsFileError
-from common.methods import METHODS, OPTIMIZERS, MaskSettings, build_optimizers, make_optimizer
+from common.methods import METHODS, MaskSettings
+from common.optimizers import OPTIMIZERS, build_optimizers, make_optimizer
 from common.runlog import RunDir
 from common.weightsfile import load_weights_file, read_weights_file, save_weights_file
 
@@ -43,7 +44,7 @@ def _mlp(classes=3):
 
 
 def _loaders(data, seed=0, batch=4):
-    sampler = EpochSampler(data, shuffle=True, seed=seed)
+    sampler = make_sampler(data, None, shuffle=True, seed=seed)
     return DataLoader(data, batch_size=batch, sampler=sampler), DataLoader(data, batch_size=8)
 
 

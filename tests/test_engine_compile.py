@@ -9,14 +9,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.amp import Precision
 from common.classify import ClassificationPipeline
-from common.distributed import DistInfo, EpochSampler
+from common.distributed import DistInfo, make_sampler
 from common.engine import EVAL_COMPILE_MODES, FitState, compile_for_eval, compile_model, fit
 from types import SimpleNamespace
 
 from common.heads import reset_classifier
-from common.methods import METHODS, MaskSettings, build_optimizers
+from common.methods import METHODS, MaskSettings
+from common.optimizers import build_optimizers
 from common.runlog import RunDir
-from decathlon.models import create_model
+from decathlon.networks import create_model
 
 CPU = Precision(torch.device("cpu"))
 
@@ -31,7 +32,7 @@ def _run(out, compiled: bool, epochs: int = 2):
                                                      head_lr=1e-2, head_weight_decay=0.0))
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(12, 3, 16, 16, generator=g), torch.randint(0, 5, (12,), generator=g))
-    train = DataLoader(data, batch_size=4, sampler=EpochSampler(data, seed=0))
+    train = DataLoader(data, batch_size=4, sampler=make_sampler(data, None, shuffle=True, seed=0))
     val = DataLoader(data, batch_size=6)
     train_model, eval_model = compile_model(model, DistInfo(), compiled)
     graphs = []
@@ -48,6 +49,7 @@ def _run(out, compiled: bool, epochs: int = 2):
     return result, graphs
 
 
+@pytest.mark.slow
 def test_compiled_run_matches_eager_and_compiles_once(tmp_path):
     pytest.importorskip("torch._inductor")
     eager, _ = _run(tmp_path / "eager", False)
@@ -63,8 +65,12 @@ def test_compile_flag_values_of_decathlon_train():
     """--compile: auto follows the device, cudagraphs asks torch.compile for CUDA graphs
     (mode reduce-overhead), and an unknown value is refused by the parser."""
     from common.distributed import DistInfo
-    from decathlon.engine import use_compile
+    from common.runtime import resolve_compile
     from decathlon.train import parse_config
+    from decathlon.training import POLICY
+
+    def use_compile(args, dist):
+        return resolve_compile(args.compile, dist, POLICY)
     cpu, cuda = DistInfo(device=torch.device("cpu")), DistInfo(device=torch.device("cuda"))
     ddp = DistInfo(device=torch.device("cuda"), world_size=2)
 
@@ -84,8 +90,9 @@ def test_precision_defaults_follow_compilation_on_cuda():
     """--channels-last auto: on where the network is compiled on a CUDA device, off eager
     and on the CPU; --amp auto: off everywhere (bf16 cost accuracy on real images);
     on/off override auto either way."""
-    import decathlon.engine as engine
+    from common.runtime import resolve_runtime
     from decathlon.train import parse_config
+    from decathlon.training import POLICY
     cpu, cuda = DistInfo(device=torch.device("cpu")), DistInfo(device=torch.device("cuda"))
     ddp = DistInfo(device=torch.device("cuda"), world_size=2)
 
@@ -93,7 +100,7 @@ def test_precision_defaults_follow_compilation_on_cuda():
         return parse_config(["--backbone", "x.pt", *argv])
 
     def switches(flags, dist):
-        prec = engine.make_precision(parse(["--task", "dtd", *flags]), dist)
+        prec = resolve_runtime(parse(["--task", "dtd", *flags]), dist, POLICY).prec
         return prec.amp, prec.channels_last
 
     for compile_flag, on_cpu, on_cuda, on_ddp in (("auto", (False, False), (False, True), (False, True)),
@@ -112,9 +119,9 @@ def test_precision_defaults_follow_compilation_on_cuda():
 def test_optimizer_kernels_by_device_and_group_size():
     """make_optimizer asks torch for its fused kernels when every parameter is a floating
     CUDA tensor; on the CPU for its multi-tensor kernels in small groups only."""
-    from common.methods import fused_implementation, make_optimizer
+    from common.optimizers import fused_implementation, make_optimizer
 
-    from common.methods import SMALL_GROUP
+    from common.optimizers import SMALL_GROUP
 
     class FakeCuda:
         is_cuda = True

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.accounting import binary_entropy, parameter_ratio, sparsity, task_cost
+from common.accounting import parameter_ratio, sparsity, task_cost
+from common.entropy import binary_entropy
 from common.maskfile import MaskFileError, load_masks, read_mask_metadata, save_masks
 from common.masking import mask_entries, masked_modules, piggyback
 from common.multitask import MultiTaskModel

@@ -167,6 +167,7 @@ def test_state_moves_with_to_and_appears_in_state_dict():
     assert model(torch.randn(1, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
 
 
+@pytest.mark.slow
 def test_torchvision_vgg16_conversion():
     import torchvision
     torch.manual_seed(0)

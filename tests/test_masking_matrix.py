@@ -21,7 +21,7 @@ from common.schemes import SCHEMES
 
 
 def _wrn():
-    from decathlon.models import create_model
+    from decathlon.networks import create_model
     return create_model("wrn10_1", 5), ("fc",), (2, 3, 16, 16)
 
 
@@ -209,6 +209,9 @@ MODES = {"eager": _eager, "compile": _compile, "func_grad": _func_grad, "checkpo
 # with their own forward)
 CASES = [(b, m, "binary") for b in BACKBONES for m in MODES] + \
     [(b, m, s) for s in SCHEMES if s != "binary" for b in ("wrn", "timm_same") for m in MODES]
+# the compiled cases beyond one (the WRN, binary) are left out of the fast subset
+CASES = [pytest.param(*c, marks=pytest.mark.slow) if c[1] == "compile" and c[:1] + c[2:] != ("wrn", "binary") else c
+         for c in CASES]
 
 
 @pytest.mark.parametrize("backbone,mode,scheme", CASES)

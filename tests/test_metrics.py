@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from common.metrics import ClassificationMeter, ConfusionMatrix, accuracy, topk_correct
+from common.metrics import ConfusionMatrix
 from conftest import free_port
 
 T = torch.tensor
@@ -150,43 +150,6 @@ def test_update_after_all_reduce_is_refused():
     assert cm.mat[1, 1] == 1
 
 
-# ----------------------------------------------------------------- classification
-
-def test_accuracy_top1_top5_by_hand():
-    logits = T([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0],    # top1 = 1
-                [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],    # rank of class 4 is 5th
-                [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],    # class 5 is 6th
-                [0.5, 0.4, 0.0, 1.0, 0.3, 0.2]])   # class 2 is 6th
-    target = T([1, 4, 5, 2])
-    assert topk_correct(logits, target, (1, 5)) == [1, 2]
-    assert accuracy(logits, target, (1, 5)) == [25.0, 50.0]
-    # k above the number of classes: every row counts.
-    assert accuracy(logits[:, :2], T([0, 1, 0, 1]), (1, 5)) == [25.0, 100.0]
-
-
-def test_accuracy_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="target"):
-        accuracy(torch.zeros(4, 3), torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="logits"):
-        accuracy(torch.zeros(4), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="empty"):
-        accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
-
-
-def test_classification_meter_equals_accuracy_of_concatenated_batches():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(50, 7, generator=g)
-    target = torch.randint(0, 7, (50,), generator=g)
-    meter = ClassificationMeter(topk=(1, 5))
-    for chunk in range(0, 50, 16):  # uneven last batch
-        meter.update(logits[chunk:chunk + 16], target[chunk:chunk + 16])
-    top1, top5 = accuracy(logits, target, (1, 5))
-    assert meter.all_reduce().top1 == pytest.approx(top1)
-    assert meter.compute() == {"top1": pytest.approx(top1), "top5": pytest.approx(top5),
-                               "count": 50}
-    assert math.isnan(ClassificationMeter().top1)
-
-
 # ----------------------------------------------------------------- two processes
 
 def _rank_data(rank):
@@ -195,9 +158,7 @@ def _rank_data(rank):
     target = torch.randint(0, 4 + rank, (3 + rank, 8, 8), generator=g)
     pred = torch.randint(0, 5, target.shape, generator=g)
     target[:, 0] = 255
-    logits = torch.randn(10 + 3 * rank, 5, generator=g)
-    labels = torch.randint(0, 5, (logits.shape[0],), generator=g)
-    return target, pred, logits, labels
+    return target, pred
 
 
 def _metrics_worker(rank, world_size, port, out_dir):
@@ -206,17 +167,13 @@ def _metrics_worker(rank, world_size, port, out_dir):
     from common.distributed import cleanup, init_distributed
     info = init_distributed("cpu")
     assert info.distributed and info.rank == rank and info.is_main == (rank == 0)
-    target, pred, logits, labels = _rank_data(rank)
+    target, pred = _rank_data(rank)
     cm = ConfusionMatrix(5)
     cm.update(target, pred)
     local = cm.mat.clone()
     cm.all_reduce()
     cm.all_reduce()  # a second call must not sum again
-    meter = ClassificationMeter(topk=(1, 5))
-    meter.update(logits, labels)
-    meter.all_reduce()
-    torch.save({"local": local, "mat": cm.mat, "metrics": cm.compute(),
-                "top1": meter.top1, "count": meter.total},
+    torch.save({"local": local, "mat": cm.mat, "metrics": cm.compute()},
                os.path.join(out_dir, f"rank{rank}.pt"))
     cleanup()
 
@@ -227,11 +184,9 @@ def test_two_process_reduction_equals_single_process_union(tmp_path):
     assert not torch.equal(results[0]["local"], results[1]["local"])  # ranks saw different data
 
     union = ConfusionMatrix(5)
-    meter = ClassificationMeter(topk=(1, 5))
     for rank in range(2):
-        target, pred, logits, labels = _rank_data(rank)
+        target, pred = _rank_data(rank)
         union.update(target, pred)
-        meter.update(logits, labels)
     expected = union.compute()
     for res in results:
         assert torch.equal(res["mat"], union.mat)
@@ -239,4 +194,3 @@ def test_two_process_reduction_equals_single_process_union(tmp_path):
         for key in ("pixel_acc", "mean_acc", "mean_iou", "fw_iou"):
             assert res["metrics"][key] == expected[key]
         np.testing.assert_array_equal(res["metrics"]["iou"], expected["iou"])
-        assert res["top1"] == meter.top1 and res["count"] == meter.total == 23

@@ -13,7 +13,7 @@ from common.masking import mask_parameters, piggyback
 from common.plots import (CURVES_PNG, SPARSITY_PNG, curves_figure, grouped_bars_figure, plot_grouped_bars,
                           plot_sparsity, plot_training_curves, run_description, save_run_plots,
                           sparsity_axis_top, sparsity_figure, thinned_ticks)
-from decathlon.models import create_model
+from decathlon.networks import create_model
 
 
 def _png(path):

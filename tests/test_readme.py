@@ -51,10 +51,11 @@ def test_masking_snippet_runs_as_printed(tmp_path, monkeypatch):
 
 def test_help_texts_say_what_a_user_types():
     from benchmarks import gpu, run
-    from decathlon import models, submit
+    from decathlon import networks, submit
     for module, prog in ((run, "python -m benchmarks.run"), (gpu, "python -m benchmarks.gpu")):
         assert module.get_args_parser().format_usage().startswith(f"usage: {prog} ")
     helps = {a.dest: a.help for a in submit.get_args_parser()._actions}
     assert "training process" not in helps["workers"] and "test images" in helps["workers"]
     # the architecture names --arch accepts, for the commands' help texts
-    assert {"wrn28_4", "wrn10_1"} <= set(models.model_names()) and models.model_names() == sorted(models.MODELS)
+    assert {"wrn28_4", "wrn10_1", "resnet26"} <= set(networks.model_names())
+    assert networks.model_names() == sorted(networks.MODELS)

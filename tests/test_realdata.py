@@ -81,8 +81,7 @@ def fake_mnist_wheel(tmp_path, monkeypatch):
 
 
 def _args(out, cache, *extra):
-    parser = realdata.get_args_parser()
-    return realdata.check_args(parser, parser.parse_args(["--out", str(out), "--cache", str(cache), *extra]))
+    return realdata.RealDataConfig.from_cli(["--out", str(out), "--cache", str(cache), *extra])
 
 
 def test_mnist_tree_is_written_once_and_rewritten_when_options_change(tmp_path, fake_mnist_wheel):
@@ -198,6 +197,7 @@ def _probe(train_x, train_y, test_x, test_y) -> float:
     return 100.0 * (linear(test_x).argmax(1) == test_y).float().mean().item()
 
 
+@pytest.mark.slow
 def test_real_backbone_features_beat_random_ones_by_a_linear_probe():
     """An ImageNet backbone, not a placeholder: a linear probe on its frozen features of
     MNIST at 64 px is far above the same probe on a random MobileNetV2 (measured: about
@@ -205,7 +205,7 @@ def test_real_backbone_features_beat_random_ones_by_a_linear_probe():
     import torchvision
 
     from classification.data import ClassificationTransform, ImageFolderDataset
-    from classification.models import create_model
+    from classification.models import pretrained_model
 
     root, weights = require_real("mnist"), require_real("mobilenet_v2")
     tf = ClassificationTransform(train=False, size=64, eval_resize=64)
@@ -214,7 +214,7 @@ def test_real_backbone_features_beat_random_ones_by_a_linear_probe():
     ytr, yte = torch.tensor(train.targets), torch.tensor(test.targets)
     torch.manual_seed(0)
     scores = {}
-    for name, model in (("imagenet", create_model("mobilenet_v2", 10, weights)[0]),
+    for name, model in (("imagenet", pretrained_model("mobilenet_v2", 10, weights)[0]),
                         ("random", torchvision.models.mobilenet_v2())):
         scores[name] = _probe(_features(model, train), ytr, _features(model, test), yte)
     assert scores["imagenet"] > 80 and scores["imagenet"] > scores["random"] + 15, scores

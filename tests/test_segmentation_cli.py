@@ -21,11 +21,13 @@ from segmentation.data import read_id_list, read_image, read_voc_label
 from segmentation.demo import write_synthetic_backbone
 from segmentation.model import bilinear_kernel
 from common.config import read_run_config
-from common.errors import ResumeError
+from common.errors import UsageError, ResumeError
 from common.methods import load_task
-from segmentation.runs import build_model
+from segmentation.runs import build_run_model
 from segmentation.synthetic import write_synthetic_pascal
 from segmentation.weights import resolve_backbone
+
+pytestmark = pytest.mark.slow  # end-to-end commands: left out of the fast subset
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = ("pixel_acc", "mean_acc", "mean_iou", "fw_iou")
@@ -101,7 +103,7 @@ def test_train_writes_a_complete_run_folder(trained_run, pascal):
     masks, state, meta = read_mask_file(trained_run / "masks.safetensors")[:3]
     assert set(state) == {"score_fr.weight", "score_fr.bias", "upscore.weight"} and meta["method"] == "piggyback"
     assert {"fc6", "fc7", "features.0"} <= set(masks)
-    model = build_model("vgg-tiny", "piggyback", resolve_backbone("vgg-tiny", backbone=str(pascal[1])))
+    model = build_run_model("vgg-tiny", "piggyback", resolve_backbone("vgg-tiny", backbone=str(pascal[1])))
     assert load_task(trained_run, model)["method"] == "piggyback"
     assert model.score_fr.weight.abs().sum() > 0
 
@@ -150,8 +152,7 @@ def test_finetune_saves_the_whole_network(pascal, tmp_path):
     assert result["storage"]["task_mb"] == result["storage"]["full_fcn_mb"]
     saved = load_file(str(tmp_path / "ft" / "weights.safetensors"))
     assert not torch.equal(saved["upscore.weight"], bilinear_kernel(21, 64))  # --learn-upsample trained it
-    parser = evaluate_cli.get_args_parser()
-    evaluated = evaluate_cli.main(parser.parse_args([str(tmp_path / "ft"), "--workers", "0", "--device", "cpu"]))
+    evaluated = evaluate_cli.main(evaluate_cli.SegEvaluateConfig.from_cli([str(tmp_path / "ft"), "--workers", "0", "--device", "cpu"]))
     assert all(evaluated[k] == result[k] for k in METRIC_KEYS)
 
 
@@ -180,8 +181,7 @@ def test_evaluate_options(pascal, trained_run, tmp_path, monkeypatch):
     moved.write_bytes(backbone.read_bytes())
     weights = tmp_path / "copy.safetensors"
     weights.write_bytes((trained_run / "masks.safetensors").read_bytes())
-    parser = evaluate_cli.get_args_parser()
-    result = evaluate_cli.main(evaluate_cli.check_args(parser, parser.parse_args(
+    result = evaluate_cli.main(evaluate_cli.SegEvaluateConfig.from_cli((
         [str(trained_run), "--split", "voc", "--data-root", str(layout.root), "--backbone", str(moved),
          "--weights", str(weights), "--output", str(tmp_path / "voc.json"), "--workers", "0", "--amp", "off"])))
     assert result["split"] == "voc" and result["eval_images"] == len(layout.ids["voc_val"])
@@ -189,7 +189,7 @@ def test_evaluate_options(pascal, trained_run, tmp_path, monkeypatch):
     # --compile on: the FCN is compiled for varying image sizes, the metrics do not change
     asked = []
     monkeypatch.setattr(evaluate_cli, "compile_for_eval", lambda m, choice, **kw: (asked.append((choice, kw)), m)[1])
-    again = evaluate_cli.main(evaluate_cli.check_args(parser, parser.parse_args(
+    again = evaluate_cli.main(evaluate_cli.SegEvaluateConfig.from_cli((
         [str(trained_run), "--split", "voc", "--data-root", str(layout.root), "--backbone", str(moved),
          "--weights", str(weights), "--output", str(tmp_path / "voc2.json"), "--workers", "0", "--amp", "off",
          "--compile", "on"])))
@@ -198,9 +198,9 @@ def test_evaluate_options(pascal, trained_run, tmp_path, monkeypatch):
     other = tmp_path / "other.pth"
     write_synthetic_backbone(other, seed=99)
     with pytest.raises(MaskFileError, match="another backbone"):
-        evaluate_cli.main(parser.parse_args([str(trained_run), "--backbone", str(other), "--workers", "0"]))
-    with pytest.raises(SystemExit):
-        evaluate_cli.check_args(parser, parser.parse_args([str(trained_run), "--pictures-dir", "x"]))
+        evaluate_cli.main(evaluate_cli.SegEvaluateConfig.from_cli([str(trained_run), "--backbone", str(other), "--workers", "0"]))
+    with pytest.raises(UsageError, match="--pictures-dir needs --pictures"):
+        evaluate_cli.SegEvaluateConfig.from_cli([str(trained_run), "--pictures-dir", "x"])
 
 
 def test_torchrun_two_processes(pascal, tmp_path):
@@ -209,8 +209,7 @@ def test_torchrun_two_processes(pascal, tmp_path):
           *_argv(pascal, out, "--epochs", "1")])
     trained = json.loads((out / "metrics.json").read_text())
     assert read_run_config(out)["world_size"] == 2
-    parser = evaluate_cli.get_args_parser()
-    single = evaluate_cli.main(parser.parse_args([str(out), "--workers", "0", "--device", "cpu"]))
+    single = evaluate_cli.main(evaluate_cli.SegEvaluateConfig.from_cli([str(out), "--workers", "0", "--device", "cpu"]))
     # Each rank saw half of the images: only the reduced matrix gives the whole-set numbers.
     assert single["pixels"] == trained["pixels"] and all(single[k] == trained[k] for k in METRIC_KEYS)
 
@@ -267,7 +266,7 @@ def test_train_with_the_affine_scheme_stores_its_scalars_and_counts_them(pascal,
     assert contents.meta["scheme"] == "affine" and set(contents.extras) == set(contents.masks)
     scalars = sum(t.numel() for layer in contents.extras.values() for t in layer.values())
     assert done["storage"]["scheme_params"] == scalars == 4 * len(contents.masks)
-    model = build_model("vgg-tiny", "piggyback", resolve_backbone("vgg-tiny", backbone=str(pascal[1])))
+    model = build_run_model("vgg-tiny", "piggyback", resolve_backbone("vgg-tiny", backbone=str(pascal[1])))
     load_task(out, model)  # switches the converted backbone to the file's scheme
     layer = model.get_submodule("fc6")
     assert layer.scheme.name == "affine"

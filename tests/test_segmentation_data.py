@@ -15,8 +15,8 @@ from segmentation.data import (CONVENTIONS, IGNORE_INDEX, DataError, build_split
 from segmentation.model import build_vgg
 from segmentation.palette import colorize, save_label_png, save_overview, voc_palette
 from segmentation.synthetic import write_sbd_label, write_synthetic_pascal
-from segmentation.weights import (BackboneWeightsError, caffe_to_torchvision_keys, load_backbone_state,
-                                  read_state_dict, resolve_backbone)
+from segmentation.weights import (BackboneSource, BackboneWeightsError, caffe_to_torchvision_keys,
+                                  load_backbone_state, resolve_backbone)
 
 
 @pytest.fixture(scope="module")
@@ -244,11 +244,11 @@ def test_weight_files_in_every_accepted_layout(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "wrapped.pth")
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
     for name in ("wrapped.pth", "w.safetensors"):
-        loaded = read_state_dict(tmp_path / name)
+        loaded = load_backbone_state(BackboneSource("torchvision", tmp_path / name, "torchvision"), "vgg-tiny")
         assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
     (tmp_path / "bad.pth").write_bytes(b"garbage")
     with pytest.raises(BackboneWeightsError, match="bad.pth"):
-        read_state_dict(tmp_path / "bad.pth")
+        load_backbone_state(BackboneSource("torchvision", tmp_path / "bad.pth", "torchvision"), "vgg-tiny")
 
 
 def test_caffe_layer_names_map_to_torchvision_keys(tmp_path):

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from common.errors import DivergedError
 from segmentation.data import IGNORE_INDEX
-from segmentation.engine import evaluate, segmentation_loss, summarize, train_one_epoch
+from common.engine import train_one_epoch
+from segmentation.engine import SegmentationPipeline, evaluate_segmentation, segmentation_loss, summarize
 
 
 class EchoModel(nn.Module):
@@ -34,7 +35,7 @@ def test_evaluate_against_a_hand_computed_matrix():
     loader = [_batch([[0, 1, 1], [1, 2, 0]], [[0, 0, 1], [1, 2, X]]),
               _batch([[2, 0], [0, 1]], [[2, 2], [0, X]])]
     # Rows = truth: [[2, 1, 0], [0, 2, 0], [1, 0, 2]]; columns sum to 3, 3, 2.
-    m = evaluate(EchoModel(), loader, torch.device("cpu"), 21, is_main=False)
+    m = evaluate_segmentation(EchoModel(), loader, torch.device("cpu"), 21, is_main=False)
     assert m["pixels"] == 8
     assert m["pixel_acc"] == pytest.approx(6 / 8)
     assert m["mean_acc"] == pytest.approx((2 / 3 + 1 + 2 / 3) / 3)
@@ -62,13 +63,14 @@ def test_train_one_epoch_steps_every_optimizer_and_stops_on_nan():
     model = EchoModel()
     opts = {"a": torch.optim.SGD([model.scale], lr=0.1)}
     loader = [_batch([[1, 2]], [[1, 2]]), _batch([[0, 0]], [[0, 0]])]
-    stats = train_one_epoch(model, loader, opts, torch.device("cpu"), 1, is_main=False)
-    assert model.scale.item() > 1 and math.isfinite(stats["loss"])
+    cpu = torch.device("cpu")
+    stats = train_one_epoch(model, loader, SegmentationPipeline(cpu), opts, device=cpu, epoch=1, is_main=False)
+    assert model.scale.item() > 1 and math.isfinite(stats["train_loss"])
     bad = [_batch([[1, 2]], [[1, 2]])]
     with torch.no_grad():
         model.scale.fill_(float("nan"))
     with pytest.raises(DivergedError, match="epoch 3 step 0"):
-        train_one_epoch(model, bad, opts, torch.device("cpu"), 3, is_main=False)
+        train_one_epoch(model, bad, SegmentationPipeline(cpu), opts, device=cpu, epoch=3, is_main=False)
 
 
 def test_recipe_gives_mask_defaults_and_explicit_flags_win():

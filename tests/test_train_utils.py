@@ -17,16 +17,17 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-import common.runlog as runlog
+import common.atomic as atomic
 from common.amp import autocast, default_amp, maybe_channels_last
 from common.checkpoint import (CHECKPOINT_VERSION, CheckpointError, load_checkpoint,
                                rng_state, save_checkpoint, set_rng_state)
 from common.cli import resolve_device
 from common.config import RunConfig, option
-from common.errors import DivergedError, UsageError
-from common.distributed import (DistInfo, EpochSampler, ShardSampler, init_distributed,
+from common.errors import UsageError
+from common.distributed import (DistInfo, ShardSampler, init_distributed,
                                 make_sampler, unwrap, wrap_ddp)
-from common.runlog import MetricLogger, RunDir, check_finite
+from common.meters import MetricLogger, non_finite_message
+from common.runlog import RunDir
 from common.seed import epoch_generator, reseed_loader, seed_everything, worker_init_fn
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -78,8 +79,8 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(runlog.os, "fsync", disk_full)  # fails after the bytes were written
-    with pytest.raises(OSError, match="No space"):
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)  # fails after the bytes were written
+    with pytest.raises(OSError, match="no space left .* to write checkpoint.pt .*; the previous checkpoint.pt is intact"):
         save_checkpoint(path, {"epoch": 2, "w": torch.zeros(1000)})
     monkeypatch.undo()
     with pytest.raises(Exception):  # fails while serialising: nothing reaches the disk
@@ -183,13 +184,9 @@ def test_run_dir_on_other_ranks_writes_nothing(tmp_path):
     assert not (tmp_path / "rank1").exists()
 
 
-def test_check_finite_names_epoch_and_step():
-    assert check_finite(torch.tensor(1.5), step=3) == 1.5
-    with pytest.raises(FloatingPointError, match="non-finite loss nan at epoch 2 step 17") as err:
-        check_finite(torch.tensor(float("nan")), step=17, epoch=2)
-    assert isinstance(err.value, DivergedError)
-    with pytest.raises(FloatingPointError, match="at step 5"):
-        check_finite(float("inf"), 5)
+def test_non_finite_message_names_epoch_and_step():
+    assert non_finite_message(float("nan"), 17, 2) .startswith("non-finite loss nan at epoch 2 step 17")
+    assert "at step 5" in non_finite_message(float("inf"), 5)
 
 
 def test_metric_logger_progress_and_averages():
@@ -213,23 +210,23 @@ def test_metric_logger_progress_and_averages():
 
 # ----------------------------------------------------------------- seeding and samplers
 
-def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
+def test_single_process_sampler_order_depends_only_on_seed_and_epoch():
     data = list(range(20))
-    a = EpochSampler(data, shuffle=True, seed=5)
+    a = make_sampler(data, None, shuffle=True, seed=5)
     orders = []
     for epoch in range(3):
         a.set_epoch(epoch)
         torch.rand(7)  # global RNG use must not matter
         orders.append(list(a))
-    b = EpochSampler(data, shuffle=True, seed=5)
+    b = make_sampler(data, None, shuffle=True, seed=5)
     b.set_epoch(2)
     torch.manual_seed(123)
     assert list(b) == orders[2]  # a resumed run jumps straight to epoch 2
     assert orders[0] != orders[1] and sorted(orders[0]) == data
-    c = EpochSampler(data, shuffle=True, seed=6)
+    c = make_sampler(data, None, shuffle=True, seed=6)
     assert list(c) != orders[0]
     assert list(make_sampler(data, None, shuffle=False, seed=0)) == data
-    assert isinstance(make_sampler(data, DistInfo(), shuffle=True, seed=0), EpochSampler)
+    assert isinstance(make_sampler(data, DistInfo(), shuffle=True, seed=0), DistributedSampler)
 
 
 def test_distributed_samplers_partition_the_data():
@@ -257,7 +254,7 @@ def test_worker_seeding_follows_loader_generator():
     def epoch_values(epoch, seed=0):
         loader = DataLoader(_RandomItems(), batch_size=2, num_workers=2,
                             worker_init_fn=worker_init_fn, generator=epoch_generator(seed),
-                            sampler=EpochSampler(range(6), shuffle=False))
+                            sampler=make_sampler(range(6), None, shuffle=False, seed=0))
         reseed_loader(loader, seed, epoch)
         np.random.seed(999)  # the main process's RNGs must not leak into workers
         return torch.cat(list(loader))
@@ -302,13 +299,11 @@ class _Config(RunConfig):
 
 
 def _config(argv):
-    from common.config import build_parser
-    return _Config.from_cli(build_parser(_Config, "a test command"), argv)
+    return _Config.from_cli(argv)
 
 
 def test_cli_defaults_env_and_validation(monkeypatch, capsys):
     from common.cli import resolve_threads, resolve_workers, usable_cores
-    from common.config import build_parser
     monkeypatch.delenv("PB_TEST_DATA_ROOT", raising=False)
     cfg = _config([])
     assert (cfg.data_root, cfg.epochs, cfg.out, cfg.seed, cfg.device, cfg.workers) == \
@@ -333,7 +328,7 @@ def test_cli_defaults_env_and_validation(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "prog: error: argument --epochs: invalid int value" in err
     assert len(err.strip().splitlines()) == 2  # the one-line usage and the error, not the whole block
-    for action in build_parser(_Config, "x")._actions:
+    for action in _Config.parser()._actions:
         assert action.help and len(action.help) > 15, action.dest
 
 
@@ -435,11 +430,8 @@ def test_ddp_on_masked_model_averages_gradients_like_one_big_batch(tmp_path):
 
 
 def test_unavailable_device_ends_a_command_with_one_clear_line(monkeypatch, capsys):
-    from common.cli import run_cli
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    parser = argparse.ArgumentParser(prog="prog")
-    parser.add_argument("--device", default="cpu")
     with pytest.raises(SystemExit) as stop:
-        run_cli(parser, lambda args: resolve_device(args.device), ["--device", "cuda"])
+        _Config.run(lambda cfg: resolve_device(cfg.device), ["--device", "cuda"])
     assert stop.value.code == 2
     assert "prog: error: device 'cuda' was requested but CUDA is not available" in capsys.readouterr().err

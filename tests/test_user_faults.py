@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import write_test_resnet_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,13 +33,9 @@ def _tree(root: Path, classes=("a", "b"), per_split=(6, 3)):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    import timm
-    from safetensors.torch import save_file
     base = tmp_path_factory.mktemp("faults")
     _tree(base / "data")
-    torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()},
-              str(base / "w.safetensors"), metadata={"arch": "test_resnet"})
+    write_test_resnet_weights(base / "w.safetensors")
     return base
 
 
@@ -90,6 +86,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused(world, tmp_path):
     assert RunDir(out).acquire_lock()  # the kernel released it with the process
 
 
+@pytest.mark.slow
 def test_bad_datasets_are_refused_before_the_first_step(world, tmp_path):
     data = _tree(tmp_path / "empty")
     (data / "train" / "c").mkdir()
@@ -109,6 +106,7 @@ def test_bad_datasets_are_refused_before_the_first_step(world, tmp_path):
     assert read_run_config(tmp_path / "o3")["unreadable"] == [str(corrupt / "test" / "b" / "broken.png")]
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_and_the_same_command_resumes(world, tmp_path):
     out = tmp_path / "run"
     cmd = _cmd(world, out, "--print-freq", "1")

@@ -1,0 +1,1 @@
+"""Stand-in for the piggyback authors' ``modnets`` package (its masked layers)."""
