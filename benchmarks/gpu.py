@@ -78,6 +78,12 @@ class GpuConfig(Settings):
     PROG: ClassVar[str] = "python -m benchmarks.gpu"
     DESCRIPTION: ClassVar[str] = ("GPU benchmark of mask training (benchmark 6): the WRN-28-4 training step, "
                                   "decathlon.train, classification.train and segmentation.train.")
+    EPILOG: ClassVar[str] = ("runs:\n  --e2e-runs RUN: BATCH:COMPILE:LOADER[:METHOD[:PRECISION]]\n"
+                             "  --training-runs RUN: PIPELINE:METHOD[:SCHEME] (SCHEME: binary if left out)\n")
+
+    @classmethod
+    def epilog(cls) -> str:
+        return cls.EPILOG
 
     out: str = option(str(Path(__file__).resolve().parent.parent / "BENCHMARKS-gpu.md"), "Markdown report to write",
                       type=markdown_path, default_text="BENCHMARKS-gpu.md at the repository root")
@@ -88,35 +94,34 @@ class GpuConfig(Settings):
     device: str = option("cuda", "cuda; cpu only checks the code path, its figures mean nothing", group="runtime",
                          choices=("cuda", "cpu"))
     steps: bool = option(True, "time the training steps (part A); --no-steps skips them", type=bool)
-    eval: bool = option(False, "also time evaluation eager against compiled, compilation included (part C)",
+    eval: bool = option(False, "also time eager against compiled evaluation (part C)",
                         type=bool)
     eval_batch: int = option(256, "batch of part C (decathlon.submit's)", type=int)
     end_to_end: Optional[str] = option(None, "also run decathlon.train on this decathlon tree (part B)",
                                        metavar="DIR")
     task: str = option("svhn", "task of the end-to-end runs")
     e2e_epochs: int = option(5, "epochs of each end-to-end run", type=int)
-    e2e_runs: Tuple = option(tuple(parse_run(r) for r in E2E_RUNS), "part B's runs, in order", type=parse_run,
-                             nargs="+", metavar="BATCH:COMPILE:LOADER[:METHOD[:PRECISION]]",
-                             default_text="the seven runs of BENCHMARKS-gpu.md, part B")
-    e2e_images: int = option(20000, "synthetic training images of --task written when the --end-to-end folder is missing", type=int)
+    e2e_runs: Tuple = option(tuple(parse_run(r) for r in E2E_RUNS), "part B's runs (RUN: below)", type=parse_run, nargs="+", metavar="RUN",
+                             default_text="the report's")
+    e2e_images: int = option(20000, "synthetic images of --task if --end-to-end is missing", type=int)
     backbone: Optional[str] = option(None, "backbone of the end-to-end runs", metavar="FILE",
-                                     default_text="a randomly initialised WRN-28-4, written next to the runs")
-    training_e2e: Optional[str] = option(None, "also run the classification and segmentation commands (part D) on synthetic data under DIR", metavar="DIR", default_text="off")
+                                     default_text="a random WRN-28-4")
+    training_e2e: Optional[str] = option(None, "also run classification and segmentation (part D) on "
+                                          "synthetic data in DIR", metavar="DIR", default_text="off")
     training_runs: Tuple = option(tuple(parse_training_run(r) for r in TRAINING_RUNS),
-                                  "part D's runs, in order (SCHEME: a mask scheme, binary when left out)",
-                                  type=parse_training_run, nargs="+", metavar="PIPELINE:METHOD[:SCHEME]",
-                                  default_text="the five runs of BENCHMARKS-gpu.md, part D")
+                                  "part D's runs (RUN: below)",
+                                  type=parse_training_run, nargs="+", metavar="RUN",
+                                  default_text="the report's")
     cls_arch: str = option(_D.cls_arch, "network of part D's classification runs", metavar="NAME")
     cls_size: int = option(_D.cls_size, "input size in px of part D's classification runs", type=int, metavar="PX")
     cls_epochs: int = option(_D.cls_epochs, "epochs of each classification run of part D", type=int, metavar="N")
-    cls_images: int = option(_D.cls_images, "training images of part D's ImageFolder tree (a tenth as many test "
-                             "images)", type=int, metavar="N")
+    cls_images: int = option(_D.cls_images, "training images of part D's tree (a tenth as many "
+                             "test)", type=int, metavar="N")
     seg_arch: str = option(_D.seg_arch, "VGG backbone of part D's segmentation runs", metavar="NAME")
     seg_epochs: int = option(_D.seg_epochs, "epochs of each segmentation run of part D", type=int, metavar="N")
-    seg_images: int = option(_D.seg_images, "SBD training images of part D's synthetic tree (a tenth as many, at "
-                             "least 2, evaluation images)", type=int, metavar="N")
-    seg_sides: Tuple[int, int] = option(_D.seg_sides, "image sides in px of part D's segmentation tree, drawn from LO "
-                                        "to HI", type=int, nargs=2, metavar=("LO", "HI"))
+    seg_images: int = option(_D.seg_images, "SBD images of part D's tree (a tenth, at least 2, "
+                             "to evaluate)", type=int, metavar="N")
+    seg_sides: Tuple[int, int] = option(_D.seg_sides, "image sides in px of part D's segmentation tree", type=int, nargs=2, metavar=("LO", "HI"))
 
     def check(self) -> None:
         super().check()

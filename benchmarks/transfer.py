@@ -333,11 +333,11 @@ class TransferConfig(Settings):
                                       choices=tuple(m.key for m in METHODS), default_text="all")
     size: int = option(32, "input size in px", group="data", type=int)
     batch_size: int = option(32, "batch size", type=int)
-    threads: int = option(1, "torch threads (on 2 shared cores a second thread stalls more than it helps)",
+    threads: int = option(1, "torch threads",
                           group="runtime", type=int)
     sweep: bool = option(False, "also sweep the affine scalars' rates and per-channel values (a table of its own)", type=bool)
-    seeds: int = option(SEEDS, f"seeds 0 to N-1 for methods whose top-1 (seed 0) is within {CLOSE:g} point of "
-                        f"another's; 1: seed 0 only", type=int, metavar="N")
+    seeds: int = option(SEEDS, f"seeds 0..N-1 where seed 0's top-1 is within {CLOSE:g} point "
+                        f"of another method's", type=int, metavar="N")
     quick: bool = option(False, f"a smoke run: {QUICK['train_limit']} training and {QUICK['eval_limit']} test images, "
                          f"{QUICK['epochs']} epoch", type=bool)
 

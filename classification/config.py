@@ -28,33 +28,34 @@ class ClassificationConfig(TrainConfig):
         "channels_last": "on for CUDA, off on the CPU",
     }
 
-    data_root: Optional[str] = option("data/classification", "ImageFolder tree DIR/{train,val,test}/<class>/*; $CLASSIFICATION_ROOT when set",
+    data_root: Optional[str] = option("data/classification", "ImageFolder tree: train/, val/, test/",
+                                      default_text="$CLASSIFICATION_ROOT or data/classification",
                                       metavar="DIR", path=True, resume="free")
     out: str = option("runs/classification", "run folder for config.json, log.jsonl, checkpoints and results",
                       metavar="DIR", path=True, resume="free")
-    arch: Optional[str] = option(None, "torchvision name (resnet50, vgg16 ...) or timm name (timm:NAME)", metavar="NAME",
-                                 default_text="the arch a .safetensors --weights file records")
-    backbone: Optional[str] = option(None, "ImageNet weights of --arch: a path, a file name in $TORCH_HOME/hub/checkpoints, or imagenet", flags=("--weights", "--backbone"), metavar="FILE",
+    arch: Optional[str] = option(None, "torchvision name (resnet50, vgg16 ...) or timm:NAME", metavar="NAME",
+                                 default_text="the one a .safetensors --weights records")
+    backbone: Optional[str] = option(None, "ImageNet weights: a path, a file name in the torch hub cache, or imagenet", flags=("--weights", "--backbone"), metavar="FILE",
                                      resume="free")
-    lr_steps: Optional[Tuple[int, ...]] = option((15,), "epochs after which every learning rate is multiplied "
-                                                 "by --lr-gamma (paper: 30 epochs, /10 after 15)",
+    lr_steps: Optional[Tuple[int, ...]] = option((15,), "epochs after which the learning rates are multiplied "
+                                                 "by --lr-gamma",
                                                  group="optimisation", type=int, nargs="*", metavar="EPOCH")
     size: int = option(224, "input size in px", group="data", type=int)
-    eval_resize: Optional[int] = option(None, "evaluation: shorter side resized to this, then the centre --size "
-                                        "crop", group="data", type=int, default_text="round(size * 256 / 224)")
-    crop_scale: Tuple[float, float] = option((0.08, 1.0), "training crops cover a random fraction in [LO, HI] of "
-                                             "the image area; 1 1 = the whole image", group="data", type=float,
+    eval_resize: Optional[int] = option(None, "evaluation: shorter side to this, then a centre "
+                                        "--size crop", group="data", type=int, default_text="size * 256 / 224")
+    crop_scale: Tuple[float, float] = option((0.08, 1.0), "training crops cover a random fraction in [LO, HI] "
+                                             "of the image", group="data", type=float,
                                              nargs=2, metavar=("LO", "HI"))
     hflip: str = option("on", "random horizontal flips at training time", group="data", choices=("on", "off"))
-    eval_split: str = option("auto", "split scored after every epoch; auto = val/ (test/ then once at the end), else test/",
+    eval_split: str = option("auto", "split scored each epoch; auto: val/ if present (test/ once at the end)",
                              group="data", choices=("auto", "test", "val"))
     train_limit: Optional[int] = option(None, "train on a class-balanced subset of N images", group="data",
                                         type=int, metavar="N", default_text="all")
     eval_limit: Optional[int] = option(None, "evaluate on a class-balanced subset of N images", group="data",
                                        type=int, metavar="N", default_text="all")
-    init_masks: Optional[str] = option(None, "start masks and classifier from a training checkpoint of the piggyback authors' code", group="masks", metavar="FILE", path=True,
+    init_masks: Optional[str] = option(None, "start from a training checkpoint of the authors' code", group="masks", metavar="FILE", path=True,
                                        absent=None)
-    skip_unreadable: bool = option(False, "leave out undecodable images (listed in config.json) instead of refusing", group="data", type=bool)
+    skip_unreadable: bool = option(False, "leave out undecodable images (listed in config.json)", group="data", type=bool)
 
     @classmethod
     def derive(cls, values):

@@ -41,14 +41,14 @@ class EvaluateConfig(EvalConfig):
     PROG: ClassVar[str] = "python -m classification.evaluate"
     DESCRIPTION: ClassVar[str] = "Top-1 of a classification.train run folder or of a mask file."
 
-    target: Optional[str] = option(None, "run folder of classification.train, or a masks.safetensors / "
-                                   "weights.safetensors file", metavar="RUN_DIR_or_MASKFILE", positional=True,
+    target: Optional[str] = option(None, "classification.train run folder, or a masks / weights "
+                                   ".safetensors file", metavar="RUN_DIR_or_MASKFILE", positional=True,
                                    path=True)
-    split: str = option("auto", "split to score; auto = test/ if present, else val/", group="data",
+    split: str = option("auto", "split to score; auto: test/, else val/", group="data",
                         choices=("auto", "train", "test", "val"))
     data_root: Optional[str] = option(None, "ImageFolder tree to score", group="data", metavar="DIR", path=True,
                                       default_text="the one the run was trained on")
-    weights: Optional[str] = option(None, "the ImageNet weights the mask was trained on: a path, a cached file name, or imagenet", group="input", metavar="FILE", default_text="the recorded file")
+    weights: Optional[str] = option(None, "the mask's ImageNet weights: a path, cached file name or imagenet", group="input", metavar="FILE", default_text="the recorded file")
     limit: Optional[int] = option(None, "score a class-balanced subset of N images", group="data", type=int,
                                   metavar="N", default_text="all")
 

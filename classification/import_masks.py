@@ -28,8 +28,8 @@ class ImportMasksConfig(Settings):
     file: Optional[str] = option(None, "the authors' packed masks file or training checkpoint", metavar="FILE",
                                  positional=True, path=True)
     arch: Optional[str] = option(None, "the network the masks are for", group="input",
-                                 choices=tuple(sorted(ARCHS)), default_text="the one a checkpoint records")
-    weights: Optional[str] = option(None, "torchvision's ImageNet weights of --arch: a path, a cached file name, or imagenet", group="input",
+                                 choices=tuple(sorted(ARCHS)), default_text="a checkpoint's")
+    weights: Optional[str] = option(None, "torchvision ImageNet weights: a path, cached file name or imagenet", group="input",
                                     metavar="FILE")
     out: Optional[str] = option(None, "folder receiving DIR/<dataset>.safetensors", metavar="DIR", path=True)
 

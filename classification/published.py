@@ -330,9 +330,8 @@ def convert_published(path, arch: Optional[str], weights, out_dir, log: Callable
                    backbone=str(weights_path.resolve()), backbone_sha256=backbone_sha,
                    source_file=str(path.resolve()), source_sha256=source_sha, source_kind=kind,
                    **eval_transform_of(task))
-        entries = mask_entries(model)
-        zeros = sum(int((e.binary() == 0).sum()) for e in entries)
-        total = sum(e.weight.numel() for e in entries)
+        zeros = sum(int((m == 0).sum()) for m in task.masks.values())  # each fits one layer (_layers)
+        total = sum(e.weight.numel() for e in mask_entries(model))
         log(f"{name}: {len(task.masks)} masks ({task.scheme}, {100 * zeros / max(total, 1):.2f}% of {total:,} "
             f"weights off), {task.num_classes}-way classifier -> {target} ({target.stat().st_size:,} bytes)")
         written.append(target)

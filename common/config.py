@@ -53,10 +53,10 @@ class RunConfig(Settings):
     seed: int = option(0, "random seed of initialisation, data order and augmentation", type=int)
     device: str = option("auto", "where to run: auto|cpu|cuda|cuda:N; auto = CUDA when available, else the CPU",
                          group="runtime", metavar="DEV", resume="free")
-    workers: Optional[int] = option(None, "DataLoader worker processes per training process (0: the main process)", group="runtime", type=int, resume="free",
+    workers: Optional[int] = option(None, "loader worker processes; 0 loads in the main process", group="runtime", type=int, resume="free",
                                     default_text="half the cores, at most 8")
-    threads: Optional[int] = option(None, "torch CPU threads of each process", group="runtime", type=int,
-                                    resume="free", default_text="OMP_NUM_THREADS, else the cores left by the workers")
+    threads: Optional[int] = option(None, "torch CPU threads per process", group="runtime", type=int,
+                                    resume="free", default_text="$OMP_NUM_THREADS, else the cores the workers leave")
     print_freq: int = option(50, "steps between progress lines and the loss checks that read the device",
                              group="runtime", type=int, resume="free")
 
@@ -103,24 +103,21 @@ class FitConfig(RunConfig):
     backbone: Optional[str] = option(None, "local file with the pretrained backbone weights; nothing is "
                                      "downloaded", metavar="PATH", path=True, resume="free")
     optimizer: Optional[str] = option(None, "optimizer of the masks / backbone weights", group="optimisation",
-                                      choices=optimizer_names, owner=("method", "recipe"), default_text="from --recipe for piggyback, "
-                                                                               "else per method")
+                                      choices=optimizer_names, owner=("method", "recipe"), default_text="per --recipe or --method")
     lr: Optional[float] = option(None, "learning rate of the masks / backbone weights", group="optimisation",
-                                 type=float, owner=("method", "recipe"),
-                                 default_text="from --recipe for piggyback, else per method")
+                                 type=float, owner=("method", "recipe"), default_text="per --recipe or --method")
     weight_decay: Optional[float] = option(None, "weight decay of the masks / backbone weights",
                                            group="optimisation", type=float, owner=("method",),
-                                           default_text="per method")
+                                           default_text="per --method")
     momentum: Optional[float] = option(None, "momentum of every SGD optimizer", group="optimisation", type=float,
                                        default_text="0.9")
-    lr_steps: Optional[Tuple[int, ...]] = option((15,), "epochs after which every learning rate is multiplied by "
+    lr_steps: Optional[Tuple[int, ...]] = option((15,), "epochs after which the learning rates are multiplied by "
                                                  "--lr-gamma", group="optimisation", type=int, nargs="*",
                                                  metavar="EPOCH")
     lr_gamma: float = option(0.1, "learning-rate decay factor", group="optimisation", type=float)
     amp: str = option("auto", "bf16 autocast (its cost in accuracy: BENCHMARKS-gpu.md)", group="runtime", choices=SWITCH_CHOICES)
     channels_last: str = option("auto", "channels_last memory format", group="runtime", choices=SWITCH_CHOICES)
-    compile: str = option("auto", "torch.compile the network once per run: on (default mode), cudagraphs "
-                          "(mode reduce-overhead), off", group="runtime", choices=COMPILE_CHOICES, resume="free")
+    compile: str = option("auto", "torch.compile: on (default mode), cudagraphs (reduce-overhead) or off", group="runtime", choices=COMPILE_CHOICES, resume="free")
 
     # resolved values (config.json's "resolved") that may differ on resume
     RESOLVED_FREE: ClassVar[Tuple[str, ...]] = ("compile", "workers", "threads", "loader", "images_on_device")
@@ -160,12 +157,11 @@ class TrainConfig(FitConfig):
     # per-pipeline defaults of the methods: {method: {field: value}}
     METHOD_DEFAULTS: ClassVar[Dict[str, Dict[str, Any]]] = {}
 
-    method: str = option("piggyback", "how the task is learned: piggyback (masks), finetune, feature "
-                         "(classifier only) or scratch", group="method", choices=method_names)
+    method: str = option("piggyback", "how the task is learned; feature trains the classifier only", group="method", choices=method_names)
     scheme: Optional[str] = option(None, "mask scheme of piggyback (listed below)", group="masks",
-                                   choices=scheme_names, owner=("method",), default_text="binary for piggyback")
-    recipe: Optional[str] = option(None, "mask recipe: the mask settings' and the masks' optimizer defaults (common.recipes)", group="masks",
-                                   choices=recipe_names, owner=("method",), default_text="default for piggyback")
+                                   choices=scheme_names, owner=("method",), default_text="binary")
+    recipe: Optional[str] = option(None, "defaults of the mask settings and their optimizer", group="masks",
+                                   choices=recipe_names, owner=("method",), default_text="default")
     threshold: Optional[float] = option(None, "binarizer threshold tau of eq. 4", group="masks", type=float,
                                         owner=("method", "recipe"), default_text="from --recipe")
     mask_init: Optional[str] = option(None, "initialisation of the real-valued masks", group="masks",
@@ -175,18 +171,18 @@ class TrainConfig(FitConfig):
     mask_spread: Optional[float] = option(None, "half-width of the uniform spread around --mask-scale of "
                                           "--mask-init spread", group="masks", type=float,
                                           owner=("method", "recipe"), default_text="from --recipe")
-    train_bn: bool = option(False, "task-specific batch-norm layers that train (saved with the mask); "
-                            "piggyback and feature", group="masks", type=bool)
+    train_bn: bool = option(False, "train task batch-norm layers (saved with the mask; "
+                            "piggyback and feature)", group="masks", type=bool)
     head_optimizer: str = option("adam", "optimizer of the new layers and task batch-norm", group="optimisation",
                                  choices=optimizer_names)
     head_lr: float = option(1e-3, "learning rate of the new layers and task batch-norm", group="optimisation",
                             type=float)
     head_weight_decay: float = option(0.0, "weight decay of the new layers and task batch-norm",
                                       group="optimisation", type=float)
-    extras_optimizer: Optional[str] = option(None, "optimizer of the scheme's trained values beside the mask "
-                                             "(affine: a, b, c, d)", group="optimisation", choices=optimizer_names,
+    extras_optimizer: Optional[str] = option(None, "optimizer of the scheme's values beside the mask "
+                                             "(affine: a-d)", group="optimisation", choices=optimizer_names,
                                              owner=("method", "scheme"), default_text="per scheme")
-    extras_lr: Optional[float] = option(None, "learning rate of the scheme's trained values (affine: c and d times their layer's weight RMS)", group="optimisation", type=float,
+    extras_lr: Optional[float] = option(None, "learning rate of the scheme's values beside the mask", group="optimisation", type=float,
                                         owner=("method", "scheme"), default_text="per scheme")
 
     @classmethod
@@ -285,11 +281,11 @@ class EvalConfig(Settings):
     compiles the network."""
 
     batch_size: int = option(64, "images per batch", type=int)
-    workers: Optional[int] = option(None, "DataLoader worker processes; 0 loads in the main process", group="runtime",
-                                    type=int, default_text="half the usable CPU cores, at most 8")
+    workers: Optional[int] = option(None, "loader worker processes; 0 loads in the main process", group="runtime",
+                                    type=int, default_text="half the cores, at most 8")
     device: str = option("auto", "where to run: auto|cpu|cuda|cuda:N; auto = CUDA when available, else the CPU",
                          group="runtime", metavar="DEV")
-    compile: str = option("auto", "torch.compile the network: on, cudagraphs, off; auto = off (pays back only over many images)", group="runtime", choices=tuple(EVAL_COMPILE_MODES))
+    compile: str = option("auto", "torch.compile: on, cudagraphs or off; auto = off, as one pass rarely pays it back", group="runtime", choices=tuple(EVAL_COMPILE_MODES))
 
     def check(self) -> None:
         super().check()

@@ -546,9 +546,7 @@ def set_binary_mask(layer: MaskedLayer, mask: torch.Tensor, name: str = "weight"
     mask_real = layer._parameters[mask_name(name)]
     if tuple(mask.shape) != tuple(mask_real.shape):
         raise UsageError(f"mask of shape {tuple(mask.shape)} for a weight of shape {tuple(mask_real.shape)}")
-    values = layer.scheme.real_values(mask.to(device=mask_real.device, dtype=mask_real.dtype),
-                                      layer.threshold, layer.mask_scale)
-    mask_real.copy_(values)
+    layer.scheme.set_real_values(mask_real, mask.to(device=mask_real.device), layer.threshold, layer.mask_scale)
 
 
 def fold_masks(model: nn.Module) -> nn.Module:

@@ -102,6 +102,10 @@ class MaskScheme:
         off-entries at ``threshold - d`` with ``d = |scale - threshold|`` (or 1e-3)."""
         raise NotImplementedError
 
+    def set_real_values(self, mask_real: torch.Tensor, mask: torch.Tensor, threshold: float, scale: float) -> None:
+        """Write :meth:`real_values` of ``mask`` into ``mask_real`` in place."""
+        mask_real.copy_(self.real_values(mask.to(mask_real.dtype), threshold, scale))
+
     def pack(self, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -152,6 +156,10 @@ class BinaryScheme(MaskScheme):
     def real_values(self, mask, threshold, scale):
         d = _delta(threshold, scale)
         return torch.where(mask > 0, torch.full_like(mask, threshold + d), torch.full_like(mask, threshold - d))
+
+    def set_real_values(self, mask_real, mask, threshold, scale):
+        d = _delta(threshold, scale)
+        mask_real.fill_(threshold - d).masked_fill_(mask > 0, threshold + d)
 
     def pack(self, mask):
         return pack_bits(mask > 0)
@@ -209,8 +217,8 @@ class AffineScheme(BinaryScheme):
     def __init__(self, name: str = "affine", per_channel: bool = False):
         self.name = name
         self.per_channel = per_channel
-        self.summary = ("binary mask M plus real a, b, c, d per " + ("output channel" if per_channel else "layer")
-                        + ": W' = a W + b (M W) + c M + d")
+        self.summary = ("W' = a W + b (M W) + c M + d, binary M, real a-d per "
+                        + ("output channel" if per_channel else "layer"))
         if per_channel:  # BENCHMARKS.md: the transfer sweep (five seeds) and the affine section (ten)
             self.gain = ("on real MNIST and the UCI digits with an ImageNet MobileNetV2 (ten seeds), above binary "
                          "masks on MNIST and level with binary masks and finetuning elsewhere; more float32 values "
@@ -224,8 +232,7 @@ class AffineScheme(BinaryScheme):
 
     @property
     def cost(self):
-        return ("1 bit per masked weight plus four float32 values per "
-                + ("output channel" if self.per_channel else "masked layer"))
+        return "1 bit per masked weight + 4 floats per " + ("output channel" if self.per_channel else "layer")
 
     def extras_shape(self, weight_shape):
         dims = len(weight_shape)

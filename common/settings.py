@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -336,6 +337,34 @@ def _help(f: dataclasses.Field) -> str:
     return f"{text} (default: {shown})".replace("%", "%%")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help entries start in column 26, so that an option with a short metavar keeps its
+    text on its own line; descriptions and epilogs keep their line breaks."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=26, width=None):
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _fill_text(self, text, width, indent):
+        # each line wrapped to the terminal, continuation lines indented under it
+        out = []
+        for line in text.splitlines():
+            lead = " " * (len(line) - len(line.lstrip()))
+            out.append(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent + lead + "    ")
+                       if line.strip() else "")
+        return "\n".join(out)
+
+
+def _metavar(f: dataclasses.Field, flag: str) -> Optional[str]:
+    """A short metavar (``N`` for a count, ``X`` for a number) where the argparse default,
+    the field's name in capitals, would push the help text to the next line."""
+    meta = f.metadata
+    if meta["metavar"] is not None or meta["type"] not in (int, float):
+        return meta["metavar"]
+    if len(flag) + 1 + len(f.name) <= 20:
+        return None
+    return "N" if meta["type"] is int else "X"
+
+
 def build_parser(cls) -> argparse.ArgumentParser:
     """The command line of settings class ``cls``: ``--config FILE`` and one argument per
     field, in the field's group. Only the arguments given reach the namespace, so a
@@ -344,10 +373,10 @@ def build_parser(cls) -> argparse.ArgumentParser:
     positional = [f for f in fields(cls) if f.metadata["cli"] and f.metadata["positional"]]
     usage = "%(prog)s " + "".join(f"{f.metadata['metavar'] or f.name.upper()} " for f in positional) + "[options]"
     p = Parser(prog=cls.PROG, description=cls.DESCRIPTION, usage=usage, argument_default=argparse.SUPPRESS,
-               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=cls.epilog() or None)
+               formatter_class=_HelpFormatter, epilog=cls.epilog() or None)
     p.add_argument("--config", metavar="FILE",
-                   help="read the settings from FILE (a run's config.json, or a JSON/YAML mapping of setting "
-                        "names to values); arguments given beside it override it (default: none)")
+                   help="settings from a run's config.json or a JSON/YAML file; flags given override "
+                        "them (default: none)")
     used = {f.metadata["group"] for f in fields(cls) if f.metadata["cli"] and not f.metadata["positional"]}
     groups = {name: p.add_argument_group(title) for name, title in GROUP_TITLES.items() if name in used}
     for f in fields(cls):
@@ -374,7 +403,8 @@ def build_parser(cls) -> argparse.ArgumentParser:
                 kwargs["nargs"] = meta["nargs"]
             if choices:
                 kwargs["choices"] = list(choices)
-            if meta["metavar"] is not None:
-                kwargs["metavar"] = meta["metavar"]
+            metavar = _metavar(f, (meta["flags"] or (_flag(f.name),))[0])
+            if metavar is not None:
+                kwargs["metavar"] = metavar
         groups[meta["group"]].add_argument(*(meta["flags"] or (_flag(f.name),)), **kwargs)
     return p

@@ -13,7 +13,7 @@ __all__ = ["DecathlonData", "DecathlonTrainConfig", "DecathlonPretrainConfig", "
 
 DATA_ROOT_ENV = "DECATHLON_ROOT"
 DEFAULT_DATA_ROOT = "data/decathlon-1.0"
-_DATA_ROOT_HELP = f"the decathlon-1.0 folder (annotations/, data/); ${DATA_ROOT_ENV} when set"
+_DATA_ROOT_HELP = f"decathlon-1.0 folder (annotations/, data/); ${DATA_ROOT_ENV} if set"
 
 _AUTO = {
     "compile": "CUDA graphs (mode reduce-overhead) on one CUDA device, the default mode across processes, "
@@ -47,19 +47,19 @@ class DecathlonData:
 
     data_root: Optional[str] = option(DEFAULT_DATA_ROOT, _DATA_ROOT_HELP, metavar="DIR", path=True, resume="free")
 
-    preprocess: str = option("auto", "square: whole image to --resize px; resnet26: shorter side, centre crop for 3 tasks",
+    preprocess: str = option("auto", "square: whole image to --resize px; resnet26: the reference's",
                              group="data", choices=("auto", "square", "resnet26"), absent="auto")
     resize: int = option(72, "image size in px before cropping (see --preprocess)", group="data", type=int)
     crop: int = option(64, "crop size fed to the network: random at train, centre at eval", group="data", type=int)
     hflip: str = option("auto", "random horizontal flips at train time", group="data", choices=SWITCH_CHOICES)
-    scale: Tuple[float, float] = option((1.0, 1.0), "random rescale of the whole image by a factor in [LO, HI] "
-                                        "before cropping; 1 1 is off", group="data", type=float, nargs=2,
+    scale: Tuple[float, float] = option((1.0, 1.0), "random rescale by a factor in [LO, HI] before "
+                                        "cropping; 1 1 is off", group="data", type=float, nargs=2,
                                         metavar=("LO", "HI"))
-    cache_dir: Optional[str] = option(None, "keep decoded images in uint8 memory-mapped files here, so epochs "
-                                      "after the first decode no JPEG", group="data", metavar="DIR", path=True,
+    cache_dir: Optional[str] = option(None, "keep decoded images here (uint8 memory maps) "
+                                      "for the epochs after the first", group="data", metavar="DIR", path=True,
                                       resume="free")
-    loader: str = option("auto", "workers: DataLoader workers; device: batches cropped and normalised on the device", group="runtime", choices=("auto", "workers", "device"), resume="free")
-    images_on_device: str = option("auto", "with --loader device: keep the resized images on the device", group="runtime",
+    loader: str = option("auto", "workers: DataLoader workers; device: batches made on the device", group="runtime", choices=("auto", "workers", "device"), resume="free")
+    images_on_device: str = option("auto", "--loader device: keep the resized images on the device", group="runtime",
                                    choices=SWITCH_CHOICES, resume="free")
 
     def check(self) -> None:
@@ -90,12 +90,12 @@ class DecathlonTrainConfig(DecathlonData, TrainConfig):
                                  "(required)", choices=None, metavar="TASK")
     arch: Optional[str] = option(None, "network of --method scratch and of unnamed WRN --backbone files",
                                  metavar="NAME", default_text="wrn28_4")
-    backbone: Optional[str] = option(None, "backbone file (decathlon.pretrain, decathlon.import_backbone, ResNet-26 .t7, WRN state dict)", metavar="PATH", path=True,
+    backbone: Optional[str] = option(None, "backbone file: decathlon.pretrain's, ResNet-26 .t7, WRN state dict", metavar="PATH", path=True,
                                      resume="free")
     epochs: int = option(60, "training epochs", type=int, resume="grow")
-    trainval: bool = option(False, "train on train+val (final models; val top-1 is then not held out)",
+    trainval: bool = option(False, "train on train+val (final models; no held-out val)",
                             group="data", type=bool)
-    lr_steps: Optional[Tuple[int, ...]] = option((45,), "epochs after which every learning rate is multiplied "
+    lr_steps: Optional[Tuple[int, ...]] = option((45,), "epochs after which the learning rates are multiplied "
                                                  "by --lr-gamma", group="optimisation", type=int, nargs="*",
                                                  metavar="EPOCH")
 
@@ -121,15 +121,15 @@ class DecathlonPretrainConfig(DecathlonData, FitConfig):
     task: str = option("imagenet12", "task to train the backbone on", metavar="TASK")
     arch: Optional[str] = option(None, "network to train; with --backbone, the file's architecture",
                                  metavar="NAME", default_text="wrn28_4")
-    backbone: Optional[str] = option(None, "start from these weights instead of random ones (any file --backbone of decathlon.train takes)",
+    backbone: Optional[str] = option(None, "start from these weights (any decathlon.train --backbone file)",
                                      metavar="PATH", path=True, resume="free")
     epochs: int = option(40, "training epochs", type=int, resume="grow")
     batch_size: int = option(256, "examples per batch on each process", type=int)
     optimizer: Optional[str] = option("sgd", "optimizer (sgd has momentum --momentum)", group="optimisation")
     lr: Optional[float] = option(0.1, "base learning rate", group="optimisation", type=float)
     weight_decay: Optional[float] = option(5e-4, "weight decay", group="optimisation", type=float)
-    lr_steps: Optional[Tuple[int, ...]] = option(None, "epochs after which the learning rate is multiplied by --lr-gamma", group="optimisation", type=int, nargs="*",
-                                                 metavar="EPOCH", default_text="half and three quarters of --epochs")
+    lr_steps: Optional[Tuple[int, ...]] = option(None, "epochs after which the lr is multiplied by --lr-gamma", group="optimisation", type=int, nargs="*",
+                                                 metavar="EPOCH", default_text="1/2 and 3/4 of --epochs")
 
     @classmethod
     def derive(cls, values):

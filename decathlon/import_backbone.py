@@ -29,7 +29,7 @@ class ImportBackboneConfig(Settings):
     file: Optional[str] = option(None, "the published backbone file", metavar="FILE", positional=True, path=True)
     out: Optional[str] = option(None, "the backbone file to write (.safetensors)", metavar="PATH", path=True)
     arch: Optional[str] = option(None, "the file's network", group="input", choices=model_names,
-                                 default_text="read from the file; wrn28_4 for an unnamed WRN state dict")
+                                 default_text="from the file; else wrn28_4")
 
     def check(self) -> None:
         super().check()

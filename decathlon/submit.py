@@ -209,21 +209,21 @@ class SubmitConfig(EvalConfig):
 
     runs: Optional[str] = option(None, f"the --out folder of decathlon.train, holding <task>/{MASK_FILE} (required)",
                                  group="input", metavar="DIR")
-    data_root: str = option(DEFAULT_DATA_ROOT, f"decathlon-1.0 folder holding the test annotations; ${DATA_ROOT_ENV} "
-                            f"when set", group="input", metavar="DIR")
+    data_root: str = option(DEFAULT_DATA_ROOT, f"decathlon-1.0 folder of the test annotations; "
+                            f"${DATA_ROOT_ENV} if set", group="input", metavar="DIR")
     backbone: Optional[str] = option(None, "the backbone file the masks were trained on", group="input",
                                      metavar="PATH", default_text="the one the runs' mask files name")
     arch: Optional[str] = option(None, "check that the backbone file holds this architecture", group="input",
                                  metavar="NAME", choices=model_names, default_text="no check")
     labels: Optional[str] = option(None, "also score the submission against labelled <task>_test.json files here",
                                    group="input", metavar="DIR")
-    out: str = option("submissions/latest", "folder for results.json, results.zip, summary.json, summary.md and "
+    out: str = option("submissions/latest", "folder for results.json/.zip, summary.json/.md, "
                       "tasks.png", metavar="DIR")
-    overwrite: bool = option(False, "replace a submission already in --out instead of refusing", type=bool)
-    mode: str = option("multitask", "multitask: masks switched on one backbone; fold: a folded network per task", choices=tuple(MODES))
-    allow_missing: bool = option(False, "submit without the tasks that have no run or no test data (they score 0)", type=bool)
+    overwrite: bool = option(False, "replace a submission already in --out", type=bool)
+    mode: str = option("multitask", "multitask: masks on one backbone; fold: one network per task", choices=tuple(MODES))
+    allow_missing: bool = option(False, "submit without tasks lacking a run or test data (score 0)", type=bool)
     batch_size: int = option(256, "test images per batch", type=int)
-    workers: Optional[int] = option(None, "DataLoader worker processes reading the test images (0: the main process)", group="runtime", type=int,
+    workers: Optional[int] = option(None, "processes reading the test images; 0: the main process", group="runtime", type=int,
                                     default_text="half the cores, at most 8")
 
     def check(self) -> None:

@@ -42,37 +42,35 @@ class SegmentationConfig(TrainConfig):
     METHOD_DEFAULTS: ClassVar[Dict[str, Dict[str, Any]]] = {
         "finetune": {"optimizer": "sgd", "lr": 2e-5, "weight_decay": 5e-4}}
 
-    data_root: Optional[str] = option(DEFAULT_DATA_ROOT, "folder holding benchmark_RELEASE/ (SBD) and VOCdevkit/; "
-                                      f"${DATA_ROOT_ENV} when set", metavar="DIR", path=True, resume="free")
+    data_root: Optional[str] = option(DEFAULT_DATA_ROOT, "folder of benchmark_RELEASE/ (SBD) and VOCdevkit/; "
+                                      f"${DATA_ROOT_ENV} if set", metavar="DIR", path=True, resume="free")
     out: str = option("runs/segmentation", "run folder for config.json, log.jsonl, checkpoints and results",
                       metavar="DIR", path=True, resume="free")
     method: str = option("piggyback", "how the task is learned: piggyback (masks) or finetune", group="method",
                          choices=METHODS)
     arch: Optional[str] = option("vgg16", "backbone architecture", metavar="NAME", choices=_archs)
-    backbone: Optional[str] = option(None, "torchvision-layout VGG weights file; nothing is downloaded",
+    backbone: Optional[str] = option(None, "torchvision-layout VGG weights file",
                                      metavar="PATH", path=True, resume="free",
-                                     default_text="vgg16-397923af.pth in $TORCH_HOME/hub/checkpoints")
-    caffe_weights: Optional[str] = option(None, "Caffe-converted VGG-16 weights; the input becomes BGR in 0-255 "
-                                          "minus the Caffe mean", metavar="PATH", path=True, resume="free")
-    random_init: bool = option(False, "random backbone instead of pretrained weights (tests and demos)", type=bool)
+                                     default_text="vgg16-397923af.pth in the torch cache")
+    caffe_weights: Optional[str] = option(None, "Caffe-converted VGG-16 weights (input: BGR 0-255 "
+                                          "minus the Caffe mean)", metavar="PATH", path=True, resume="free")
+    random_init: bool = option(False, "random backbone weights (tests and demos)", type=bool)
     epochs: int = option(15, "training epochs", type=int, resume="grow")
     batch_size: int = option(1, "images per batch on each process", type=int)
     print_freq: int = option(20, "steps between progress lines and the loss checks that read the device",
                              group="runtime", type=int, resume="free")
-    split: str = option("sbd", "sbd: train on SBD train, evaluate on VOC2011 seg11valid; voc: VOC train / val",
+    split: str = option("sbd", "sbd: SBD train, VOC2011 seg11valid; voc: VOC train/val",
                         choices=_splits,
                         group="data")
-    val_list: Optional[str] = option(None, "ids to evaluate instead of the shipped seg11valid list (--split sbd "
-                                     "only)", group="data", metavar="FILE", path=True)
-    learn_upsample: bool = option(False, "train the bilinear-initialised stride-32 upsampling instead of keeping "
-                                  "it fixed",
+    val_list: Optional[str] = option(None, "ids to evaluate instead of seg11valid (--split sbd)", group="data", metavar="FILE", path=True)
+    learn_upsample: bool = option(False, "train the bilinear stride-32 upsampling",
                                   group="method", type=bool)
     head_optimizer: str = option("sgd", "optimizer of the new layers", group="optimisation",
                                  choices=optimizer_names)
     head_lr: float = option(2e-5, "learning rate of the new layers", group="optimisation", type=float)
     head_weight_decay: float = option(5e-4, "weight decay of the new layers", group="optimisation", type=float)
     momentum: Optional[float] = option(0.99, "momentum of every SGD optimizer", group="optimisation", type=float)
-    lr_steps: tuple = option((), "epochs after which every learning rate is multiplied by --lr-gamma",
+    lr_steps: tuple = option((), "epochs after which the learning rates are multiplied by --lr-gamma",
                              group="optimisation", type=int, nargs="*", metavar="EPOCH")
 
     def check(self) -> None:

@@ -55,7 +55,7 @@ class SegEvaluateConfig(EvalConfig):
                                      metavar="FILE", default_text="the run's")
     backbone: Optional[str] = option(None, "backbone weights file, if it moved since training", group="input",
                                      metavar="PATH", default_text="the run's")
-    caffe_weights: Optional[str] = option(None, "Caffe-converted weights file, if it moved since training",
+    caffe_weights: Optional[str] = option(None, "Caffe-converted weights, if moved since training",
                                           group="input", metavar="PATH", default_text="the run's")
     weights: Optional[str] = option(None, "mask or model file to load", group="input", metavar="FILE",
                                     default_text="the one in RUN_DIR")
@@ -66,12 +66,12 @@ class SegEvaluateConfig(EvalConfig):
                                          default_text="RUN_DIR/pictures")
     batch_size: int = option(1, "images per batch (one: padding would change predictions near borders)", type=int,
                              cli=False)
-    workers: Optional[int] = option(None, "DataLoader worker processes; 0 loads in the main process",
-                                    group="runtime", type=int, default_text="half the usable CPU cores, at most 8")
+    workers: Optional[int] = option(None, "loader worker processes; 0 loads in the main process",
+                                    group="runtime", type=int, default_text="half the cores, at most 8")
     amp: str = option("auto", "bf16 autocast; auto = on for CUDA devices with bf16", group="runtime",
                       choices=SWITCH_CHOICES)
-    compile: str = option("auto", "torch.compile the FCN for this evaluation, with dynamic image sizes; auto = "
-                          "off: each image is seen once", group="runtime", choices=SWITCH_CHOICES)
+    compile: str = option("auto", "torch.compile the FCN (dynamic sizes); auto = off: "
+                          "each image is seen once", group="runtime", choices=SWITCH_CHOICES)
 
     def check(self) -> None:
         super().check()

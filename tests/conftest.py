@@ -44,3 +44,26 @@ def write_test_resnet_weights(path: Path) -> Path:
     save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()},
               str(path), metadata={"arch": "test_resnet"})
     return path
+
+
+def cores_for_tests() -> int:
+    """The usable cores, at most 2: what a heavy code-path test may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, cores))
+
+
+def all_cores_env(**extra) -> dict:
+    """The environment for a command whose test checks what it writes, not float sums:
+    torch threads on :func:`cores_for_tests` cores."""
+    return {**os.environ, "OMP_NUM_THREADS": str(cores_for_tests()), **extra}
+
+
+@pytest.fixture
+def all_cores():
+    """Torch threads on every usable core (at most 2) for one heavy test whose checks
+    allow float rounding (allclose, accuracies), restored afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(cores_for_tests())
+    yield
+    torch.set_num_threads(before)

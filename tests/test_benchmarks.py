@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import all_cores_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,7 +25,7 @@ def test_benchmark_command_writes_its_report(tmp_path):
     out.write_text(render_markdown(sections, {"cpu": "old"}, title="Benchmarks")
                    + "\n<!-- threads:begin -->\nthreads table\n<!-- threads:end -->\n")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--only", "storage", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=all_cores_env())
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert "## Machine" in text and "## 3. Storage" in text
@@ -60,7 +62,7 @@ def test_gpu_benchmark_end_to_end_path_runs_decathlon_train(tmp_path):
     it writes a tree and a backbone, runs decathlon.train, and reads the rate from the run's
     log; a malformed run spec is refused with its text. Part C times evaluation."""
     out, tree = tmp_path / "G.md", tmp_path / "tree"
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = all_cores_env(TMPDIR=str(tmp_path))  # a code-path check: no float sums compared
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", "--no-steps", "--out", str(out),
                            "--end-to-end", str(tree), "--e2e-images", "40", "--e2e-epochs", "1",
                            "--e2e-runs", "8:off:resident", "--eval", "--eval-batch", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)

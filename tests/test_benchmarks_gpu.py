@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import all_cores_env
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _gpu(args, tmp_path, timeout=300):
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = all_cores_env(TMPDIR=str(tmp_path))  # code-path checks: no float sums compared
     return subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--device", "cpu", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
 

@@ -347,7 +347,7 @@ def test_packed_ternary_and_densenet(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["vgg16", "vgg16_bn"])
-def test_packed_vgg_masks_include_fc6_fc7(tmp_path, arch):
+def test_packed_vgg_masks_include_fc6_fc7(tmp_path, arch, all_cores):
     sd = _weights(arch, tmp_path / "w.pth")
     x, refs, masks = _packed(arch, sd, tmp_path / "vgg.pth", datasets=(("wikiart", 195),))
     files = convert_published(tmp_path / "vgg.pth", "vgg16bn" if arch == "vgg16_bn" else arch, tmp_path / "w.pth",

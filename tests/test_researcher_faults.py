@@ -385,6 +385,37 @@ def test_help_matches_what_the_command_accepts(module):
         assert "(default: fixed)" not in actions["learn_upsample"].help
 
 
+def _help_entries(text):
+    """[(invocation, [help lines])] of an argparse help text."""
+    entries = []
+    for line in text.splitlines():
+        if line.startswith("  ") and not line.startswith("   "):
+            found = re.match(r"  (\S.*?)(?:\s{2,}(\S.*))?$", line)
+            entries.append((found.group(1), [found.group(2)] if found.group(2) else []))
+        elif line.startswith("   ") and entries and line.strip():
+            entries[-1][1].append(line.strip())
+        else:
+            entries.append(("", []))  # a blank line or a heading ends the entry
+    return [e for e in entries if e[0]]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_each_help_entry_is_at_most_two_lines_with_its_default(module, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = _settings(module).parser()
+    text = parser.format_help()
+    parser.epilog = None  # the epilog's lines are not entries
+    entries = [e for e in _help_entries(parser.format_help()) if not e[0].startswith("-h, --help")]
+    assert entries
+    for invocation, lines in entries:
+        if invocation.startswith(("--", "-")) or lines:
+            assert 1 <= len(lines) <= 2, (module, invocation, lines)
+            assert "(default: " in " ".join(lines), (module, invocation)
+            assert all(len(line) <= 80 for line in lines), (module, invocation)
+    usage, rest = text.split("\n\n", 1)
+    assert all(len(line) <= 80 for line in rest.splitlines() if not line.startswith("  -")), module
+
+
 def test_readme_commands_use_flags_their_commands_have():
     text = "\n".join((ROOT / name).read_text() for name in ("README.md", "classification/README.md",
                                                             "segmentation/README.md"))
