@@ -235,7 +235,9 @@ def test_scheduler_signals_end_like_ctrl_c(world, tmp_path, sig):
     cmd = [sys.executable, "-m", "classification.train", "--data-root", str(world / "data"), "--weights",
            str(world / "w.safetensors"), "--out", str(out), "--size", "16", "--eval-resize", "16", "--batch-size",
            "2", "--workers", "1", "--device", "cpu", "--epochs", "60", "--print-freq", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    # the command starts as from a terminal: a test run under nohup would hand it SIGHUP ignored
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(getattr(signal, sig), signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
