@@ -34,6 +34,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_image_tree(root: Path, splits=("train", "test"), classes=("a", "b"), train=6, other=3) -> Path:
+    """A small ImageFolder tree of 12x12 PNGs, ``root/<split>/<class>/<i>.png``: ``train``
+    images per class in train/, ``other`` in every other split; the classes differ in
+    brightness (seeded)."""
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(train if split == "train" else other):
+                img = np.clip(rng.normal(80 + 100 * c, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
 def write_test_resnet_weights(path: Path) -> Path:
     """A safetensors weights file of timm's small ``test_resnet`` (seed 0), as a user's
     local weights file for the classification commands."""

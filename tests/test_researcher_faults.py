@@ -16,23 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_test_resnet_weights
+from conftest import write_image_tree, write_test_resnet_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _tree(root: Path, splits=("train", "val", "test"), classes=("a", "b"), n=6):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n if split == "train" else 3):
-                img = np.clip(rng.normal(80 + 100 * c, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(folder / f"{i}.png")
-    return root
+def _tree(root: Path, splits=("train", "val", "test")):
+    return write_image_tree(root, splits)
 
 
 def _run(module, *args, ok=True, env=None, timeout=300):

@@ -11,30 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import write_test_resnet_weights
+from conftest import write_image_tree, write_test_resnet_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tree(root: Path, classes=("a", "b"), per_split=(6, 3)):
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split, n in zip(("train", "test"), per_split):
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = np.clip(rng.normal(80 + 100 * c, 20, (12, 12, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(img).save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("faults")
-    _tree(base / "data")
+    write_image_tree(base / "data")
     write_test_resnet_weights(base / "w.safetensors")
     return base
 
@@ -88,14 +74,14 @@ def test_a_second_run_into_a_folder_in_use_is_refused(world, tmp_path):
 
 @pytest.mark.slow
 def test_bad_datasets_are_refused_before_the_first_step(world, tmp_path):
-    data = _tree(tmp_path / "empty")
+    data = write_image_tree(tmp_path / "empty")
     (data / "train" / "c").mkdir()
     (data / "test" / "c").mkdir()
     cmd = _cmd(world, tmp_path / "o1")
     cmd[cmd.index("--data-root") + 1] = str(data)
     _one_line_error(_run(cmd, ok=False), "c")
     _one_line_error(_run(_cmd(world, tmp_path / "o2", "--train-limit", "1"), ok=False), "--train-limit")
-    corrupt = _tree(tmp_path / "corrupt")
+    corrupt = write_image_tree(tmp_path / "corrupt")
     (corrupt / "test" / "b" / "broken.png").write_bytes(b"not an image")
     cmd = _cmd(world, tmp_path / "o3")
     cmd[cmd.index("--data-root") + 1] = str(corrupt)
