@@ -7,7 +7,7 @@ A scheme owns, in one place:
 - the trained per-layer values it adds beside the mask (``extras``: none for ``binary``
   and ``ternary``; ``affine``'s four scalars, as one tensor), their initial values and the
   optimizer settings they train with by default;
-- the inverse used when a mask is loaded (``real_values``: a ``mask_real`` that
+- the inverse used when a mask is loaded (``set_real_values``: a ``mask_real`` that
   thresholds back to a given mask);
 - the storage: bits per entry, bit-packing and unpacking.
 
@@ -97,14 +97,12 @@ class MaskScheme:
     def binarize(self, mask_real: torch.Tensor, threshold: float) -> torch.Tensor:
         raise NotImplementedError
 
-    def real_values(self, mask: torch.Tensor, threshold: float, scale: float) -> torch.Tensor:
-        """A ``mask_real`` that thresholds to ``mask``: on-entries at ``threshold + d``,
-        off-entries at ``threshold - d`` with ``d = |scale - threshold|`` (or 1e-3)."""
-        raise NotImplementedError
-
     def set_real_values(self, mask_real: torch.Tensor, mask: torch.Tensor, threshold: float, scale: float) -> None:
-        """Write :meth:`real_values` of ``mask`` into ``mask_real`` in place."""
-        mask_real.copy_(self.real_values(mask.to(mask_real.dtype), threshold, scale))
+        """Write into ``mask_real``, in place (no full-size temporaries: masks of VGG's fc6
+        have 100 M entries), values that threshold back to ``mask``: on-entries at
+        ``threshold + d``, off-entries at ``threshold - d`` with ``d = |scale - threshold|``
+        (or 1e-3)."""
+        raise NotImplementedError
 
     def pack(self, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -153,10 +151,6 @@ class BinaryScheme(MaskScheme):
     def binarize(self, mask_real, threshold):
         return (mask_real >= threshold).to(mask_real.dtype)
 
-    def real_values(self, mask, threshold, scale):
-        d = _delta(threshold, scale)
-        return torch.where(mask > 0, torch.full_like(mask, threshold + d), torch.full_like(mask, threshold - d))
-
     def set_real_values(self, mask_real, mask, threshold, scale):
         d = _delta(threshold, scale)
         mask_real.fill_(threshold - d).masked_fill_(mask > 0, threshold + d)
@@ -178,8 +172,8 @@ class TernaryScheme(MaskScheme):
     def binarize(self, mask_real, threshold):
         return (mask_real >= threshold).to(mask_real.dtype) - (mask_real <= -threshold).to(mask_real.dtype)
 
-    def real_values(self, mask, threshold, scale):
-        return mask * (threshold + _delta(threshold, scale))
+    def set_real_values(self, mask_real, mask, threshold, scale):
+        torch.mul(mask.to(mask_real.dtype), threshold + _delta(threshold, scale), out=mask_real)
 
     def pack(self, mask):
         # two planes: non-zero, then sign
